@@ -1,0 +1,323 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) as a pure-functional Flax Linen module.
+
+Parameter names follow the Linen-converted Google layout (`embedding`, `cls`,
+`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/query`, ...), so the
+released checkpoints map one-to-one. PEFT methods (prompts, adapters, LoRA, SSF)
+hook in through a `PeftSpec`; with `peft=None` the model is the plain ViT.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedpeft_jax.peft.layers import LoRA, SSF, Adapter
+from fedpeft_jax.peft.spec import PeftSpec, to_spec
+
+Dtype = Any
+
+# width, depth, mlp_dim, heads (ViT paper and big_vision).
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+POOLS = ("token", "gap")
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+  """'B/16' -> ('B', 16)."""
+  m = re.fullmatch(r"(Ti|S|M|B|L|H)/(\d+)", variant or "")
+  if not m:
+    raise ValueError(f"ViT variant {variant!r} not understood; expected '<size>/<patch>' with "
+                     f"size in {', '.join(VARIANTS)} (e.g. 'B/16', 'Ti/4')")
+  return m.group(1), int(m.group(2))
+
+
+def _dense_init():
+  return nn.initializers.xavier_uniform()
+
+
+def _bias_init():
+  return nn.initializers.normal(stddev=1e-6)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with Google's DenseGeneral layout and LoRA/SSF hooks."""
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  peft: PeftSpec = PeftSpec()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    peft = self.peft
+
+    def project(name: str) -> jax.Array:
+      y = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, kernel_init=_dense_init(),
+                          bias_init=nn.initializers.zeros, name=name)(x)
+      if name in peft.lora_targets:
+        y = y + LoRA(peft.lora_rank, (self.num_heads, head_dim), peft.lora_scaling,
+                     peft.lora_dropout, self.dtype, name=f"{name}_lora")(x, deterministic)
+      if peft.ssf:
+        y = SSF(2, peft.ssf_init_std, name=f"{name}_ssf")(y)
+      return y
+
+    q, k, v = project("query"), project("key"), project("value")
+    q = q / jnp.sqrt(head_dim).astype(self.dtype)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout, deterministic=deterministic)(weights)
+    ctx = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=_dense_init(),
+                          bias_init=nn.initializers.zeros, name="out")(ctx)
+    if "out" in peft.lora_targets:
+      flat = ctx.reshape(*ctx.shape[:-2], -1)
+      out = out + LoRA(peft.lora_rank, (width,), peft.lora_scaling, peft.lora_dropout,
+                       self.dtype, name="out_lora")(flat, deterministic)
+    if peft.ssf:
+      out = SSF(1, peft.ssf_init_std, name="out_ssf")(out)
+    return out
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+  peft: PeftSpec = PeftSpec()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    width = x.shape[-1]
+    peft = self.peft
+
+    def dense(features: int, inputs: jax.Array, index: int) -> jax.Array:
+      y = nn.Dense(features, dtype=self.dtype, kernel_init=_dense_init(), bias_init=_bias_init(),
+                   name=f"Dense_{index}")(inputs)
+      if f"mlp_fc{index + 1}" in peft.lora_targets:
+        y = y + LoRA(peft.lora_rank, (features,), peft.lora_scaling, peft.lora_dropout,
+                     self.dtype, name=f"Dense_{index}_lora")(inputs, deterministic)
+      if peft.ssf:
+        y = SSF(1, peft.ssf_init_std, name=f"Dense_{index}_ssf")(y)
+      return y
+
+    h = dense(self.mlp_dim, x, 0)
+    h = nn.gelu(h, approximate=self.gelu_approximate)
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+    h = dense(width, h, 1)
+    return nn.Dropout(self.dropout, deterministic=deterministic)(h)
+
+
+class Encoder1DBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  gelu_approximate: bool = False
+  layernorm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  peft: PeftSpec = PeftSpec()
+  shared_adapter: Optional[nn.Module] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    peft = self.peft
+
+    def norm(name: str, inputs: jax.Array) -> jax.Array:
+      y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name=name)(inputs)
+      return SSF(1, peft.ssf_init_std, name=f"{name}_ssf")(y) if peft.ssf else y
+
+    def adapter(name: str) -> Adapter:
+      return Adapter(peft.bottleneck(x.shape[-1]), peft.adapter_activation, dtype=self.dtype,
+                     name=name)
+
+    kind = peft.adapter_kind if peft.has("adapter") else ""
+    y = norm("LayerNorm_0", x)
+    y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout, self.dtype, peft,
+                                     name="MultiHeadDotProductAttention_0")(y, deterministic)
+    y = nn.Dropout(self.dropout, deterministic=deterministic)(y)
+    if kind == "houlsby":
+      y = y + adapter("adapter_attn")(y)
+    x = x + y
+
+    y = norm("LayerNorm_1", x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype, peft,
+                 name="MlpBlock_0")(y, deterministic)
+    if kind in ("sequential", "houlsby"):
+      y = y + adapter("adapter_mlp")(y)
+    elif kind == "parallel":
+      y = y + peft.adapter_scale * adapter("adapter_mlp")(x)
+    elif kind == "shared_zero_init":
+      y = y + self.shared_adapter(y)
+    return x + y
+
+
+class Encoder(nn.Module):
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  gelu_approximate: bool = False
+  layernorm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  peft: PeftSpec = PeftSpec()
+  patch_size: int = 16
+
+  @nn.compact
+  def __call__(self, x: jax.Array, num_prefix: int, deterministic: bool = True) -> jax.Array:
+    """x: [batch, tokens, width] with `num_prefix` leading tokens (class) before patches."""
+    peft = self.peft
+    width = x.shape[-1]
+    posemb = _AddPositionEmbs(name="posembed_input")
+    x = posemb(x)
+    x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+    prompts = None
+    if peft.has("prompt"):
+      # VPT: uniform(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + hidden)).
+      bound = float(np.sqrt(6.0 / (3 * self.patch_size * self.patch_size + width)))
+      layers = self.depth if peft.prompt_kind == "deep" else 1
+      prompts = self.param(
+          "vpt_prompts", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
+          (layers, peft.prompt_tokens, width))
+    shared = None
+    if peft.has("adapter") and peft.adapter_kind == "shared_zero_init":
+      shared = Adapter(peft.bottleneck(width), peft.adapter_activation, zero_init_down=True,
+                       dtype=self.dtype, name="shared_adapter")
+
+    def with_prompt(h: jax.Array, layer: int, replace: bool) -> jax.Array:
+      p = jnp.broadcast_to(prompts[layer].astype(h.dtype), (h.shape[0],) + prompts.shape[1:])
+      p = nn.Dropout(peft.prompt_dropout, deterministic=deterministic)(p)
+      rest = h[:, num_prefix + peft.prompt_tokens:] if replace else h[:, num_prefix:]
+      return jnp.concatenate([h[:, :num_prefix], p, rest], axis=1)
+
+    for i in range(self.depth):
+      if prompts is not None and (i == 0 or peft.prompt_kind == "deep"):
+        x = with_prompt(x, i if peft.prompt_kind == "deep" else 0, replace=i > 0)
+      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+                         self.gelu_approximate, self.layernorm_epsilon, self.dtype, peft,
+                         shared_adapter=shared, name=f"encoderblock_{i}")(x, deterministic)
+    y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="encoder_norm")(x)
+    if peft.ssf:
+      y = SSF(1, peft.ssf_init_std, name="encoder_norm_ssf")(y)
+    return y
+
+
+class ViT(nn.Module):
+  """ViT classifier. `ViT(variant="B/16", num_classes=100, image_size=224)`.
+
+  Explicit `hidden_size`, `depth`, `num_heads`, `mlp_dim`, `patch_size` override the
+  variant (for tiny test models). Inputs are NHWC images scaled to [-1, 1].
+  """
+  variant: Optional[str] = "B/16"
+  num_classes: int = 1000
+  image_size: int = 224
+  hidden_size: Optional[int] = None
+  depth: Optional[int] = None
+  num_heads: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  patch_size: Optional[int] = None
+  pool: str = "token"
+  class_token: Optional[bool] = None  # default: True for 'token' pooling, False for 'gap'.
+  representation_size: Optional[int] = None
+  gelu_approximate: bool = False
+  layernorm_epsilon: float = 1e-6
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  peft: Any = None  # ConfigDict from peft.method_config, a method name, a PeftSpec or None.
+
+  # -- resolved architecture -------------------------------------------------
+  def arch(self) -> dict[str, int]:
+    """Width, depth, heads, mlp_dim and patch size after overrides."""
+    if self.variant is not None:
+      size, patch = parse_variant(self.variant)
+      width, depth, mlp, heads = VARIANTS[size]
+    else:
+      width = depth = mlp = heads = patch = None
+    out = {
+        "hidden_size": self.hidden_size or width,
+        "depth": self.depth or depth,
+        "num_heads": self.num_heads or heads,
+        "mlp_dim": self.mlp_dim or mlp,
+        "patch_size": self.patch_size or patch,
+    }
+    missing = [k for k, v in out.items() if not v]
+    if missing:
+      raise ValueError(f"ViT: with variant=None set {', '.join(missing)} explicitly")
+    if self.pool not in POOLS:
+      raise ValueError(f"ViT.pool: {self.pool!r}; allowed: {', '.join(POOLS)}")
+    if self.image_size % out["patch_size"]:
+      raise ValueError(f"ViT.image_size {self.image_size} is not a multiple of patch_size "
+                       f"{out['patch_size']}")
+    return out
+
+  @property
+  def uses_class_token(self) -> bool:
+    return self.pool == "token" if self.class_token is None else bool(self.class_token)
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.arch()["patch_size"]
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               return_features: bool = False) -> jax.Array:
+    a = self.arch()
+    peft = to_spec(self.peft)
+    width, patch = a["hidden_size"], a["patch_size"]
+    deterministic = not train
+    if self.pool == "token" and not self.uses_class_token:
+      raise ValueError("ViT: pool='token' needs class_token=True")
+
+    x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
+                dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+    if peft.ssf:
+      x = SSF(1, peft.ssf_init_std, name="embedding_ssf")(x)
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c)
+    num_prefix = 0
+    if self.uses_class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+      num_prefix = 1
+
+    encoder = Encoder(a["depth"], a["num_heads"], a["mlp_dim"], self.dropout,
+                      self.attention_dropout, self.gelu_approximate, self.layernorm_epsilon,
+                      self.dtype, peft, patch, name="Transformer")
+    x = encoder(x, num_prefix, deterministic)
+
+    if self.pool == "token":
+      x = x[:, 0]
+    else:
+      skip = num_prefix + (peft.prompt_tokens if peft.has("prompt") else 0)
+      x = jnp.mean(x[:, skip:], axis=1)
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+    if return_features:
+      return x
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                      bias_init=nn.initializers.zeros, name="head")(x)
+    return logits.astype(jnp.float32)
+
+
+class _AddPositionEmbs(nn.Module):
+  """Learned position embedding, stored as posembed_input/pos_embedding (1, tokens, width)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pe = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+    return x + pe.astype(x.dtype)

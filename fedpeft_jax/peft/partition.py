@@ -1,0 +1,171 @@
+"""Partitioned-parameter utilities: masks, split/merge, counts and masked optimizers.
+
+These work on any nested-dict pytree (Flax Linen params), not only on our ViT, and
+import nothing from the model, so other projects can use them on their own.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+
+PyTree = Any
+SEP = "/"
+
+# Trainable-leaf patterns per method (regexes over '/'-joined param paths).
+_HEAD = [r"^head/"]
+_ORIGINAL_BIAS = (r"^(embedding|Transformer/encoder_norm|pre_logits|"
+                  r"Transformer/encoderblock_\d+/(LayerNorm_\d+|"
+                  r"MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_\d+))/bias$")
+METHOD_PATTERNS: dict[str, list[str]] = {
+    "full": [r".*"],
+    "head": _HEAD,
+    "bias": [_ORIGINAL_BIAS] + _HEAD,
+    "prompt": [r"(^|/)vpt_prompts$"] + _HEAD,
+    "adapter": [r"(^|/)(adapter_\w+|shared_adapter)/"] + _HEAD,
+    "lora": [r"_lora/lora_[ab]$"] + _HEAD,
+    "ssf": [r"_ssf/(scale|shift)$"] + _HEAD,
+}
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf}."""
+  return traverse_util.flatten_dict(_as_dict(tree), sep=SEP)
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def _as_dict(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def mask_from_patterns(params: PyTree, include: Sequence[str] = (r".*",),
+                       exclude: Sequence[str] = ()) -> PyTree:
+  """Bool pytree: True where a leaf's '/'-joined path matches any `include` regex
+  (re.search) and no `exclude` regex."""
+  inc = [re.compile(p) for p in include]
+  exc = [re.compile(p) for p in exclude]
+  flat = flatten(params)
+  return unflatten({
+      path: any(r.search(path) for r in inc) and not any(r.search(path) for r in exc)
+      for path in flat
+  })
+
+
+def trainable_mask(params: PyTree, method_cfg: Any) -> PyTree:
+  """Bool pytree of the leaves `method_cfg` (peft config, spec or method name) trains."""
+  from fedpeft_jax.peft.spec import to_spec  # local: keep this module model-agnostic
+  spec = to_spec(method_cfg)
+  include: list[str] = []
+  for m in spec.methods:
+    include += METHOD_PATTERNS[m]
+  exclude = [r"_lora/lora_a$"] if spec.has("lora") and spec.lora_freeze_a else []
+  if spec.has("full"):
+    exclude = []
+  mask = mask_from_patterns(params, include, exclude)
+  if not any(jax.tree_util.tree_leaves(mask)):
+    raise ValueError(f"peft.method {'+'.join(spec.methods)!r} selects no parameter of this "
+                     "model; was the model built with the same peft config?")
+  return mask
+
+
+def _check_mask(params: PyTree, mask: PyTree) -> tuple[dict, dict]:
+  fp, fm = flatten(params), flatten(mask)
+  if fp.keys() != fm.keys():
+    only_p = sorted(fp.keys() - fm.keys())[:5]
+    only_m = sorted(fm.keys() - fp.keys())[:5]
+    raise ValueError("mask structure does not match params: "
+                     f"paths only in params {only_p}, only in mask {only_m}")
+  for k, v in fm.items():
+    if not isinstance(v, (bool, np.bool_)):
+      raise ValueError(f"mask leaf {k!r} must be a Python bool, got {type(v).__name__}")
+  return fp, fm
+
+
+def split(params: PyTree, mask: PyTree) -> tuple[dict, dict]:
+  """(trainable, frozen): two pruned nested dicts holding only their own leaves.
+
+  The trainable part is exactly what a client trains and sends; `merge` inverts.
+  """
+  fp, fm = _check_mask(params, mask)
+  trainable = {k: v for k, v in fp.items() if fm[k]}
+  frozen = {k: v for k, v in fp.items() if not fm[k]}
+  return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable: PyTree, frozen: PyTree) -> dict:
+  """Inverse of `split`; an error if a path appears in both."""
+  ft, ff = flatten(trainable), flatten(frozen)
+  both = sorted(ft.keys() & ff.keys())
+  if both:
+    raise ValueError(f"merge: paths present in both trainable and frozen parts: {both[:5]}")
+  return unflatten({**ff, **ft})
+
+
+def count(tree: PyTree) -> int:
+  """Number of scalars in a pytree (works on arrays and ShapeDtypeStructs)."""
+  return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def nbytes(tree: PyTree, dtype: Optional[Any] = None) -> int:
+  """Bytes to transmit `tree`, in its own dtypes or all cast to `dtype`."""
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    item = np.dtype(dtype if dtype is not None else x.dtype).itemsize
+    total += int(np.prod(np.shape(x))) * item
+  return int(total)
+
+
+def summary(params: PyTree, mask: PyTree, dtype: Optional[Any] = None) -> str:
+  """A table of trainable/total parameters and bytes per top-level module."""
+  fp, fm = _check_mask(params, mask)
+  rows: dict[str, list[int]] = {}
+  for path, leaf in fp.items():
+    top = path.split(SEP)[0]
+    if top == "Transformer" and len(path.split(SEP)) > 2:
+      top = SEP.join(path.split(SEP)[:2])
+      top = re.sub(r"encoderblock_\d+", "encoderblock_*", top)
+    n = int(np.prod(np.shape(leaf)))
+    b = n * np.dtype(dtype if dtype is not None else leaf.dtype).itemsize
+    r = rows.setdefault(top, [0, 0, 0, 0])
+    r[1] += n
+    r[3] += b
+    if fm[path]:
+      r[0] += n
+      r[2] += b
+  header = f"{'module':<40} {'trainable':>12} {'total':>12} {'%':>7} {'train MB':>10} {'total MB':>10}"
+  lines = [header, "-" * len(header)]
+  tot = [0, 0, 0, 0]
+  for name, (t, n, tb, nb) in rows.items():
+    lines.append(f"{name:<40} {t:>12,} {n:>12,} {100 * t / max(n, 1):>6.2f}% "
+                 f"{tb / 1e6:>10.3f} {nb / 1e6:>10.3f}")
+    tot = [a + b for a, b in zip(tot, (t, n, tb, nb))]
+  lines.append("-" * len(header))
+  lines.append(f"{'total':<40} {tot[0]:>12,} {tot[1]:>12,} {100 * tot[0] / max(tot[1], 1):>6.2f}% "
+               f"{tot[2] / 1e6:>10.3f} {tot[3] / 1e6:>10.3f}")
+  return "\n".join(lines)
+
+
+def optimizer(tx: optax.GradientTransformation, mask: PyTree) -> optax.GradientTransformation:
+  """`tx` on the True leaves of `mask`; exact zero updates and no state on the rest."""
+  labels = jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask)
+  return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def tree_paths(tree: PyTree) -> list[str]:
+  return list(flatten(tree).keys())
+
+
+def select(tree: PyTree, paths: Iterable[str]) -> dict:
+  """The pruned subtree of `tree` at `paths`."""
+  f = flatten(tree)
+  return unflatten({p: f[p] for p in paths})
