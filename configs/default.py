@@ -1,0 +1,82 @@
+"""The default experiment config: every field, with a comment.
+
+Presets import this and change fields. Any field can be overridden on the command line:
+  python -m fedpeft_jax.main --config=configs/default.py --workdir=runs/x \
+      --config.peft.method=lora --config.federated.clients_per_round=8
+"""
+
+import ml_collections
+
+from fedpeft_jax.peft.config import default_config as peft_default
+from fedpeft_jax.privacy.config import default_privacy_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # everything (init, partition, sampling, local shuffles, noise) derives from it.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/16"  # ViT size/patch, e.g. 'Ti/16', 'S/16', 'B/16', 'L/16'.
+  c.model.image_size = 224  # model resolution; images are resized on device.
+  c.model.hidden_size = 0  # > 0 overrides the variant (tiny models); likewise below.
+  c.model.depth = 0
+  c.model.num_heads = 0
+  c.model.mlp_dim = 0
+  c.model.patch_size = 0
+  c.model.pool = "token"  # 'token' (class token) or 'gap'.
+  c.model.representation_size = 0  # > 0: pre-logits Dense+tanh of this size.
+  c.model.dropout = 0.0
+  c.model.attention_dropout = 0.0
+  c.model.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16'.
+  c.model.pretrained = ""  # path, URL or registry name (e.g. 'vit_b16_in21k'); '' = from scratch.
+  c.model.cache_dir = ""  # download cache for URLs and registry names ('' = ~/.cache/fedpeft_jax).
+
+  c.peft = peft_default()  # c.peft.method: full, head, bias, prompt, adapter, lora, ssf, or 'a+b'.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "cifar100"  # TFDS name, or 'digits', 'fashion_mnist', 'synthetic'.
+  c.data.data_dir = ""  # TFDS data_dir / IDX directory ('' = the library default).
+  c.data.partition = "dirichlet"  # 'iid', 'dirichlet' or 'shards'.
+  c.data.alpha = 0.1  # Dirichlet concentration (smaller = more heterogeneous).
+  c.data.min_size = 10  # Dirichlet: redraw until every client holds at least this many.
+  c.data.shards_per_client = 2  # 'shards': classes per client.
+  c.data.train_size = 0  # > 0: subsample the training set to this many examples.
+  c.data.sample_with_replacement = False  # the study's authors subsampled with replacement.
+  c.data.augment = "auto"  # 'auto' (the dataset's study augmentation), 'crop_flip', 'flip', 'none'.
+  c.data.resolution = 32  # native resolution of 'digits' and 'synthetic'.
+
+  c.federated = ml_collections.ConfigDict()
+  c.federated.rounds = 50
+  c.federated.num_clients = 64
+  c.federated.clients_per_round = 0  # > 0 wins over participation.
+  c.federated.participation = 0.125  # fraction of clients sampled per round.
+  c.federated.local_epochs = 10
+  c.federated.local_steps = 0  # > 0: a fixed number of local steps instead of full epochs.
+  c.federated.batch_size = 64
+  c.federated.client_optimizer = "sgd"  # 'sgd', 'adam', 'adamw'.
+  c.federated.client_lr = 1e-2
+  c.federated.client_momentum = 0.9
+  c.federated.client_nesterov = True
+  c.federated.client_weight_decay = 1e-4
+  c.federated.label_smoothing = 0.0
+  c.federated.fedprox_mu = 0.0  # > 0: FedProx proximal term.
+  c.federated.server_optimizer = "fedavg"  # 'fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad'.
+  c.federated.server_lr = 1.0
+  c.federated.server_momentum = 0.9  # fedavgm.
+  c.federated.server_b1 = 0.9  # fedadam / fedyogi.
+  c.federated.server_b2 = 0.99
+  c.federated.server_eps = 1e-3  # Reddi et al.'s tau.
+  c.federated.weighting = "examples"  # 'examples' (weighted by client size) or 'uniform'.
+  c.federated.dropout = 0.0  # probability that a sampled client fails to report.
+  c.federated.max_update_norm = 0.0  # > 0: clip each client update at the server (robustness).
+  c.federated.clients_per_chunk = "auto"  # int, or 'auto' (1 on CPU; fills accelerators).
+  c.federated.eval_every = 1  # evaluate the global model every this many rounds (and the last).
+  c.federated.eval_batch_size = 256
+  c.federated.wire_dtype = "float32"  # dtype of the transmitted trainable params.
+
+  c.privacy = default_privacy_config()
+
+  c.checkpoint_every = 5  # rounds between orbax checkpoints (0 = only at the end).
+  c.keep_checkpoints = 3
+  return c

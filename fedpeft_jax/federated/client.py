@@ -1,0 +1,163 @@
+"""The client update: local training of the trainable subtree inside one `lax.scan`.
+
+Gradients are taken only with respect to the trainable subtree; the frozen backbone is
+an argument (never a closed-over constant), so XLA can drop the weight-gradient matmuls
+of frozen layers and every client shares the one copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedpeft_jax.data import batching
+from fedpeft_jax.peft.partition import merge
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientDP:
+  """Per-step privacy of the client's gradients (see fedpeft_jax.privacy)."""
+  mechanism: str = "none"  # 'none' | 'paper_gaussian' | 'dp_sgd'
+  clip_norm: float = 1.0
+  noise_std: float = 0.0  # paper_gaussian: sigma; dp_sgd: noise multiplier (std sigma*C)
+  poisson: bool = False  # dp_sgd: Poisson sampling of each batch (rate batch/n_i)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+  """Static description of local training (hashable; part of the jit cache key)."""
+  batch_size: int
+  local_epochs: int
+  max_examples: int  # the largest client's size (rows of ClientData.indices)
+  image_size: int
+  augment: str
+  local_steps: int = 0  # > 0: stop after this many real steps
+  label_smoothing: float = 0.0
+  fedprox_mu: float = 0.0
+  dp: ClientDP = ClientDP()
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                         num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  """Mean cross-entropy over the real (mask=True) examples of a padded batch."""
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    onehot = optax.smooth_labels(onehot, label_smoothing)
+  per_example = optax.softmax_cross_entropy(logits, onehot)
+  m = mask.astype(per_example.dtype)
+  return jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def tree_where(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation,
+                       spec: ClientSpec, num_classes: int) -> Callable[..., dict]:
+  """Returns client_update(trainable, frozen, data, client_id, key) -> dict.
+
+  The dict holds `update` (new - old trainable params), `num_examples`, `loss`
+  (mean training loss over the client's real steps) and `steps`.
+  """
+  dp = spec.dp
+
+  def loss_fn(trainable, frozen, images, labels, mask, key, anchor):
+    params = merge(trainable, frozen)
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+    loss = masked_cross_entropy(logits, labels, mask, num_classes, spec.label_smoothing)
+    if spec.fedprox_mu:
+      sq = sum(jnp.sum(jnp.square(p - a)) for p, a in zip(
+          jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(anchor)))
+      loss = loss + 0.5 * spec.fedprox_mu * sq
+    return loss
+
+  def gradients(trainable, frozen, images, labels, mask, key, anchor):
+    k_model, k_noise = jax.random.split(key)
+    if dp.mechanism == "dp_sgd":
+      from fedpeft_jax.privacy import mechanisms
+      def one(image, label, m):
+        return jax.value_and_grad(loss_fn)(trainable, frozen, image[None], label[None],
+                                           m[None], k_model, anchor)
+      losses, per_example = jax.vmap(one)(images, labels, mask)
+      grads = mechanisms.dp_sgd_aggregate(per_example, mask, k_noise, dp.clip_norm,
+                                          dp.noise_std, spec.batch_size)
+      loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+      return loss, grads
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, labels, mask, k_model,
+                                              anchor)
+    if dp.mechanism == "paper_gaussian":
+      from fedpeft_jax.privacy import mechanisms
+      grads = mechanisms.paper_gaussian(grads, k_noise, dp.clip_norm, dp.noise_std)
+    return loss, grads
+
+  def client_update(trainable, frozen, data, client_id, key):
+    row = data.indices[client_id]
+    size = data.sizes[client_id]
+    k_sched, k_steps = jax.random.split(key)
+    positions, example_mask, step_mask = batching.local_schedule(
+        k_sched, size, spec.max_examples, spec.batch_size, spec.local_epochs)
+    if spec.local_steps > 0:
+      step_mask = step_mask & (jnp.cumsum(step_mask) <= spec.local_steps)
+    if dp.mechanism == "dp_sgd" and dp.poisson:
+      from fedpeft_jax.privacy import mechanisms
+      rate = spec.batch_size / jnp.maximum(size, 1).astype(jnp.float32)
+      keys = jax.random.split(jax.random.fold_in(k_sched, 1), positions.shape[0])
+      example_mask = jax.vmap(lambda k, m: mechanisms.poisson_batch_mask(k, m, rate))(
+          keys, example_mask)
+    step_keys = jax.random.split(k_steps, positions.shape[0])
+
+    def step(carry, xs):
+      params, opt_state = carry
+      pos, ex_mask, live, k = xs
+      k_aug, k_grad = jax.random.split(k)
+      idx = row[pos]
+      images = batching.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
+                                   augment=spec.augment, train=True)
+      loss, grads = gradients(params, frozen, images, data.labels[idx], ex_mask, k_grad,
+                              trainable)
+      updates, new_opt_state = client_tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # Padded steps are exact no-ops: nothing moves, nothing is counted.
+      carry = (tree_where(live, new_params, params), tree_where(live, new_opt_state, opt_state))
+      return carry, jnp.where(live, loss, 0.0)
+
+    (final, _), losses = jax.lax.scan(step, (trainable, client_tx.init(trainable)),
+                                      (positions, example_mask, step_mask, step_keys))
+    steps = jnp.sum(step_mask)
+    update = jax.tree_util.tree_map(lambda new, old: new - old, final, trainable)
+    return {
+        "update": update,
+        "num_examples": size.astype(jnp.float32),
+        "loss": jnp.sum(losses) / jnp.maximum(steps, 1),
+        "steps": steps,
+    }
+
+  return client_update
+
+
+def make_client_optimizer(name: str, learning_rate: float, momentum: float = 0.9,
+                          nesterov: bool = True, weight_decay: float = 1e-4
+                          ) -> optax.GradientTransformation:
+  """The study's default: SGD, momentum 0.9, Nesterov, weight decay 1e-4 (PyTorch-style
+  L2 added to the gradient before momentum), constant learning rate."""
+  if learning_rate <= 0:
+    raise ValueError(f"federated.client_lr must be > 0, got {learning_rate}")
+  if name == "sgd":
+    tx = optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov and bool(momentum))
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+  if name == "adam":
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate)) \
+        if weight_decay else optax.adam(learning_rate)
+  if name == "adamw":
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+  raise ValueError(f"federated.client_optimizer: unknown {name!r}; allowed: sgd, adam, adamw")
+
+
+CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")

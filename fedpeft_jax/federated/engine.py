@@ -1,0 +1,277 @@
+"""One jitted federated round: chunks of clients vmapped, chunks scanned, devices sharded.
+
+Layout of a round's client slots: [devices, chunks_per_device, clients_per_chunk]. Each
+device scans over its chunks, vmapping the clients of a chunk, and keeps a running
+weighted sum of the updates (so memory holds one chunk's activations); the sums are
+reduced across devices with `psum` inside `shard_map`. Padded slots are masked no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedpeft_jax.federated import server as server_lib
+from fedpeft_jax.federated.client import ClientSpec, make_client_update
+from fedpeft_jax.federated.sampling import RoundPlan
+
+PyTree = Any
+AXIS = "clients"
+WEIGHTINGS = ("examples", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerDP:
+  """Client-level DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping."""
+  enabled: bool = False
+  noise_multiplier: float = 0.0
+  expected_clients: int = 1  # the sum is divided by this (clients_per_round)
+  adaptive: bool = False
+  target_quantile: float = 0.5
+  clip_lr: float = 0.2
+  count_noise_std: float = 0.0  # std of the noise on the count of unclipped clients
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+  """Static settings of the round (hashable)."""
+  clients_per_chunk: int
+  num_devices: int
+  weighting: str = "examples"
+  max_update_norm: float = 0.0  # > 0: clip each client update's global norm at the server
+  dp: ServerDP = ServerDP()
+
+
+class FederatedAlgorithm(NamedTuple):
+  """fedjax-style pair: `init(trainable, seed) -> state`, `apply(state, ...) -> (state, metrics)`."""
+  init: Callable[..., server_lib.ServerState]
+  apply: Callable[..., tuple[server_lib.ServerState, dict]]
+
+
+def auto_clients_per_chunk(clients_per_round: int, num_devices: int,
+                           backend: Optional[str] = None) -> int:
+  """CPU: 1 (a sequential scan measured fastest); accelerators: fill them, up to 16."""
+  backend = backend or jax.default_backend()
+  per_device = max(1, math.ceil(clients_per_round / num_devices))
+  return 1 if backend == "cpu" else min(per_device, 16)
+
+
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.array(devices), (AXIS,))
+
+
+def _global_norm(tree: PyTree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _scale(tree: PyTree, s: jax.Array) -> PyTree:
+  return jax.tree_util.tree_map(lambda x: x * s.astype(x.dtype), tree)
+
+
+def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
+                    server_tx: optax.GradientTransformation, client_spec: ClientSpec,
+                    round_spec: RoundSpec, num_classes: int,
+                    mesh: Optional[Mesh] = None,
+                    client_update: Optional[Callable[..., dict]] = None) -> FederatedAlgorithm:
+  """The federated algorithm for `model` whose trainable subtree the server holds.
+
+  `client_update(trainable, frozen, data, client_id, key) -> dict` replaces the default
+  local training (same contract as `make_client_update`), e.g. for a custom client rule.
+  """
+  if round_spec.weighting not in WEIGHTINGS:
+    raise ValueError(f"federated.weighting: {round_spec.weighting!r}; allowed: "
+                     f"{', '.join(WEIGHTINGS)}")
+  mesh = mesh if mesh is not None else make_mesh(jax.devices()[:round_spec.num_devices])
+  if mesh.devices.size != round_spec.num_devices:
+    raise ValueError(f"mesh has {mesh.devices.size} devices, RoundSpec says "
+                     f"{round_spec.num_devices}")
+  if client_update is None:
+    client_update = make_client_update(model, client_tx, client_spec, num_classes)
+  dp = round_spec.dp
+
+  def init(trainable: PyTree, seed: int, clip_norm: float = 0.0) -> server_lib.ServerState:
+    return server_lib.init_server_state(trainable, server_tx, seed, clip_norm)
+
+  def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
+    """Per-device: scan over chunks [chunks, chunk]; returns this device's sums."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    f32 = lambda: jnp.zeros((), jnp.float32)
+    init_carry = {"update": zeros, "weight": f32(), "loss": f32(), "examples": f32(),
+                  "contributed": f32(), "nonfinite": f32(), "unclipped": f32(),
+                  "steps": f32()}
+
+    def chunk_body(carry, xs):
+      ids_c, valid_c, keys_c = xs
+      out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0))(
+          trainable, frozen, data, ids_c, jax.random.wrap_key_data(keys_c))
+      update = out["update"]
+      finite = jax.vmap(_all_finite)(update)
+      ok = valid_c & finite
+      norms = jax.vmap(_global_norm)(update)
+      # Server-side clipping: robustness (max_update_norm) and DP-FedAvg (clip_norm).
+      bound = jnp.inf
+      if round_spec.max_update_norm > 0:
+        bound = jnp.minimum(bound, round_spec.max_update_norm)
+      if dp.enabled:
+        bound = jnp.minimum(bound, clip_norm)
+      factor = jnp.where(jnp.isfinite(bound), jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12)),
+                         1.0)
+      if dp.enabled or round_spec.weighting == "uniform":
+        w = ok.astype(jnp.float32)
+      else:
+        w = jnp.where(ok, out["num_examples"], 0.0)
+      # Replace non-finite updates by zeros before weighting (0 * NaN is NaN).
+      safe = jax.tree_util.tree_map(
+          lambda u: jnp.where(ok.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0.0), update)
+      coeff = w * factor
+      weighted = jax.tree_util.tree_map(lambda u: jnp.tensordot(coeff.astype(u.dtype), u, 1), safe)
+      new = dict(carry)
+      new["update"] = jax.tree_util.tree_map(jnp.add, carry["update"], weighted)
+      new["weight"] = carry["weight"] + jnp.sum(w)
+      new["loss"] = carry["loss"] + jnp.sum(jnp.where(ok, out["loss"] * out["num_examples"], 0.0))
+      new["examples"] = carry["examples"] + jnp.sum(jnp.where(ok, out["num_examples"], 0.0))
+      new["contributed"] = carry["contributed"] + jnp.sum(ok)
+      new["nonfinite"] = carry["nonfinite"] + jnp.sum(valid_c & ~finite)
+      new["unclipped"] = carry["unclipped"] + jnp.sum(ok & (norms <= clip_norm))
+      new["steps"] = carry["steps"] + jnp.sum(jnp.where(ok, out["steps"], 0))
+      return new, None
+
+    sums, _ = jax.lax.scan(chunk_body, init_carry, (ids, valid, keys))
+    return sums
+
+  def sharded_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
+    def per_device(ids, valid, keys):
+      s = device_sums(trainable, frozen, data, ids[0], valid[0], keys[0], clip_norm)
+      return jax.lax.psum(s, AXIS)
+    spec = P(AXIS)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec), out_specs=P(),
+                         check_vma=False)(ids, valid, keys)
+
+  @jax.jit
+  def round_step(state: server_lib.ServerState, frozen: PyTree, data: Any, ids: jax.Array,
+                 valid: jax.Array):
+    rng = jax.random.wrap_key_data(state.rng)
+    round_key = jax.random.fold_in(rng, state.round)
+    # Each client's randomness depends only on (seed, round, client id): chunking and
+    # device layout cannot change results.
+    flat_keys = jax.vmap(lambda c: jax.random.key_data(jax.random.fold_in(round_key, c)))(
+        ids.reshape(-1))
+    keys = flat_keys.reshape(ids.shape + flat_keys.shape[1:])
+    sums = sharded_sums(state.trainable, frozen, data, ids, valid, keys, state.clip_norm)
+    metrics = {
+        "clients_contributed": sums["contributed"],
+        "clients_nonfinite": sums["nonfinite"],
+        "train_loss": sums["loss"] / jnp.maximum(sums["examples"], 1.0),
+        "local_steps": sums["steps"],
+    }
+    clip_norm = state.clip_norm
+    if dp.enabled:
+      k_noise = jax.random.fold_in(round_key, -1 & 0x7FFFFFFF)
+      leaves, treedef = jax.tree_util.tree_flatten(sums["update"])
+      noise_keys = jax.random.split(k_noise, len(leaves) + 1)
+      std = dp.noise_multiplier * state.clip_norm
+      noisy = [x + std * jax.random.normal(k, x.shape, x.dtype)
+               for x, k in zip(leaves, noise_keys[:-1])]
+      mean_update = _scale(jax.tree_util.tree_unflatten(treedef, noisy),
+                           jnp.asarray(1.0 / dp.expected_clients))
+      if dp.adaptive:
+        noisy_count = sums["unclipped"] + dp.count_noise_std * jax.random.normal(noise_keys[-1])
+        frac = noisy_count / dp.expected_clients
+        clip_norm = state.clip_norm * jnp.exp(-dp.clip_lr * (frac - dp.target_quantile))
+      metrics["clip_norm"] = state.clip_norm
+      metrics["unclipped_fraction"] = sums["unclipped"] / jnp.maximum(sums["contributed"], 1.0)
+      apply_update = jnp.asarray(True)
+    else:
+      mean_update = _scale(sums["update"], 1.0 / jnp.maximum(sums["weight"], 1e-12))
+      apply_update = sums["weight"] > 0
+    new_trainable, new_opt = server_lib.apply_server_update(state, mean_update, server_tx)
+    # A round in which no client contributed leaves the model and optimizer untouched.
+    new_trainable = jax.tree_util.tree_map(lambda a, b: jnp.where(apply_update, a, b),
+                                           new_trainable, state.trainable)
+    new_opt = jax.tree_util.tree_map(lambda a, b: jnp.where(apply_update, a, b),
+                                     new_opt, state.opt_state)
+    new_state = state.replace(trainable=new_trainable, opt_state=new_opt, round=state.round + 1,
+                              clip_norm=clip_norm)
+    metrics["update_norm"] = _global_norm(mean_update)
+    return new_state, metrics
+
+  def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
+            plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
+    ids, valid = layout_clients(plan.reporting, round_spec.num_devices,
+                                round_spec.clients_per_chunk)
+    sharding = NamedSharding(mesh, P(AXIS))
+    ids = _to_global(ids, sharding)
+    valid = _to_global(valid, sharding)
+    new_state, metrics = round_step(state, frozen, data, ids, valid)
+    metrics = dict(metrics)
+    metrics["clients_sampled"] = plan.num_sampled
+    metrics["clients_reporting"] = plan.num_reporting
+    return new_state, metrics
+
+  return FederatedAlgorithm(init=init, apply=apply)
+
+
+def layout_clients(client_ids: np.ndarray, num_devices: int,
+                   clients_per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pad ids to [devices, chunks, chunk]; padded slots repeat client 0 and are invalid."""
+  n = int(len(client_ids))
+  per_step = num_devices * clients_per_chunk
+  chunks = max(1, math.ceil(n / per_step))
+  total = chunks * per_step
+  ids = np.zeros(total, np.int32)
+  valid = np.zeros(total, bool)
+  ids[:n] = client_ids
+  valid[:n] = True
+  # Round-robin over devices so real clients spread evenly across them.
+  order = np.arange(total).reshape(chunks, clients_per_chunk, num_devices).transpose(2, 0, 1)
+  return ids[order], valid[order]
+
+
+def _to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from identical host values (works single- and multi-process)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Place a pytree (frozen backbone, client data) replicated on every device of `mesh`."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(lambda x: _to_global(np.asarray(x), sharding), tree)
+
+
+def make_evaluate(model: nn.Module, batch_size: int, image_size: int) -> Callable[..., dict]:
+  """evaluate(params, images_uint8, labels) -> {'accuracy', 'loss'}, batched inside jit."""
+  from fedpeft_jax.data import batching
+
+  @jax.jit
+  def evaluate(params: PyTree, images: jax.Array, labels: jax.Array) -> dict:
+    index, mask = batching.eval_schedule(images.shape[0], batch_size)
+
+    def body(carry, xs):
+      idx, m = xs
+      x = batching.preprocess(images[idx], jax.random.PRNGKey(0), image_size=image_size,
+                              augment="none", train=False)
+      logits = model.apply({"params": params}, x, train=False)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx])
+      correct = (jnp.argmax(logits, -1) == labels[idx])
+      mf = m.astype(jnp.float32)
+      return (carry[0] + jnp.sum(correct * mf), carry[1] + jnp.sum(ce * mf),
+              carry[2] + jnp.sum(mf)), None
+
+    (correct, loss, n), _ = jax.lax.scan(body, (0.0, 0.0, 0.0), (index, mask))
+    return {"accuracy": correct / n, "loss": loss / n}
+
+  return evaluate

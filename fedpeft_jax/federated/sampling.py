@@ -1,0 +1,58 @@
+"""Deterministic client sampling and client stability, from (seed, round) alone.
+
+Sampling on the host from a counter-based seed keeps rounds reproducible after a
+resume and independent of how clients are later laid out on devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+  """Who trains in a round: `sampled` clients, of which `reporting` send an update."""
+  round: int
+  sampled: np.ndarray  # int32 client ids, sorted
+  reporting: np.ndarray  # int32 client ids that did not drop out, sorted
+
+  @property
+  def num_sampled(self) -> int:
+    return int(self.sampled.size)
+
+  @property
+  def num_reporting(self) -> int:
+    return int(self.reporting.size)
+
+
+def resolve_clients_per_round(num_clients: int, clients_per_round: int = 0,
+                              participation: float = 0.0) -> int:
+  """`clients_per_round` if > 0, else round(participation * num_clients) (at least 1)."""
+  if num_clients <= 0:
+    raise ValueError(f"federated.num_clients must be > 0, got {num_clients}")
+  if clients_per_round > 0:
+    if clients_per_round > num_clients:
+      raise ValueError(f"federated.clients_per_round ({clients_per_round}) exceeds "
+                       f"federated.num_clients ({num_clients})")
+    return int(clients_per_round)
+  if not 0.0 < participation <= 1.0:
+    raise ValueError(f"federated.participation must be in (0, 1] when clients_per_round is 0, "
+                     f"got {participation}")
+  return max(1, int(round(participation * num_clients)))
+
+
+def plan_round(seed: int, round_index: int, num_clients: int, clients_per_round: int,
+               dropout: float = 0.0) -> RoundPlan:
+  """Uniform sampling without replacement, then each client drops with prob `dropout`."""
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"federated.dropout must be in [0, 1), got {dropout}")
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(round_index), 0x5A3])
+  if clients_per_round == num_clients:
+    sampled = np.arange(num_clients)
+  else:
+    sampled = np.sort(rng.choice(num_clients, size=clients_per_round, replace=False))
+  drop = rng.random(sampled.size) < dropout
+  return RoundPlan(round=int(round_index), sampled=sampled.astype(np.int32),
+                   reporting=sampled[~drop].astype(np.int32))

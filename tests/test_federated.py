@@ -1,0 +1,279 @@
+"""The federated engine against textbook FedAvg/FedOpt computed independently."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedpeft_jax import peft
+from fedpeft_jax.data import batching
+from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost,
+                                   make_client_update, make_server_optimizer, plan_round)
+from fedpeft_jax.federated.engine import make_evaluate, make_mesh
+from fedpeft_jax.models import ViT
+
+NUM_CLASSES = 4
+IMAGE = 8
+
+
+def tiny_model(method: str = "bias") -> tuple[ViT, dict]:
+  cfg = peft.method_config(method)
+  model = ViT(variant=None, hidden_size=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
+              image_size=IMAGE, num_classes=NUM_CLASSES, peft=cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
+  # A non-zero head so that every bias receives a gradient.
+  params["head"]["kernel"] = 0.3 * jax.random.normal(jax.random.PRNGKey(1),
+                                                     params["head"]["kernel"].shape)
+  return model, params
+
+
+def make_data(sizes: list[int], seed: int = 0) -> batching.ClientData:
+  rng = np.random.default_rng(seed)
+  n = sum(sizes)
+  images = rng.integers(0, 256, size=(n, IMAGE, IMAGE, 3), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
+  max_n = max(sizes)
+  indices = np.zeros((len(sizes), max_n), np.int32)
+  start = 0
+  for c, s in enumerate(sizes):
+    indices[c, :s] = np.arange(start, start + s)
+    start += s
+  return batching.ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels),
+                             indices=jnp.asarray(indices), sizes=jnp.asarray(sizes, jnp.int32))
+
+
+def setup(method="bias", sizes=(6, 10, 4), batch=4, epochs=1, chunk=1, server="fedavg",
+          server_lr=1.0, client_tx=None, **round_kw):
+  model, params = tiny_model(method)
+  mask = peft.trainable_mask(params, model.peft)
+  trainable, frozen = peft.split(params, mask)
+  data = make_data(list(sizes))
+  client_tx = client_tx or optax.sgd(0.1)
+  cspec = ClientSpec(batch_size=batch, local_epochs=epochs, max_examples=max(sizes),
+                     image_size=IMAGE, augment="none")
+  rspec = RoundSpec(clients_per_chunk=chunk, num_devices=1, **round_kw)
+  server_tx = make_server_optimizer(server, server_lr)
+  algo = build_algorithm(model, client_tx, server_tx, cspec, rspec, NUM_CLASSES)
+  return model, params, trainable, frozen, data, algo, cspec, client_tx, server_tx
+
+
+def flat(tree):
+  return {k: np.asarray(v) for k, v in peft.flatten(tree).items()}
+
+
+def test_one_client_one_step_equals_centralised_sgd():
+  model, params, trainable, frozen, data, algo, *_ = setup(sizes=(4,), batch=4)
+  state = algo.init(trainable, seed=0)
+  new_state, metrics = algo.apply(state, frozen, data, plan_round(0, 0, 1, 1))
+  # Centralised: one SGD step (lr 0.1) on the client's whole batch.
+  images = batching.preprocess(data.images, jax.random.PRNGKey(0), image_size=IMAGE,
+                               augment="none", train=False)
+
+  def loss(t):
+    logits = model.apply({"params": peft.merge(t, frozen)}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, data.labels).mean()
+
+  grads = jax.grad(loss)(trainable)
+  expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, trainable, grads)
+  got, want = flat(new_state.trainable), flat(expected)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
+  assert int(metrics["clients_contributed"]) == 1
+  assert int(metrics["local_steps"]) == 1
+
+
+def test_weighted_fedavg_equals_numpy_mean_of_independent_clients():
+  sizes = (6, 10, 3)
+  model, params, trainable, frozen, data, algo, cspec, client_tx, _ = setup(sizes=sizes)
+  state = algo.init(trainable, seed=3)
+  new_state, _ = algo.apply(state, frozen, data, plan_round(3, 0, 3, 3))
+  # Independently: each client alone (same per-client key rule), then a NumPy mean.
+  client_update = jax.jit(make_client_update(model, client_tx, cspec, NUM_CLASSES))
+  round_key = jax.random.fold_in(jax.random.PRNGKey(3), 0)
+  updates = []
+  for c in range(3):
+    out = client_update(trainable, frozen, data, jnp.int32(c), jax.random.fold_in(round_key, c))
+    updates.append(flat(out["update"]))
+    assert int(out["steps"]) == -(-sizes[c] // 4)
+  w = np.asarray(sizes, np.float64) / sum(sizes)
+  before = flat(trainable)
+  got = flat(new_state.trainable)
+  for k in before:
+    mean = sum(wi * u[k] for wi, u in zip(w, updates))
+    np.testing.assert_allclose(got[k], before[k] + mean, atol=1e-6, rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_chunk_layouts_agree(chunk):
+  results = []
+  for c in (1, chunk):
+    _, _, trainable, frozen, data, algo, *_ = setup(sizes=(5, 7, 3), chunk=c)
+    state = algo.init(trainable, seed=1)
+    for r in range(2):
+      state, _ = algo.apply(state, frozen, data, plan_round(1, r, 3, 3))
+    results.append(flat(state.trainable))
+  for k in results[0]:
+    np.testing.assert_allclose(results[0][k], results[1][k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("server", ["fedadam", "fedyogi", "fedavgm", "fedadagrad"])
+def test_server_optimizers_equal_optax_on_numpy_mean(server):
+  sizes = (4, 8)
+  model, params, trainable, frozen, data, algo, cspec, client_tx, server_tx = setup(
+      sizes=sizes, server=server, server_lr=0.05)
+  state = algo.init(trainable, seed=0)
+  new_state, _ = algo.apply(state, frozen, data, plan_round(0, 0, 2, 2))
+  client_update = jax.jit(make_client_update(model, client_tx, cspec, NUM_CLASSES))
+  round_key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+  outs = [flat(client_update(trainable, frozen, data, jnp.int32(c),
+                             jax.random.fold_in(round_key, c))["update"]) for c in range(2)]
+  w = np.asarray(sizes, np.float64) / sum(sizes)
+  mean = peft.unflatten({k: jnp.asarray(sum(wi * o[k] for wi, o in zip(w, outs)), jnp.float32)
+                         for k in outs[0]})
+  ref_tx = {"fedadam": optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3),
+            "fedyogi": optax.yogi(0.05, b1=0.9, b2=0.99, eps=1e-3, initial_accumulator_value=1e-6),
+            "fedavgm": optax.sgd(0.05, momentum=0.9),
+            "fedadagrad": optax.adagrad(0.05, initial_accumulator_value=1e-6, eps=1e-3)}[server]
+  opt_state = ref_tx.init(trainable)
+  upd, _ = ref_tx.update(jax.tree_util.tree_map(lambda u: -u, mean), opt_state, trainable)
+  want = flat(optax.apply_updates(trainable, upd))
+  got = flat(new_state.trainable)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
+
+
+def test_frozen_untouched_trainable_moves_over_rounds():
+  model, params, trainable, frozen, data, algo, *_ = setup(method="lora", sizes=(6, 6))
+  state = algo.init(trainable, seed=0)
+  for r in range(3):
+    state, _ = algo.apply(state, frozen, data, plan_round(0, r, 2, 2))
+  merged = flat(peft.merge(state.trainable, frozen))
+  original = flat(params)
+  mask = peft.flatten(peft.trainable_mask(params, model.peft))
+  moved = 0
+  for k, v in original.items():
+    if mask[k]:
+      moved += int(not np.array_equal(merged[k], v))
+    else:
+      assert np.array_equal(merged[k], v), k
+  assert moved > 0
+
+
+def test_nan_client_excluded_and_weights_renormalise():
+  sizes = (6, 10, 4)
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  base = make_client_update(model, client_tx, cspec, NUM_CLASSES)
+
+  def poisoned(t, f, d, cid, key):
+    out = base(t, f, d, cid, key)
+    bad = cid == 1
+    out["update"] = jax.tree_util.tree_map(lambda u: jnp.where(bad, jnp.nan, u), out["update"])
+    return out
+
+  algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1), NUM_CLASSES,
+                         client_update=poisoned)
+  clean = setup(sizes=sizes)[5]
+  state = algo.init(trainable, seed=0)
+  got, metrics = algo.apply(state, frozen, data, plan_round(0, 0, 3, 3))
+  assert int(metrics["clients_nonfinite"]) == 1 and int(metrics["clients_contributed"]) == 2
+  # Same as a round in which client 1 never reported.
+  from fedpeft_jax.federated.sampling import RoundPlan
+  plan = RoundPlan(round=0, sampled=np.arange(3, dtype=np.int32),
+                   reporting=np.array([0, 2], np.int32))
+  want, _ = clean.apply(clean.init(trainable, seed=0), frozen, data, plan)
+  for k, v in flat(want.trainable).items():
+    np.testing.assert_allclose(flat(got.trainable)[k], v, atol=1e-6, err_msg=k)
+    assert np.all(np.isfinite(flat(got.trainable)[k]))
+
+
+def test_dropout_plan_deterministic_and_excludes_clients():
+  plans = [plan_round(7, r, 64, 8, dropout=0.5) for r in range(20)]
+  again = [plan_round(7, r, 64, 8, dropout=0.5) for r in range(20)]
+  assert all(np.array_equal(a.reporting, b.reporting) for a, b in zip(plans, again))
+  assert all(np.all(np.isin(p.reporting, p.sampled)) for p in plans)
+  dropped = sum(p.num_sampled - p.num_reporting for p in plans)
+  assert 40 < dropped < 120  # ~80 expected from 160 Bernoulli(0.5)
+  other = [plan_round(8, r, 64, 8) for r in range(5)]
+  assert any(not np.array_equal(a.sampled, b.sampled) for a, b in zip(plans, other))
+  assert all(p.num_sampled == 8 and len(set(p.sampled.tolist())) == 8 for p in plans)
+
+
+def test_same_seed_bitwise_identical():
+  outs = []
+  for _ in range(2):
+    _, _, trainable, frozen, data, algo, *_ = setup(sizes=(5, 6))
+    state = algo.init(trainable, seed=11)
+    for r in range(2):
+      state, m = algo.apply(state, frozen, data, plan_round(11, r, 2, 2))
+    outs.append((flat(state.trainable), float(m["train_loss"])))
+  for k in outs[0][0]:
+    assert np.array_equal(outs[0][0][k], outs[1][0][k]), k
+  assert outs[0][1] == outs[1][1]
+
+
+@pytest.mark.parametrize("method", ["full", "head", "bias", "prompt", "adapter", "lora", "ssf"])
+def test_communication_bytes(method):
+  model, params = tiny_model(method)
+  trainable, _ = peft.split(params, peft.trainable_mask(params, model.peft))
+  cost = comm_cost(trainable, params)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
+  assert cost.trainable_bytes == n * 4
+  b = cost.round_bytes(num_sampled=8, num_reporting=6)
+  assert b["bytes_down"] == n * 4 * 8 and b["bytes_up"] == n * 4 * 6
+  total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  assert b["bytes_full_equivalent"] == total * 4 * 14
+  assert comm_cost(trainable, params, dtype=jnp.bfloat16).trainable_bytes == n * 2
+
+
+def test_evaluate_matches_direct_computation():
+  model, params = tiny_model("bias")
+  data = make_data([13])
+  evaluate = make_evaluate(model, batch_size=4, image_size=IMAGE)
+  out = evaluate(params, data.images, data.labels)
+  x = batching.preprocess(data.images, jax.random.PRNGKey(0), image_size=IMAGE, augment="none",
+                          train=False)
+  logits = np.asarray(model.apply({"params": params}, x))
+  acc = np.mean(logits.argmax(-1) == np.asarray(data.labels))
+  np.testing.assert_allclose(float(out["accuracy"]), acc, atol=1e-6)
+
+
+MULTI_DEVICE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from tests.test_federated import setup, flat, plan_round
+    from fedpeft_jax.federated import RoundSpec, build_algorithm
+    from fedpeft_jax.federated.engine import make_mesh, replicate
+    results = []
+    for devices, chunk in ((1, 1), (4, 1), (2, 2)):
+      model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(5, 7, 3, 6, 4))
+      mesh = make_mesh(jax.devices()[:devices])
+      algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(chunk, devices), 4, mesh=mesh)
+      state = algo.init(trainable, seed=2)
+      frozen, data = replicate(frozen, mesh), replicate(data, mesh)
+      for r in range(2):
+        state, m = algo.apply(state, frozen, data, plan_round(2, r, 5, 4))
+      results.append(flat(state.trainable))
+    for other in results[1:]:
+      for k in results[0]:
+        np.testing.assert_allclose(results[0][k], other[k], atol=1e-5, err_msg=k)
+    print("OK", len(jax.devices()))
+""")
+
+
+def test_four_cpu_devices_match_single_device():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE.format(root=root)], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK 4" in proc.stdout
