@@ -1,0 +1,382 @@
+"""Config validation before any compute: one clear error naming the offending field.
+
+Why a separate pass: a misconfigured run should fail in a second, before data loading,
+compilation or a half-written workdir, with a message that says which field is wrong
+and what it may be. Nothing here runs JAX; the allowed values come from the modules
+that implement them (imported lazily, with fallbacks while those modules are absent).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from typing import Any, Callable, Iterable, Optional
+
+SECTIONS = ("model", "peft", "data", "federated", "privacy")
+DTYPES = ("float32", "bfloat16")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+POOLS = ("token", "gap")
+WEIGHTINGS = ("examples", "uniform")
+AUGMENTS = ("auto", "crop_flip", "flip", "none")
+# Registry names of pre-trained checkpoints, used only if fedpeft_jax.models exposes none.
+KNOWN_PRETRAINED = ("vit_b16_in21k",)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:\d+\.\d+\.\d+)?$")
+
+
+class ConfigError(ValueError):
+  """An invalid experiment config; `field` is the dotted path, e.g. 'config.data.alpha'."""
+
+  def __init__(self, message: str, field: str = ""):
+    super().__init__(message)
+    self.field = field
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+
+
+def _fail(field: str, message: str) -> None:
+  raise ConfigError(f"config.{field} {message}", field=f"config.{field}")
+
+
+def _get(config: Any, field: str) -> Any:
+  node = config
+  for part in field.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      _fail(field, "is missing (build configs on configs/default.py)")
+  return node
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(config: Any, field: str, minimum: int) -> int:
+  v = _get(config, field)
+  if not _is_int(v):
+    _fail(field, f"must be an integer >= {minimum}, got {v!r}")
+  if v < minimum:
+    _fail(field, f"must be >= {minimum}, got {v}")
+  return int(v)
+
+
+def _num(config: Any, field: str, low: float, high: float = math.inf, low_open: bool = False,
+         high_open: bool = False) -> float:
+  """A finite number in [low, high] (ends open where asked); the message shows the range."""
+  v = _get(config, field)
+  rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+  if high == math.inf:
+    rng = f"{'> ' if low_open else '>= '}{low:g}"
+  if not _is_num(v):
+    _fail(field, f"must be a finite number {rng}, got {v!r}")
+  bad = (v < low or v > high or (low_open and v == low) or (high_open and v == high))
+  if bad:
+    _fail(field, f"must be {'in ' if high != math.inf else ''}{rng}, got {v}")
+  return float(v)
+
+
+def _choice(config: Any, field: str, allowed: Iterable[str]) -> str:
+  allowed = tuple(allowed)
+  v = _get(config, field)
+  if v not in allowed:
+    _fail(field, f"is {v!r}; allowed: {', '.join(map(str, allowed))}")
+  return v
+
+
+def _bool(config: Any, field: str) -> bool:
+  v = _get(config, field)
+  if not isinstance(v, bool):
+    _fail(field, f"must be True or False, got {v!r}")
+  return v
+
+
+def _wrap(prefix: str, fn: Callable[[], Any]) -> Any:
+  """Runs another module's validator, turning its ValueError into a ConfigError."""
+  try:
+    return fn()
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    msg = str(e).strip("'\"")
+    field = msg.split(" ", 1)[0].rstrip(":,")
+    if field.startswith(prefix + ".") or field == prefix:
+      raise ConfigError(f"config.{msg}", field=f"config.{field}") from e
+    raise ConfigError(f"config.{prefix}: {msg}", field=f"config.{prefix}") from e
+
+
+def parse_clients_per_chunk(value: Any) -> Optional[int]:
+  """'auto' -> None; a positive int (or its string, as the command line gives it) -> int."""
+  if value == "auto":
+    return None
+  if _is_int(value) and value > 0:
+    return int(value)
+  if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+    return int(value)
+  raise ConfigError(f"config.federated.clients_per_chunk must be 'auto' or a positive integer, "
+                    f"got {value!r}", field="config.federated.clients_per_chunk")
+
+
+# ---------------------------------------------------------------------------
+# Allowed values from the implementing modules (fallbacks while they are absent)
+
+
+def _optimizers() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  try:
+    from fedpeft_jax.federated.client import CLIENT_OPTIMIZERS
+    from fedpeft_jax.federated.server import SERVER_OPTIMIZERS
+    return tuple(CLIENT_OPTIMIZERS), tuple(SERVER_OPTIMIZERS)
+  except ImportError:
+    return ("sgd", "adam", "adamw"), ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+def _partition_methods() -> tuple[str, ...]:
+  try:
+    from fedpeft_jax.data.partitioning import METHODS
+    return tuple(METHODS)
+  except ImportError:
+    return ("iid", "dirichlet", "shards")
+
+
+def known_datasets() -> tuple[str, ...]:
+  """Names fedpeft_jax.data loads without further checks (local sets + curated TFDS)."""
+  try:
+    from fedpeft_jax.data.datasets import list_datasets
+    return tuple(list_datasets())
+  except ImportError:
+    return ("digits", "fashion_mnist", "synthetic", "cifar10", "cifar100", "resisc45",
+            "patch_camelyon")
+
+
+def _tfds_roots(data_dir: str) -> list[str]:
+  roots = [data_dir] if data_dir else []
+  roots.append(os.environ.get("TFDS_DATA_DIR", "") or os.path.expanduser("~/tensorflow_datasets"))
+  return roots
+
+
+def _prepared_tfds(name: str, data_dir: str) -> bool:
+  """A TFDS dataset outside the curated list is accepted once prepared on disk."""
+  path = name.split(":")[0]
+  return any(os.path.isdir(os.path.join(root, path)) for root in _tfds_roots(data_dir) if root)
+
+
+def _registry() -> dict[str, dict[str, Any]]:
+  """Registry name -> the ViT kwargs its backbone was trained with (may be empty)."""
+  try:
+    from fedpeft_jax.models.checkpoints import REGISTRY
+  except ImportError:
+    return {name: {} for name in KNOWN_PRETRAINED}
+  return {name: dict(getattr(info, "model_kwargs", {}) or {}) for name, info in REGISTRY.items()}
+
+
+def known_pretrained() -> tuple[str, ...]:
+  """Registry names of pre-trained checkpoints (fedpeft_jax.models.checkpoints.REGISTRY)."""
+  return tuple(sorted(_registry()))
+
+
+def _looks_like_path(value: str) -> bool:
+  return ("/" in value or os.sep in value or value.startswith(("~", "."))
+          or os.path.splitext(value)[1] != "" or os.path.exists(value))
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+def _validate_top(config: Any) -> None:
+  for section in SECTIONS:
+    _get(config, section)
+  seed = _get(config, "seed")
+  if not _is_int(seed) or seed < 0:
+    _fail("seed", f"must be an integer >= 0, got {seed!r}")
+  _int(config, "checkpoint_every", 0)
+  _int(config, "keep_checkpoints", 1)
+
+
+def _validate_model(config: Any) -> None:
+  from fedpeft_jax.models.vit import VARIANTS
+  sizes = {}
+  for field in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size"):
+    sizes[field] = _int(config, f"model.{field}", 0)
+  variant = _get(config, "model.variant")
+  m = re.fullmatch(r"(Ti|S|M|B|L|H)/(\d+)", variant) if isinstance(variant, str) else None
+  if m:
+    width, depth, mlp, heads = VARIANTS[m.group(1)]
+    base = dict(hidden_size=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+                patch_size=int(m.group(2)))
+    sizes = {k: v or base[k] for k, v in sizes.items()}
+  elif not all(sizes.values()):
+    missing = [k for k, v in sizes.items() if not v]
+    _fail("model.variant", f"is {variant!r}, not '<size>/<patch>' with size in "
+          f"{', '.join(VARIANTS)} (e.g. 'B/16'); without a variant set every one of "
+          f"config.model.{{hidden_size, depth, num_heads, mlp_dim, patch_size}} > 0 "
+          f"(missing: {', '.join(missing)})")
+  if sizes["patch_size"] <= 0:
+    _fail("model.patch_size", f"must be > 0, got {sizes['patch_size']}")
+  if sizes["hidden_size"] % sizes["num_heads"]:
+    _fail("model.num_heads", f"({sizes['num_heads']}) must divide the hidden size "
+          f"({sizes['hidden_size']})")
+  image = _int(config, "model.image_size", 1)
+  if image % sizes["patch_size"]:
+    _fail("model.image_size", f"({image}) must be a multiple of the patch size "
+          f"({sizes['patch_size']})")
+  _choice(config, "model.pool", POOLS)
+  _int(config, "model.representation_size", 0)
+  _num(config, "model.dropout", 0.0, 1.0, high_open=True)
+  _num(config, "model.attention_dropout", 0.0, 1.0, high_open=True)
+  _choice(config, "model.dtype", DTYPES)
+  pretrained = _get(config, "model.pretrained")
+  if not isinstance(pretrained, str):
+    _fail("model.pretrained", f"must be a path, URL, registry name or '', got {pretrained!r}")
+  if pretrained and not _URL.match(pretrained) and not _looks_like_path(pretrained):
+    registry = _registry()
+    if pretrained not in registry:
+      _fail("model.pretrained", f"is {pretrained!r}: not a path, URL or known registry name; "
+            f"registry names: {', '.join(sorted(registry))} ('' = train from scratch)")
+    _check_fits(pretrained, registry[pretrained], sizes, _get(config, "model.representation_size"))
+  if not isinstance(_get(config, "model.cache_dir"), str):
+    _fail("model.cache_dir", "must be a string ('' = the default cache)")
+
+
+def _check_fits(name: str, kwargs: dict[str, Any], sizes: dict[str, int], rep: int) -> None:
+  """A registered checkpoint must match the model's architecture (the resolution may
+  differ: position embeddings are resampled)."""
+  from fedpeft_jax.models.vit import VARIANTS
+  m = re.fullmatch(r"(Ti|S|M|B|L|H)/(\d+)", str(kwargs.get("variant", "")))
+  if not m:
+    return
+  width, depth, mlp, heads = VARIANTS[m.group(1)]
+  want = dict(hidden_size=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+              patch_size=int(m.group(2)))
+  diff = [f"{k} {sizes[k]} vs {v}" for k, v in want.items() if sizes[k] != v]
+  if diff:
+    _fail("model.pretrained", f"{name!r} is a ViT-{kwargs['variant']} checkpoint and does not "
+          f"fit the configured model (model vs checkpoint: {'; '.join(diff)}); set "
+          f"config.model.variant={kwargs['variant']!r} and the size overrides to 0")
+  ckpt_rep = int(kwargs.get("representation_size") or 0)
+  if rep and rep != ckpt_rep:
+    _fail("model.representation_size", f"({rep}) does not fit {name!r}, whose pre-logits "
+          f"layer has size {ckpt_rep or 'none'}; use {ckpt_rep} or 0 (no pre-logits)")
+
+
+def _validate_peft(config: Any) -> None:
+  from fedpeft_jax.peft.config import default_config, validate
+  peft = _get(config, "peft")
+  _check_fields(peft, default_config(), "peft")
+  _wrap("peft", lambda: validate(peft))
+
+
+def _check_fields(node: Any, reference: Any, prefix: str) -> None:
+  """Unknown fields (a misspelling in a hand-built config) are errors too."""
+  keys = getattr(node, "keys", None)
+  ref_keys = set(reference.keys())
+  if keys is None:
+    return
+  for key in node.keys():
+    if key not in ref_keys:
+      _fail(f"{prefix}.{key}", f"is not a field; {prefix} has: {', '.join(sorted(ref_keys))}")
+    if hasattr(reference[key], "keys"):
+      _check_fields(node[key], reference[key], f"{prefix}.{key}")
+
+
+def _validate_data(config: Any) -> None:
+  name = _get(config, "data.dataset")
+  data_dir = _get(config, "data.data_dir")
+  if not isinstance(data_dir, str):
+    _fail("data.data_dir", f"must be a string ('' = the library default), got {data_dir!r}")
+  known = known_datasets()
+  if not isinstance(name, str) or name not in known:
+    if not (isinstance(name, str) and _TFDS_NAME.match(name) and _prepared_tfds(name, data_dir)):
+      _fail("data.dataset", f"is {name!r}; known: {', '.join(known)}. Any other TFDS "
+            "image-classification dataset works once prepared under config.data.data_dir "
+            "(python -m fedpeft_jax.data.prepare --dataset=NAME --data_dir=DIR)")
+  method = _choice(config, "data.partition", _partition_methods())
+  if method == "dirichlet":
+    _num(config, "data.alpha", 0.0, low_open=True)
+  min_size = _int(config, "data.min_size", 0)
+  if method == "shards":
+    _int(config, "data.shards_per_client", 1)
+  train_size = _int(config, "data.train_size", 0)
+  num_clients = _get(config, "federated.num_clients")
+  if train_size and _is_int(num_clients) and num_clients > 0:
+    need = max(num_clients, min_size * num_clients if method == "dirichlet" else 0)
+    if train_size < need:
+      _fail("data.train_size", f"({train_size}) is too small for {num_clients} clients"
+            + (f" holding at least config.data.min_size ({min_size}) examples each"
+               if method == "dirichlet" else "") + f"; need >= {need}")
+  _bool(config, "data.sample_with_replacement")
+  _choice(config, "data.augment", AUGMENTS)
+  _int(config, "data.resolution", 1)
+
+
+def _validate_federated(config: Any) -> None:
+  f = "federated."
+  _int(config, f + "rounds", 1)
+  n = _int(config, f + "num_clients", 1)
+  per_round = _int(config, f + "clients_per_round", 0)
+  if per_round > n:
+    _fail(f + "clients_per_round", f"({per_round}) exceeds config.federated.num_clients ({n})")
+  _num(config, f + "participation", 0.0, 1.0, low_open=True)
+  steps = _int(config, f + "local_steps", 0)
+  epochs = _get(config, f + "local_epochs")
+  if steps == 0:
+    _int(config, f + "local_epochs", 1)
+  elif not _is_int(epochs) or epochs < 0:
+    _fail(f + "local_epochs", f"must be an integer >= 0, got {epochs!r}")
+  _int(config, f + "batch_size", 1)
+  client_opts, server_opts = _optimizers()
+  _choice(config, f + "client_optimizer", client_opts)
+  _num(config, f + "client_lr", 0.0, low_open=True)
+  _num(config, f + "client_momentum", 0.0, 1.0, high_open=True)
+  _bool(config, f + "client_nesterov")
+  _num(config, f + "client_weight_decay", 0.0)
+  _num(config, f + "label_smoothing", 0.0, 1.0, high_open=True)
+  _num(config, f + "fedprox_mu", 0.0)
+  _choice(config, f + "server_optimizer", server_opts)
+  _num(config, f + "server_lr", 0.0, low_open=True)
+  _num(config, f + "server_momentum", 0.0, 1.0, high_open=True)
+  _num(config, f + "server_b1", 0.0, 1.0, high_open=True)
+  _num(config, f + "server_b2", 0.0, 1.0, high_open=True)
+  _num(config, f + "server_eps", 0.0, low_open=True)
+  _choice(config, f + "weighting", WEIGHTINGS)
+  _num(config, f + "dropout", 0.0, 1.0, high_open=True)
+  _num(config, f + "max_update_norm", 0.0)
+  parse_clients_per_chunk(_get(config, f + "clients_per_chunk"))
+  _int(config, f + "eval_every", 1)
+  _int(config, f + "eval_batch_size", 1)
+  _choice(config, f + "wire_dtype", WIRE_DTYPES)
+
+
+def _validate_privacy(config: Any) -> None:
+  privacy = _get(config, "privacy")
+  try:
+    from fedpeft_jax.privacy.config import default_privacy_config, validate_privacy
+  except ImportError:
+    _choice(config, "privacy.mechanism", ("none",))
+    return
+  _check_fields(privacy, default_privacy_config(), "privacy")
+  _wrap("privacy", lambda: validate_privacy(privacy))
+
+
+def validate_config(config: Any) -> None:
+  """Raises ConfigError (a ValueError) naming the first invalid field; returns None.
+
+  Checks types, ranges and allowed values of every field of configs/default.py, the
+  PEFT and privacy sections through their own validators, and consistency between
+  fields (clients_per_round <= num_clients, image_size a multiple of the patch, ...).
+  Pure: no files are written and nothing is computed.
+  """
+  _validate_top(config)
+  _validate_model(config)
+  _validate_peft(config)
+  _validate_federated(config)
+  _validate_data(config)
+  _validate_privacy(config)
