@@ -193,6 +193,18 @@ def _curve(rows: Iterable[Mapping[str, Any]], x_key: str, scale: float = 1.0,
   return xs, ys
 
 
+def _log_mb_axis(ax, xs: Sequence[float]) -> None:
+  """Log x-axis with plain tick labels (0.4, 3, 300) instead of 4x10^-1; minor ticks
+  are labelled only when the data spans less than a decade (else they crowd)."""
+  from matplotlib.ticker import FuncFormatter, NullFormatter
+  ax.set_xscale("log")
+  plain = FuncFormatter(lambda v, _: f"{v:g}")
+  ax.xaxis.set_major_formatter(plain)
+  narrow = max(xs) / min(xs) < 10
+  ax.xaxis.set_minor_formatter(plain if narrow else NullFormatter())
+  ax.tick_params(axis="x", which="minor", labelsize=7)
+
+
 def _accuracy_axis(ax) -> None:
   from matplotlib.ticker import PercentFormatter
   ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -221,7 +233,7 @@ def write_plots(metrics_rows: Sequence[Mapping[str, Any]], out_dir: PathLike,
   xs, ys = _curve(metrics_rows, "cumulative_bytes", MB, positive=True)
   ax.plot(xs, ys, marker="o", markersize=3)
   if xs:
-    ax.set_xscale("log")
+    _log_mb_axis(ax, xs)
   ax.set_xlabel("cumulative communication (MB, up + down, log scale)")
   _accuracy_axis(ax)
   if title:
@@ -236,17 +248,17 @@ def compare_plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: PathLike
   the study's trade-off plot. The last point of each run is labelled with its accuracy."""
   fig = _figure(7.2, 4.8)
   ax = fig.add_subplot()
-  any_points = False
+  all_xs: list[float] = []
   for name, rows in runs.items():
     xs, ys = _curve(rows, "cumulative_bytes", MB, positive=True)
     if not xs:
       continue
-    any_points = True
+    all_xs += xs
     (line,) = ax.plot(xs, ys, marker="o", markersize=2.5, label=name)
     ax.annotate(f"{ys[-1]:.1%}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 0),
                 fontsize=7, color=line.get_color(), va="center")
-  if any_points:
-    ax.set_xscale("log")
+  if all_xs:
+    _log_mb_axis(ax, all_xs)
     ax.legend(fontsize=8, loc="best")
   ax.set_xlabel("cumulative communication (MB, up + down, log scale)")
   _accuracy_axis(ax)
