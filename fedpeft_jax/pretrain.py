@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from fedpeft_jax import peft
-from fedpeft_jax.data import batching
+import fedpeft_jax.data as fdata
 from fedpeft_jax.federated.client import masked_cross_entropy
 from fedpeft_jax.federated.engine import make_evaluate
 
@@ -96,7 +96,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = Tr
       p, s = carry
       idx, k = xs
       k_aug, k_drop = jax.random.split(k)
-      x = batching.preprocess(images[idx], k_aug, image_size=size, augment=augment, train=True)
+      x = fdata.preprocess(images[idx], k_aug, image_size=size, augment=augment, train=True)
       loss, g = jax.value_and_grad(loss_fn)(p, x, labels[idx], k_drop)
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), s), loss

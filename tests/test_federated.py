@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from fedpeft_jax import peft
-from fedpeft_jax.data import batching
+import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost,
                                    make_client_update, make_server_optimizer, plan_round)
 from fedpeft_jax.federated.engine import make_evaluate, make_mesh
@@ -35,7 +35,7 @@ def tiny_model(method: str = "bias") -> tuple[ViT, dict]:
   return model, params
 
 
-def make_data(sizes: list[int], seed: int = 0) -> batching.ClientData:
+def make_data(sizes: list[int], seed: int = 0) -> fdata.ClientData:
   rng = np.random.default_rng(seed)
   n = sum(sizes)
   images = rng.integers(0, 256, size=(n, IMAGE, IMAGE, 3), dtype=np.uint8)
@@ -46,7 +46,7 @@ def make_data(sizes: list[int], seed: int = 0) -> batching.ClientData:
   for c, s in enumerate(sizes):
     indices[c, :s] = np.arange(start, start + s)
     start += s
-  return batching.ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels),
+  return fdata.ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels),
                              indices=jnp.asarray(indices), sizes=jnp.asarray(sizes, jnp.int32))
 
 
@@ -74,7 +74,7 @@ def test_one_client_one_step_equals_centralised_sgd():
   state = algo.init(trainable, seed=0)
   new_state, metrics = algo.apply(state, frozen, data, plan_round(0, 0, 1, 1))
   # Centralised: one SGD step (lr 0.1) on the client's whole batch.
-  images = batching.preprocess(data.images, jax.random.PRNGKey(0), image_size=IMAGE,
+  images = fdata.preprocess(data.images, jax.random.PRNGKey(0), image_size=IMAGE,
                                augment="none", train=False)
 
   def loss(t):
@@ -139,7 +139,7 @@ def test_server_optimizers_equal_optax_on_numpy_mean(server):
   mean = peft.unflatten({k: jnp.asarray(sum(wi * o[k] for wi, o in zip(w, outs)), jnp.float32)
                          for k in outs[0]})
   ref_tx = {"fedadam": optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3),
-            "fedyogi": optax.yogi(0.05, b1=0.9, b2=0.99, eps=1e-3, initial_accumulator_value=1e-6),
+            "fedyogi": optax.yogi(0.05, b1=0.9, b2=0.99, eps=1e-3),
             "fedavgm": optax.sgd(0.05, momentum=0.9),
             "fedadagrad": optax.adagrad(0.05, initial_accumulator_value=1e-6, eps=1e-3)}[server]
   opt_state = ref_tx.init(trainable)
@@ -238,7 +238,7 @@ def test_evaluate_matches_direct_computation():
   data = make_data([13])
   evaluate = make_evaluate(model, batch_size=4, image_size=IMAGE)
   out = evaluate(params, data.images, data.labels)
-  x = batching.preprocess(data.images, jax.random.PRNGKey(0), image_size=IMAGE, augment="none",
+  x = fdata.preprocess(data.images, jax.random.PRNGKey(0), image_size=IMAGE, augment="none",
                           train=False)
   logits = np.asarray(model.apply({"params": params}, x))
   acc = np.mean(logits.argmax(-1) == np.asarray(data.labels))

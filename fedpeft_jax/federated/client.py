@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedpeft_jax.data import batching
+import fedpeft_jax.data as fdata
 from fedpeft_jax.peft.partition import merge
 
 PyTree = Any
@@ -101,7 +101,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
     row = data.indices[client_id]
     size = data.sizes[client_id]
     k_sched, k_steps = jax.random.split(key)
-    positions, example_mask, step_mask = batching.local_schedule(
+    positions, example_mask, step_mask = fdata.local_schedule(
         k_sched, size, spec.max_examples, spec.batch_size, spec.local_epochs)
     if spec.local_steps > 0:
       step_mask = step_mask & (jnp.cumsum(step_mask) <= spec.local_steps)
@@ -118,7 +118,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       pos, ex_mask, live, k = xs
       k_aug, k_grad = jax.random.split(k)
       idx = row[pos]
-      images = batching.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
+      images = fdata.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
                                    augment=spec.augment, train=True)
       loss, grads = gradients(params, frozen, images, data.labels[idx], ex_mask, k_grad,
                               trainable)

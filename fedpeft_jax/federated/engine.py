@@ -108,7 +108,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
 
   def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
     """Per-device: scan over chunks [chunks, chunk]; returns this device's sums."""
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), trainable)
     f32 = lambda: jnp.zeros((), jnp.float32)
     init_carry = {"update": zeros, "weight": f32(), "loss": f32(), "examples": f32(),
                   "contributed": f32(), "nonfinite": f32(), "unclipped": f32(),
@@ -154,12 +154,13 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     return sums
 
   def sharded_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
-    def per_device(ids, valid, keys):
+    def per_device(trainable, frozen, data, ids, valid, keys, clip_norm):
       s = device_sums(trainable, frozen, data, ids[0], valid[0], keys[0], clip_norm)
       return jax.lax.psum(s, AXIS)
-    spec = P(AXIS)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec), out_specs=P(),
-                         check_vma=False)(ids, valid, keys)
+    split, rep = P(AXIS), P()
+    return jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(rep, rep, rep, split, split, split, rep), out_specs=rep,
+                         check_vma=False)(trainable, frozen, data, ids, valid, keys, clip_norm)
 
   @jax.jit
   def round_step(state: server_lib.ServerState, frozen: PyTree, data: Any, ids: jax.Array,
@@ -254,15 +255,15 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def make_evaluate(model: nn.Module, batch_size: int, image_size: int) -> Callable[..., dict]:
   """evaluate(params, images_uint8, labels) -> {'accuracy', 'loss'}, batched inside jit."""
-  from fedpeft_jax.data import batching
+  import fedpeft_jax.data as fdata
 
   @jax.jit
   def evaluate(params: PyTree, images: jax.Array, labels: jax.Array) -> dict:
-    index, mask = batching.eval_schedule(images.shape[0], batch_size)
+    index, mask = fdata.eval_schedule(images.shape[0], batch_size)
 
     def body(carry, xs):
       idx, m = xs
-      x = batching.preprocess(images[idx], jax.random.PRNGKey(0), image_size=image_size,
+      x = fdata.preprocess(images[idx], jax.random.PRNGKey(0), image_size=image_size,
                               augment="none", train=False)
       logits = model.apply({"params": params}, x, train=False)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx])

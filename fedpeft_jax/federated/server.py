@@ -44,7 +44,8 @@ def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float
   if name == "fedadam":
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
   if name == "fedyogi":
-    return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps, initial_accumulator_value=eps**2)
+    # optax's yogi starts its second moment at 1e-6 = tau**2 for Reddi et al.'s tau = 1e-3.
+    return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
   if name == "fedadagrad":
     return optax.adagrad(learning_rate, initial_accumulator_value=eps**2, eps=eps)
   raise ValueError(f"federated.server_optimizer: unknown {name!r}; allowed: "

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from fedpeft_jax import peft
-from fedpeft_jax.data import batching
+import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
                                    auto_clients_per_chunk, build_algorithm, comm_cost,
                                    make_client_optimizer, make_evaluate, make_mesh,
@@ -197,7 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   mesh = make_mesh()
   algo = build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                          mesh=mesh)
-  client_data = replicate(batching.client_data(dataset, part), mesh)
+  client_data = replicate(fdata.client_data(dataset, part), mesh)
   frozen_dev = replicate(frozen, mesh)
   evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size)
   test_images = jnp.asarray(dataset.test_images)
