@@ -1,0 +1,33 @@
+"""Differential privacy: the study's mechanism, DP-SGD, DP-FedAvg, and accounting."""
+
+from fedpeft_jax.privacy.accounting import (ACCOUNTANTS, MECHANISMS, SAMPLINGS, PrivacyBudgetError,
+                                            PrivacyLedger, calibrate_noise_multiplier,
+                                            check_budget, dp_fedavg_epsilon, dp_sgd_epsilon,
+                                            dp_sgd_epsilon_truncated,
+                                            epsilon_of, make_accountant, sampled_gaussian_event)
+from fedpeft_jax.privacy.config import (default_privacy_config, paper_sigma_from_config,
+                                        privacy_metadata, resolve_noise_multiplier,
+                                        validate_privacy)
+from fedpeft_jax.privacy.mechanisms import (adaptive_clip_update, add_gaussian_noise,
+                                            clip_per_example, clip_per_tensor, clip_stats,
+                                            clip_update, clipped_grad_sum, default_count_stddev,
+                                            dp_fedavg_aggregate, dp_sgd_aggregate, dp_sgd_grad,
+                                            global_norm, masked_sum, noisy_sum,
+                                            noisy_unclipped_fraction, paper_gaussian, paper_sigma,
+                                            per_example_grads, poisson_batch, poisson_batch_mask,
+                                            poisson_capacity, poisson_schedule,
+                                            value_noise_multiplier)
+
+__all__ = [
+    "ACCOUNTANTS", "MECHANISMS", "SAMPLINGS", "PrivacyBudgetError", "PrivacyLedger",
+    "calibrate_noise_multiplier", "check_budget", "dp_fedavg_epsilon", "dp_sgd_epsilon",
+    "dp_sgd_epsilon_truncated",
+    "epsilon_of", "make_accountant", "sampled_gaussian_event", "default_privacy_config",
+    "paper_sigma_from_config", "privacy_metadata", "resolve_noise_multiplier", "validate_privacy",
+    "adaptive_clip_update", "add_gaussian_noise", "clip_per_example", "clip_per_tensor",
+    "clip_stats", "clip_update", "clipped_grad_sum", "default_count_stddev",
+    "dp_fedavg_aggregate", "dp_sgd_aggregate", "dp_sgd_grad", "global_norm", "masked_sum",
+    "noisy_sum", "noisy_unclipped_fraction", "paper_gaussian", "paper_sigma",
+    "per_example_grads", "poisson_batch", "poisson_batch_mask", "poisson_capacity",
+    "poisson_schedule", "value_noise_multiplier",
+]

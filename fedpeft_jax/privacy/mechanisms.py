@@ -1,0 +1,461 @@
+"""Privacy mechanisms as pure JAX functions (jittable, vmappable over clients).
+
+Three mechanisms, kept apart on purpose:
+  * `paper_gaussian`: the study's per-tensor batch-gradient clipping plus noise. It
+    has no formal accounting: clipping a *batch* gradient does not bound one
+    example's influence, so no (epsilon, delta) follows from it.
+  * DP-SGD (Abadi et al. 2016): per-example clipping of the whole trainable
+    gradient, Gaussian noise on the sum, divide by the *expected* batch size.
+  * DP-FedAvg (McMahan et al. 2018): each client's whole update is clipped, noise is
+    added to the sum at the server; optional adaptive clipping (Andrew et al. 2021).
+
+Every random function takes a key and splits it per leaf, so no two tensors share
+noise. Host-side argument checks run only on concrete Python numbers; traced values
+(e.g. an adaptive clip norm carried through a jitted round) pass straight through.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Scalar = Union[float, jax.Array]
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _concrete(x: Any) -> Optional[float]:
+  """float(x) when x is a concrete number, None when it is traced."""
+  if isinstance(x, (int, float, np.integer, np.floating)):
+    return float(x)
+  if isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 0:
+    try:
+      return float(x)
+    except Exception:  # a tracer: checked by nobody, by design
+      return None
+  return None
+
+
+def _check(x: Any, name: str, ok: Callable[[float], bool], rule: str) -> None:
+  v = _concrete(x)
+  if v is not None and (math.isnan(v) or not ok(v)):
+    raise ValueError(f"{name} must be {rule}, got {v}")
+
+
+def check_clip_norm(clip_norm: Any, name: str = "clip_norm") -> None:
+  _check(clip_norm, name, lambda v: 0 < v < math.inf, "> 0 and finite")
+
+
+def check_noise(noise: Any, name: str = "noise_multiplier") -> None:
+  _check(noise, name, lambda v: 0 <= v < math.inf, ">= 0 and finite")
+
+
+def check_delta(delta: Any, name: str = "delta") -> None:
+  _check(delta, name, lambda v: 0 < v < 1, "in the open interval (0, 1)")
+
+
+def check_epsilon(epsilon: Any, name: str = "epsilon") -> None:
+  _check(epsilon, name, lambda v: 0 < v < math.inf, "> 0 and finite")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def clip_factor(norm: jax.Array, clip_norm: Scalar) -> jax.Array:
+  """min(1, C / norm), written as C / max(norm, C) so a gradient already within the
+  bound is multiplied by exactly 1.0 (unchanged bit for bit) and a zero norm is safe."""
+  c = jnp.asarray(clip_norm, jnp.float32)
+  return c / jnp.maximum(norm, c)
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """L2 norm of all leaves together (float32)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(_f32(x))) for x in leaves))
+
+
+def per_example_norms(per_example: PyTree) -> jax.Array:
+  """[B] global L2 norms of a pytree whose leaves all lead with the example axis."""
+  leaves = jax.tree_util.tree_leaves(per_example)
+  if not leaves:
+    raise ValueError("per_example_norms: empty pytree")
+  sq = [jnp.sum(jnp.square(_f32(x)).reshape(x.shape[0], -1), axis=1) for x in leaves]
+  return jnp.sqrt(sum(sq))
+
+
+def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: Scalar) -> PyTree:
+  """tree + N(0, stddev^2) per element; one independent key per leaf (drawn in float32,
+  cast to the leaf dtype)."""
+  check_noise(stddev, "noise stddev")
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if not leaves:
+    return tree
+  keys = jax.random.split(key, len(leaves))
+  std = jnp.asarray(stddev, jnp.float32)
+  noisy = [x + (std * jax.random.normal(k, jnp.shape(x), jnp.float32)).astype(x.dtype)
+           for x, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def masked_sum(per_example: PyTree, mask: jax.Array) -> PyTree:
+  """Sum over the leading axis of the rows where `mask` is True.
+
+  `where` rather than multiply: a padded example may carry inf/nan gradients, and
+  0 * nan would leak into the sum.
+  """
+  m = jnp.asarray(mask, bool)
+
+  def one(x: jax.Array) -> jax.Array:
+    mm = m.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(mm, x, jnp.zeros((), x.dtype)), axis=0)
+
+  return jax.tree_util.tree_map(one, per_example)
+
+
+# ----------------------------------------------------------------------------- the study's mechanism
+
+def paper_sigma(epsilon: float, delta: float, clip_norm: float = 1.0) -> float:
+  """The study's noise std, sigma = 2C * sqrt(2 ln(1.25/delta) / epsilon).
+
+  Epsilon sits inside the square root as the authors compute it (the textbook
+  Gaussian mechanism has C*sqrt(2 ln(1.25/delta))/epsilon); we keep their formula to
+  reproduce their noise level (~3.38 at epsilon 5, delta 1e-3, C 1). The (epsilon,
+  delta) here are formula inputs, not a guarantee.
+  """
+  check_epsilon(epsilon)
+  check_delta(delta)
+  check_clip_norm(clip_norm)
+  return 2.0 * float(clip_norm) * math.sqrt(2.0 * math.log(1.25 / float(delta)) / float(epsilon))
+
+
+def clip_per_tensor(grads: PyTree, clip_norm: Scalar) -> PyTree:
+  """Each leaf separately scaled to L2 norm <= C (the study's clipping)."""
+  check_clip_norm(clip_norm)
+  return jax.tree_util.tree_map(
+      lambda g: (g * clip_factor(jnp.sqrt(jnp.sum(jnp.square(_f32(g)))), clip_norm)).astype(g.dtype),
+      grads)
+
+
+def paper_gaussian(grads: PyTree, key: jax.Array, clip_norm: Scalar, sigma: Scalar) -> PyTree:
+  """The study's step: clip each tensor's *batch* gradient to norm C, add N(0, sigma^2)
+  to every element (fresh key per leaf). No formal DP accounting applies."""
+  check_noise(sigma, "sigma")
+  return add_gaussian_noise(clip_per_tensor(grads, clip_norm), key, sigma)
+
+
+# ----------------------------------------------------------------------------- DP-SGD
+
+def clip_per_example(per_example_grads: PyTree, clip_norm: Scalar) -> tuple[PyTree, jax.Array]:
+  """(clipped, norms): each example's *whole* gradient (global norm over every leaf,
+  leading axis = examples) scaled to norm <= C; norms are the pre-clip norms [B]."""
+  check_clip_norm(clip_norm)
+  norms = per_example_norms(per_example_grads)
+  scale = clip_factor(norms, clip_norm)
+
+  def one(g: jax.Array) -> jax.Array:
+    return (g * scale.reshape((-1,) + (1,) * (g.ndim - 1))).astype(g.dtype)
+
+  return jax.tree_util.tree_map(one, per_example_grads), norms
+
+
+def noisy_sum(sum_of_clipped: PyTree, key: jax.Array, clip_norm: Scalar,
+              noise_multiplier: Scalar) -> PyTree:
+  """Sum of clipped contributions + N(0, (noise_multiplier * C)^2) per element.
+
+  The Gaussian mechanism on a sum whose L2 sensitivity is C (one example for DP-SGD,
+  one client for DP-FedAvg): shared by both."""
+  check_clip_norm(clip_norm)
+  check_noise(noise_multiplier)
+  std = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(clip_norm, jnp.float32)
+  return add_gaussian_noise(sum_of_clipped, key, std)
+
+
+def _divide(tree: PyTree, denom: Scalar) -> PyTree:
+  d = jnp.asarray(denom, jnp.float32)
+  return jax.tree_util.tree_map(lambda x: (x / d).astype(x.dtype), tree)
+
+
+def dp_sgd_aggregate(per_example_grads: PyTree, example_mask: jax.Array, key: jax.Array,
+                     clip_norm: Scalar, noise_multiplier: Scalar,
+                     expected_batch_size: Scalar) -> PyTree:
+  """One DP-SGD gradient: clip per example, drop masked (padded or unsampled) rows,
+  sum, add N(0, (sigma C)^2), divide by the *expected* batch size.
+
+  A fixed denominator (q * n_i under Poisson sampling, B under shuffling) rather than
+  the realised count: the count itself depends on the data and would leak.
+  """
+  _check(expected_batch_size, "expected_batch_size", lambda v: v > 0, "> 0")
+  clipped, _ = clip_per_example(per_example_grads, clip_norm)
+  summed = masked_sum(clipped, example_mask)
+  return _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_batch_size)
+
+
+def clip_stats(norms: jax.Array, mask: jax.Array, clip_norm: Scalar) -> dict[str, jax.Array]:
+  """Diagnostics over the real rows: how many were clipped, mean/max pre-clip norm.
+  (Not private: for monitoring a simulation, not for release.)"""
+  m = jnp.asarray(mask, bool)
+  n = jnp.sum(m).astype(jnp.float32)
+  safe = jnp.maximum(n, 1.0)
+  clipped = jnp.sum(jnp.where(m, norms > clip_norm, False)).astype(jnp.float32)
+  return {
+      "clipped_fraction": clipped / safe,
+      "norm_mean": jnp.sum(jnp.where(m, norms, 0.0)) / safe,
+      "norm_max": jnp.max(jnp.where(m, norms, 0.0)),
+      "num_examples": n,
+  }
+
+
+def per_example_grads(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
+                      *args: Any, has_aux: bool = False) -> Any:
+  """Gradients w.r.t. `trainable` of each example separately (vmap of grad).
+
+  `loss_fn(trainable, batch, *args)` is the ordinary batch loss; each example is fed
+  to it as a batch of one (leading axis kept), so models that expect a batch axis
+  work unchanged. `args` are shared by all examples (frozen params, a dropout key:
+  fold the example index into it inside loss_fn if you want per-example dropout).
+  Returns a pytree like `trainable` with a leading [B] axis (and per-example aux).
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=has_aux)
+
+  def one(example: PyTree) -> Any:
+    return grad_fn(trainable, jax.tree_util.tree_map(lambda x: x[None], example), *args)
+
+  return jax.vmap(one)(batch)
+
+
+def _batch_size(batch: PyTree) -> int:
+  leaves = jax.tree_util.tree_leaves(batch)
+  if not leaves:
+    raise ValueError("empty batch")
+  return int(leaves[0].shape[0])
+
+
+def clipped_grad_sum(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
+                     example_mask: jax.Array, clip_norm: Scalar, *args: Any,
+                     chunk_size: int = 0) -> tuple[PyTree, jax.Array]:
+  """(sum of per-example clipped gradients over real rows, pre-clip norms [B]).
+
+  With `chunk_size` (> 0, dividing B) the per-example gradients are built `chunk_size`
+  at a time in a lax.scan and summed as they go, so memory is chunk_size x |trainable|
+  instead of B x |trainable| (matters for full fine-tuning; PEFT subsets are small).
+  """
+  b = _batch_size(batch)
+  if not chunk_size or chunk_size >= b:
+    grads = per_example_grads(loss_fn, trainable, batch, *args)
+    clipped, norms = clip_per_example(grads, clip_norm)
+    return masked_sum(clipped, example_mask), norms
+  if b % chunk_size:
+    raise ValueError(f"chunk_size {chunk_size} must divide the batch size {b}")
+  n = b // chunk_size
+  chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk_size) + x.shape[1:]), batch)
+  mchunks = jnp.asarray(example_mask, bool).reshape(n, chunk_size)
+
+  def body(acc: PyTree, xs: tuple[PyTree, jax.Array]) -> tuple[PyTree, jax.Array]:
+    sub, m = xs
+    grads = per_example_grads(loss_fn, trainable, sub, *args)
+    clipped, norms = clip_per_example(grads, clip_norm)
+    return jax.tree_util.tree_map(jnp.add, acc, masked_sum(clipped, m)), norms
+
+  init = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+  total, norms = jax.lax.scan(body, init, (chunks, mchunks))
+  return total, norms.reshape(b)
+
+
+def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
+                example_mask: jax.Array, key: jax.Array, clip_norm: Scalar,
+                noise_multiplier: Scalar, expected_batch_size: Scalar, *args: Any,
+                chunk_size: int = 0) -> tuple[PyTree, dict[str, jax.Array]]:
+  """The whole DP-SGD gradient of one local step: (noisy mean gradient, clip stats).
+
+  Same result as `dp_sgd_aggregate(per_example_grads(...), ...)`, optionally chunked.
+  """
+  _check(expected_batch_size, "expected_batch_size", lambda v: v > 0, "> 0")
+  summed, norms = clipped_grad_sum(loss_fn, trainable, batch, example_mask, clip_norm, *args,
+                                   chunk_size=chunk_size)
+  grads = _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_batch_size)
+  return grads, clip_stats(norms, example_mask, clip_norm)
+
+
+# ----------------------------------------------------------------------------- Poisson sampling
+
+def poisson_batch(key: jax.Array, client_size: Scalar, sampling_rate: Scalar, max_batch: int,
+                  pool_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Poisson sampling into a fixed-capacity batch: (indices [max_batch] int32,
+  mask [max_batch] bool, num_dropped int32).
+
+  Each of the client's first `client_size` examples (of a padded pool of `pool_size`
+  rows, static) is taken independently with probability `sampling_rate`, the
+  accountant's assumption. Shapes must be static under jit, so the batch has room for
+  `max_batch` rows; if more are drawn, a uniformly random `max_batch` of them are kept
+  and the rest dropped (`num_dropped` > 0). That truncation departs from the Poisson
+  mechanism the ledger accounts for; choose `max_batch = poisson_capacity(...)` so it
+  has negligible probability (and report num_dropped), or account for it exactly with
+  accounting.dp_sgd_epsilon_truncated (PLD). Unused slots have mask False, index 0.
+  """
+  if max_batch <= 0 or max_batch > pool_size:
+    raise ValueError(f"max_batch must be in [1, pool_size={pool_size}], got {max_batch}")
+  _check(sampling_rate, "sampling_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
+  k_take, k_order = jax.random.split(key)
+  take = jax.random.uniform(k_take, (pool_size,)) < sampling_rate
+  take = take & (jnp.arange(pool_size) < client_size)
+  # Random positive score for drawn rows, 0 for the rest: top_k then keeps drawn rows
+  # first and, on overflow, a uniformly random subset of them.
+  score = jnp.where(take, 1.0 + jax.random.uniform(k_order, (pool_size,)), 0.0)
+  values, idx = jax.lax.top_k(score, max_batch)
+  mask = values > 0
+  dropped = jnp.sum(take).astype(jnp.int32) - jnp.sum(mask).astype(jnp.int32)
+  return jnp.where(mask, idx, 0).astype(jnp.int32), mask, dropped
+
+
+def poisson_batch_mask(key: jax.Array, client_size: Scalar, sampling_rate: Scalar,
+                       max_batch: int) -> tuple[jax.Array, jax.Array]:
+  """Poisson sampling as a mask over a batch the caller already drew: (mask
+  [max_batch] bool, num_dropped int32).
+
+  Poisson sampling is the same as drawing K ~ Binomial(n_i, q) and then a uniformly
+  random K-subset. So if the caller's `max_batch` rows are a uniformly random subset
+  of distinct examples drawn *fresh for this step* (not the next slice of an epoch's
+  shuffle, whose batches are dependent), keeping the first min(K, max_batch) rows is
+  Poisson sampling truncated to `max_batch`, as in `poisson_batch`.
+  """
+  _check(sampling_rate, "sampling_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
+  n = jnp.asarray(client_size, jnp.float32)
+  k = jax.random.binomial(key, n, jnp.asarray(sampling_rate, jnp.float32), dtype=jnp.float32)
+  k = jnp.round(k).astype(jnp.int32)
+  mask = jnp.arange(max_batch) < jnp.minimum(k, max_batch)
+  return mask, jnp.maximum(k - max_batch, 0).astype(jnp.int32)
+
+
+def poisson_schedule(key: jax.Array, client_size: Scalar, sampling_rate: Scalar,
+                     num_steps: int, max_batch: int,
+                     pool_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`poisson_batch` for `num_steps` independent steps: (positions [S, max_batch],
+  mask [S, max_batch], num_dropped [S]), a drop-in for a local schedule's
+  (positions, example_mask); positions index the client's row of examples."""
+  keys = jax.random.split(key, num_steps)
+  return jax.vmap(lambda k: poisson_batch(k, client_size, sampling_rate, max_batch,
+                                          pool_size))(keys)
+
+
+def poisson_capacity(expected_batch: float, overflow_prob: float = 1e-6,
+                     client_size: Optional[int] = None) -> int:
+  """Batch capacity k with P(sampled count > k) <= overflow_prob, per step (host side).
+
+  With `client_size` n: the Binomial(n, expected_batch / n) tail, exact. Without: the
+  Poisson(expected_batch) tail, which bounds the binomial one for every n (Anderson &
+  Samuels 1967), so one static capacity serves clients of all sizes when the expected
+  batch (q_i n_i = B) is the same. For B = 32 and 1e-6 it is 62: Poisson sampling under
+  static shapes costs about 2x the compute of fixed batches of B.
+  """
+  from scipy import stats  # a dependency of dp-accounting
+  if not expected_batch > 0:
+    raise ValueError(f"expected_batch must be > 0, got {expected_batch}")
+  if not 0 < overflow_prob < 1:
+    raise ValueError(f"overflow_prob must be in (0, 1), got {overflow_prob}")
+  if client_size is None:
+    dist = stats.poisson(expected_batch)
+    k = int(dist.isf(overflow_prob))
+    while dist.sf(k) > overflow_prob:
+      k += 1
+    return max(1, k)
+  if client_size <= 0:
+    raise ValueError(f"client_size must be > 0, got {client_size}")
+  q = min(1.0, expected_batch / client_size)
+  dist = stats.binom(client_size, q)
+  k = int(dist.isf(overflow_prob))
+  while k < client_size and dist.sf(k) > overflow_prob:
+    k += 1
+  return max(1, min(k, client_size))
+
+
+# ----------------------------------------------------------------------------- DP-FedAvg
+
+def clip_update(update: PyTree, clip_norm: Scalar) -> tuple[PyTree, jax.Array]:
+  """(update scaled to global L2 norm <= C, its pre-clip norm): one client's whole
+  model delta is the unit of privacy in DP-FedAvg. vmap over clients."""
+  check_clip_norm(clip_norm)
+  norm = global_norm(update)
+  scale = clip_factor(norm, clip_norm)
+  return jax.tree_util.tree_map(lambda x: (x * scale).astype(x.dtype), update), norm
+
+
+def dp_fedavg_aggregate(client_updates: PyTree, client_mask: jax.Array, key: jax.Array,
+                        clip_norm: Scalar, noise_multiplier: Scalar,
+                        expected_clients: Scalar) -> tuple[PyTree, jax.Array]:
+  """(noisy mean update, pre-clip norms [K]) from stacked client updates [K, ...].
+
+  Clip each update to C, sum the real clients, add N(0, (z C)^2), divide by the
+  *expected* number of clients per round (McMahan et al.'s fixed-denominator
+  estimator; the realised count would depend on who took part). Unweighted by
+  example counts on purpose: weights would change the sensitivity.
+  """
+  _check(expected_clients, "expected_clients", lambda v: v > 0, "> 0")
+  clipped, norms = clip_per_example(client_updates, clip_norm)
+  summed = masked_sum(clipped, client_mask)
+  return _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_clients), norms
+
+
+def default_count_stddev(expected_clients: float, count_noise_multiplier: float = 1.0) -> float:
+  """Noise std of the clipped-count query: count_noise_multiplier * m / 20 (1.0 gives
+  Andrew et al.'s default m / 20 for m expected clients per round)."""
+  if not count_noise_multiplier > 0:
+    raise ValueError(f"count_noise_multiplier must be > 0, got {count_noise_multiplier}")
+  return 0.05 * float(expected_clients) * float(count_noise_multiplier)
+
+
+def value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+  """Noise multiplier to put on the clipped updates when the clip norm is adapted.
+
+  Andrew et al. (2021), Thm. 1: releasing the update sum with multiplier z_v and the
+  count of unclipped clients (values b_i - 1/2, sensitivity 1/2) with std s is, per
+  round, a Gaussian mechanism with multiplier z = (z_v^-2 + (2 s)^-2)^-1/2. Given the
+  target z we solve for z_v; the accountant then uses z unchanged.
+  """
+  check_noise(noise_multiplier)
+  if count_stddev <= 0:
+    raise ValueError(f"count_stddev must be > 0 with adaptive clipping, got {count_stddev}")
+  if noise_multiplier == 0:
+    return 0.0
+  if noise_multiplier >= 2 * count_stddev:
+    raise ValueError(
+        f"count_stddev={count_stddev} is too small for noise_multiplier={noise_multiplier}: "
+        f"adaptive clipping needs noise_multiplier < 2 * count_stddev (increase "
+        "count_stddev or clients per round, or decrease noise_multiplier)")
+  return float((noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5)
+
+
+def noisy_unclipped_fraction(norms: jax.Array, client_mask: jax.Array, key: jax.Array,
+                             clip_norm: Scalar, count_stddev: Scalar,
+                             expected_clients: Scalar) -> jax.Array:
+  """Private estimate of the fraction of clients whose update norm was <= C.
+
+  Each client contributes b_i - 1/2 (b_i = 1[norm_i <= C]) so one client changes the
+  sum by at most 1/2; noise N(0, count_stddev^2); divide by the expected count, add
+  1/2 back, clip to [0, 1]."""
+  m = jnp.asarray(client_mask, bool)
+  b = jnp.where(m, (norms <= clip_norm).astype(jnp.float32) - 0.5, 0.0)
+  noisy = jnp.sum(b) + jnp.asarray(count_stddev, jnp.float32) * jax.random.normal(key, (), jnp.float32)
+  return jnp.clip(noisy / jnp.asarray(expected_clients, jnp.float32) + 0.5, 0.0, 1.0)
+
+
+def adaptive_clip_update(clip_norm: Scalar, unclipped_fraction_noisy: Scalar,
+                         target_quantile: Scalar, lr: Scalar) -> jax.Array:
+  """Geometric quantile tracking (Andrew et al. 2021): C <- C * exp(-lr (b - gamma)).
+
+  If more than the target fraction gamma of clients fall under C, C shrinks, and vice
+  versa; only the noised fraction is used, so the update is post-processing."""
+  _check(target_quantile, "target_quantile", lambda v: 0 < v < 1, "in (0, 1)")
+  _check(lr, "clip_lr", lambda v: v > 0, "> 0")
+  b = jnp.asarray(unclipped_fraction_noisy, jnp.float32)
+  return jnp.asarray(clip_norm, jnp.float32) * jnp.exp(
+      -jnp.asarray(lr, jnp.float32) * (b - jnp.asarray(target_quantile, jnp.float32)))

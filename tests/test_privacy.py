@@ -1,0 +1,432 @@
+"""Privacy mechanisms and accounting against NumPy, statistics and dp_accounting itself."""
+
+import json
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedpeft_jax import privacy as P
+from fedpeft_jax.privacy import accounting as A
+from fedpeft_jax.privacy import mechanisms as M
+
+MNIST_Q = 256 / 60000
+MNIST_STEPS_PER_EPOCH = 60000 // 256  # 234, as in the TF Privacy tutorial
+
+
+def _per_example_tree(rng, b=12):
+  """Random per-example gradients, two leaves, norms spread around C=1."""
+  tree = {"w": rng.normal(size=(b, 3, 4)).astype(np.float32),
+          "blk": {"b": rng.normal(size=(b, 5)).astype(np.float32)}}
+  scale = np.geomspace(0.05, 5.0, b).astype(np.float32)  # some far below C, some far above
+  norms = np.sqrt((tree["w"] ** 2).sum((1, 2)) + (tree["blk"]["b"] ** 2).sum(1))
+  tree["w"] *= (scale / norms)[:, None, None]
+  tree["blk"]["b"] *= (scale / norms)[:, None]
+  return tree
+
+
+def _np_clip(tree, c):
+  w, b = tree["w"].astype(np.float64), tree["blk"]["b"].astype(np.float64)
+  n = np.sqrt((w ** 2).sum((1, 2)) + (b ** 2).sum(1))
+  s = np.minimum(1.0, c / n)
+  return w * s[:, None, None], b * s[:, None], n
+
+
+# ----------------------------------------------------------------------------- the study's sigma
+
+def test_paper_sigma():
+  assert P.paper_sigma(5.0, 1e-3, 1.0) == pytest.approx(3.38, abs=5e-3)
+  assert P.paper_sigma(5.0, 1e-3, 1.0) == pytest.approx(2 * math.sqrt(2 * math.log(1250) / 5))
+  assert P.paper_sigma(10.0, 1e-3, 2.0) == pytest.approx(2 * 2 * math.sqrt(2 * math.log(1250) / 10))
+  for bad in [dict(epsilon=0.0), dict(epsilon=-1.0), dict(delta=0.0), dict(delta=1.0),
+              dict(delta=1.5), dict(clip_norm=0.0), dict(clip_norm=-1.0)]:
+    kw = dict(epsilon=5.0, delta=1e-3, clip_norm=1.0) | bad
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      P.paper_sigma(**kw)
+
+
+def test_paper_gaussian_clips_each_tensor():
+  g = {"a": jnp.full((10,), 3.0), "b": jnp.full((4,), 0.1)}
+  out = P.paper_gaussian(g, jax.random.PRNGKey(0), 1.0, 0.0)
+  assert float(jnp.linalg.norm(out["a"])) == pytest.approx(1.0, rel=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["b"]), np.asarray(g["b"]))  # below C: unchanged
+  with pytest.raises(ValueError, match="sigma"):
+    P.paper_gaussian(g, jax.random.PRNGKey(0), 1.0, -1.0)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+def test_clip_per_example_against_numpy():
+  rng = np.random.default_rng(0)
+  tree = _per_example_tree(rng)
+  c = 1.0
+  clipped, norms = P.clip_per_example(jax.tree.map(jnp.asarray, tree), c)
+  w_ref, b_ref, n_ref = _np_clip(tree, c)
+  np.testing.assert_allclose(np.asarray(norms), n_ref, rtol=1e-5)
+  new_norms = np.sqrt((np.asarray(clipped["w"], np.float64) ** 2).sum((1, 2))
+                      + (np.asarray(clipped["blk"]["b"], np.float64) ** 2).sum(1))
+  assert np.all(new_norms <= c + 1e-6)
+  below = n_ref < c
+  assert below.any() and (~below).any()
+  np.testing.assert_array_equal(np.asarray(clipped["w"])[below], tree["w"][below])  # bit-exact
+  np.testing.assert_array_equal(np.asarray(clipped["blk"]["b"])[below], tree["blk"]["b"][below])
+  # clipped, masked sum == NumPy (noise off, denominator 1)
+  mask = np.arange(len(n_ref)) % 3 != 0
+  tree_nan = jax.tree.map(lambda x: x.copy(), tree)
+  tree_nan["w"][~mask] = np.nan  # padded rows must not leak, even as nan
+  out = P.dp_sgd_aggregate(jax.tree.map(jnp.asarray, tree_nan), jnp.asarray(mask),
+                           jax.random.PRNGKey(1), c, 0.0, 1.0)
+  np.testing.assert_allclose(np.asarray(out["w"]), w_ref[mask].sum(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["blk"]["b"]), b_ref[mask].sum(0), rtol=1e-5, atol=1e-6)
+  out4 = P.dp_sgd_aggregate(jax.tree.map(jnp.asarray, tree), jnp.asarray(mask),
+                            jax.random.PRNGKey(1), c, 0.0, 4.0)
+  np.testing.assert_allclose(np.asarray(out4["w"]), w_ref[mask].sum(0) / 4, rtol=1e-5, atol=1e-6)
+  stats = P.clip_stats(norms, jnp.asarray(mask), c)
+  assert float(stats["clipped_fraction"]) == pytest.approx((n_ref[mask] > c).mean())
+  assert float(stats["num_examples"]) == mask.sum()
+
+
+def test_per_example_grads_and_chunking():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(8, 5)).astype(np.float32)
+  y = rng.normal(size=(8,)).astype(np.float32)
+  params = {"w": jnp.asarray(rng.normal(size=(5,)), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+
+  def loss_fn(p, batch):
+    pred = batch["x"] @ p["w"] + p["b"]
+    return jnp.mean((pred - batch["y"]) ** 2)
+
+  batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+  g = P.per_example_grads(loss_fn, params, batch)
+  r = x @ np.asarray(params["w"]) - y  # analytic per-example gradient of (x.w + b - y)^2
+  np.testing.assert_allclose(np.asarray(g["w"]), 2 * r[:, None] * x, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g["b"]), 2 * r, rtol=1e-4, atol=1e-5)
+  mask = jnp.asarray([True] * 6 + [False] * 2)
+  full, n1 = P.clipped_grad_sum(loss_fn, params, batch, mask, 0.5)
+  chunked, n2 = jax.jit(lambda p, bt: P.clipped_grad_sum(loss_fn, p, bt, mask, 0.5,
+                                                         chunk_size=4))(params, batch)
+  np.testing.assert_allclose(np.asarray(n1), np.asarray(n2), rtol=1e-5)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(np.asarray(full[k]), np.asarray(chunked[k]), rtol=1e-5, atol=1e-6)
+  key = jax.random.PRNGKey(3)
+  a, stats = P.dp_sgd_grad(loss_fn, params, batch, mask, key, 0.5, 1.1, 6.0, chunk_size=2)
+  b = P.dp_sgd_aggregate(g, mask, key, 0.5, 1.1, 6.0)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-6)
+  assert float(stats["num_examples"]) == 6
+  with pytest.raises(ValueError, match="chunk_size"):
+    P.clipped_grad_sum(loss_fn, params, batch, mask, 0.5, chunk_size=3)
+
+
+# ----------------------------------------------------------------------------- noise
+
+def _std_ok(x, expected, n):
+  # sample std of n normals: relative s.e. ~ 1/sqrt(2n); allow 5 s.e.
+  tol = 5 / math.sqrt(2 * n)
+  assert abs(float(np.std(x)) / expected - 1) < tol, (float(np.std(x)), expected)
+  assert abs(float(np.mean(x))) < 5 * expected / math.sqrt(n)
+
+
+def test_noise_std_matches_sigma_c():
+  n = 200_000
+  zeros = {"big": jnp.zeros((3, n)), "small": jnp.zeros((3, 7))}
+  mask = jnp.ones((3,), bool)
+  z, c = 1.3, 0.7
+  out = P.dp_sgd_aggregate(zeros, mask, jax.random.PRNGKey(0), c, z, 1.0)
+  _std_ok(np.asarray(out["big"]), z * c, n)
+  # the denominator scales the noise: std sigma C / B
+  out = P.dp_sgd_aggregate(zeros, mask, jax.random.PRNGKey(0), c, z, 4.0)
+  _std_ok(np.asarray(out["big"]), z * c / 4, n)
+  # paper_gaussian: sigma absolute
+  sigma = P.paper_sigma(5.0, 1e-3, 1.0)
+  pg = P.paper_gaussian({"g": jnp.zeros((n,))}, jax.random.PRNGKey(1), 1.0, sigma)
+  _std_ok(np.asarray(pg["g"]), sigma, n)
+  # DP-FedAvg: sum noise z C, divided by expected clients
+  upd = {"u": jnp.zeros((4, n))}
+  mean, norms = P.dp_fedavg_aggregate(upd, jnp.ones((4,), bool), jax.random.PRNGKey(2), 2.0, 0.8, 5.0)
+  _std_ok(np.asarray(mean["u"]), 0.8 * 2.0 / 5.0, n)
+  assert np.all(np.asarray(norms) == 0)
+
+
+def test_keys_are_fresh():
+  g = {"a": jnp.zeros((1000,)), "b": jnp.zeros((1000,))}
+  k1, k2 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+  x1 = P.paper_gaussian(g, k1, 1.0, 1.0)
+  x2 = P.paper_gaussian(g, k2, 1.0, 1.0)
+  x1b = P.paper_gaussian(g, k1, 1.0, 1.0)
+  np.testing.assert_array_equal(np.asarray(x1["a"]), np.asarray(x1b["a"]))  # reproducible
+  assert not np.allclose(np.asarray(x1["a"]), np.asarray(x2["a"]))  # different key, different noise
+  # leaves of one call draw independent noise (no shared key between tensors)
+  assert abs(np.corrcoef(np.asarray(x1["a"]), np.asarray(x1["b"]))[0, 1]) < 0.15
+  # vmapped over clients x steps with split keys: every (client, step) draw differs
+  keys = jax.random.split(jax.random.PRNGKey(5), 6).reshape(2, 3, -1)
+  per_ex = {"w": jnp.zeros((2, 3, 4, 50))}  # [client, step, example, dim]
+  f = jax.jit(jax.vmap(jax.vmap(
+      lambda pe, k, c: P.dp_sgd_aggregate(pe, jnp.ones((4,), bool), k, c, 1.0, 4.0),
+      in_axes=(0, 0, None)), in_axes=(0, 0, 0)))
+  out = np.asarray(f(per_ex, keys, jnp.asarray([1.0, 2.0]))["w"]).reshape(6, 50)
+  assert len({tuple(np.round(r, 6)) for r in out}) == 6
+  # client 1 (C = 2, traced) has twice the noise scale of client 0 in expectation
+  assert np.std(out[3:]) > np.std(out[:3])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_poisson_batch():
+  f = jax.jit(lambda k: P.poisson_batch(k, 300, 0.1, 64, pool_size=400))
+  counts = []
+  for i in range(40):
+    idx, mask, dropped = f(jax.random.PRNGKey(i))
+    idx, mask = np.asarray(idx), np.asarray(mask)
+    real = idx[mask]
+    assert np.all(real < 300) and len(set(real.tolist())) == len(real)
+    assert int(dropped) == 0
+    counts.append(mask.sum())
+  assert abs(np.mean(counts) - 30) < 4  # E = q * n = 30, s.e. of mean ~ 0.8
+  idx, mask, dropped = P.poisson_batch(jax.random.PRNGKey(0), 100, 1.0, 16, pool_size=128)
+  assert bool(np.all(mask)) and int(dropped) == 84  # truncation is reported
+  from scipy import stats
+  cap = P.poisson_capacity(30, 1e-6, client_size=300)
+  assert stats.binom.sf(cap, 300, 0.1) <= 1e-6 < stats.binom.sf(cap - 1, 300, 0.1)
+  assert P.poisson_capacity(32, 1e-6) == 62  # Poisson bound, valid for any client size
+  assert P.poisson_capacity(32, 1e-6) >= P.poisson_capacity(32, 1e-6, client_size=500)
+  # mask over a caller-drawn random subset: K ~ Binomial(n, q), truncated to capacity
+  g = jax.jit(jax.vmap(lambda k: P.poisson_batch_mask(k, 300, 0.1, 64)))
+  masks, drops = g(jax.random.split(jax.random.PRNGKey(9), 400))
+  masks = np.asarray(masks)
+  assert np.all(masks == (np.arange(64) < masks.sum(1, keepdims=True)))  # a prefix
+  assert abs(masks.sum(1).mean() - 30) < 1.5 and int(np.asarray(drops).sum()) == 0
+  assert abs(masks.sum(1).var() - 27) < 8  # binomial variance n q (1 - q) = 27
+  pos, m, d = P.poisson_schedule(jax.random.PRNGKey(2), 50, 0.2, 7, 24, pool_size=64)
+  assert pos.shape == m.shape == (7, 24) and d.shape == (7,)
+  assert np.all(np.asarray(pos)[np.asarray(m)] < 50)
+  with pytest.raises(ValueError, match="max_batch"):
+    P.poisson_batch(jax.random.PRNGKey(0), 10, 0.1, 20, pool_size=16)
+
+
+# ----------------------------------------------------------------------------- DP-FedAvg
+
+def test_clip_update_and_adaptive_clipping():
+  upd = {"a": jnp.full((4,), 2.0), "b": {"c": jnp.full((9,), 2.0)}}  # norm 2 * sqrt(13)
+  clipped, norm = P.clip_update(upd, 1.0)
+  assert float(norm) == pytest.approx(2 * math.sqrt(13), rel=1e-6)
+  assert float(P.global_norm(clipped)) == pytest.approx(1.0, rel=1e-6)
+  same, _ = P.clip_update(upd, 100.0)
+  np.testing.assert_array_equal(np.asarray(same["a"]), np.asarray(upd["a"]))
+  # Andrew et al.: combined multiplier (z_v^-2 + (2 s)^-2)^-1/2 equals the target z
+  assert P.default_count_stddev(100) == pytest.approx(5.0)
+  assert P.default_count_stddev(8, 2.0) == pytest.approx(0.8)
+  z, s = 1.0, P.default_count_stddev(100)
+  zv = P.value_noise_multiplier(z, s)
+  assert zv > z and (zv ** -2 + (2 * s) ** -2) ** -0.5 == pytest.approx(z)
+  with pytest.raises(ValueError, match="count_stddev"):
+    P.value_noise_multiplier(1.0, 0.4)
+  # geometric update: too many unclipped -> C shrinks, exactly C exp(-lr (b - gamma))
+  assert float(P.adaptive_clip_update(1.0, 0.9, 0.5, 0.2)) == pytest.approx(math.exp(-0.08))
+  assert float(P.adaptive_clip_update(1.0, 0.1, 0.5, 0.2)) > 1.0
+  norms = jnp.asarray([0.5, 1.5, 0.2, 3.0, 0.9, 7.0])
+  mask = jnp.asarray([True, True, True, True, False, False])
+  b = P.noisy_unclipped_fraction(norms, mask, jax.random.PRNGKey(0), 1.0, 1e-6, 4.0)
+  assert float(b) == pytest.approx(0.5, abs=1e-4)  # 2 of the 4 real clients are under C
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def _direct(events, delta, accountant):
+  acc = (dp_accounting.rdp.RdpAccountant() if accountant == "rdp"
+         else dp_accounting.pld.PLDAccountant())
+  for e in events:
+    acc.compose(e)
+  return acc.get_epsilon(delta)
+
+
+def _step(q, z, n=1):
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_equals_dp_accounting(accountant):
+  eps = P.dp_sgd_epsilon(0.05, 2.0, 300, 1e-5, accountant)
+  assert eps == pytest.approx(_direct([_step(0.05, 2.0, 300)], 1e-5, accountant), abs=1e-6)
+  # DP-FedAvg ledger: one event per round, here 4 rounds with a changing multiplier
+  # (PLD is slow for small multipliers, so the tests use z >= 2)
+  led = P.PrivacyLedger("dp_fedavg", 1e-5, accountant)
+  zs = [2.0, 2.5, 2.0, 2.5]
+  for z in zs:
+    led.record_dp_fedavg_round(8 / 64, z)
+  direct = _direct([_step(8 / 64, z) for z in zs], 1e-5, accountant)
+  assert led.report()["epsilon"] == pytest.approx(direct, abs=1e-6)
+  assert P.dp_fedavg_epsilon(8, 64, 2.0, 3, 1e-5, accountant) == pytest.approx(
+      _direct([_step(8 / 64, 2.0)] * 3, 1e-5, accountant), abs=1e-6)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_dp_sgd_ledger_equals_dp_accounting(accountant):
+  led = P.PrivacyLedger("dp_sgd", 1e-5, accountant, num_clients=5)
+  sizes = {0: 100, 1: 400, 2: 50, 3: 200, 4: 300}
+  batch, z = 10, 2.0
+  rounds = [[0, 1], [2, 0], [0, 3], [2, 1]]
+  steps = lambda c: math.ceil(sizes[c] / batch) // 5  # noqa: E731
+  seq = {c: [] for c in sizes}
+  for ids in rounds:
+    led.record_dp_sgd_round(ids, [batch / sizes[c] for c in ids], z, [steps(c) for c in ids])
+    for c in ids:
+      seq[c].append(_step(batch / sizes[c], z, steps(c)))
+  rep = led.report()
+  eps = led.client_epsilons()
+  assert set(eps) == {0, 1, 2, 3}
+  for c, events in seq.items():
+    if events:  # per-round sequence composed directly == ledger's merged event
+      assert eps[c] == pytest.approx(_direct(events, 1e-5, accountant), abs=1e-6)
+  assert rep["epsilon"] == max(eps.values()) == rep["epsilon_max"]
+  assert rep["worst_client"] == max(eps, key=eps.get)
+  assert rep["epsilon_min"] == 0.0  # client 4 never trained
+  assert rep["epsilon_median"] == pytest.approx(np.median(list(eps.values()) + [0.0]))
+  assert rep["formal_guarantee"] is True and rep["clients_accounted"] == 4
+  # the same round through the per-client primitive
+  alt = P.PrivacyLedger("dp_sgd", 1e-5, accountant, num_clients=5)
+  for ids in rounds:
+    for c in ids:
+      alt.record_client(c, batch / sizes[c], z, steps(c))
+    alt.record_round()
+  assert alt == led
+
+
+def test_published_tf_privacy_mnist_epsilon():
+  """TF Privacy MNIST tutorial (tutorials/README.md, default row): q = 256/60000,
+  noise 1.12, 60 epochs (14040 steps), delta 1e-5 -> epsilon 2.92; and the
+  10-epoch, noise 1.2 row -> 1.20. Those used the RDP->(eps, delta) conversion of
+  Mironov 2017 (Prop. 3) over orders 1.1..10.9, 12..63; dp_accounting's accountant
+  uses the tighter conversion of Canonne et al./Asoodeh et al., so ours must be
+  lower, and the old conversion on dp_accounting's RDP curve gives the published value."""
+  orders = [1 + x / 10 for x in range(1, 100)] + list(range(12, 64))
+  for z, epochs, published in [(1.12, 60, 2.92), (1.2, 10, 1.20)]:
+    steps = epochs * MNIST_STEPS_PER_EPOCH
+    acc = dp_accounting.rdp.RdpAccountant(orders)
+    acc.compose(_step(MNIST_Q, z, steps))
+    classic = min(r - math.log(1e-5) / (a - 1) for a, r in zip(acc.orders, acc.rdp))
+    assert round(classic, 2) == published
+    ours = P.dp_sgd_epsilon(MNIST_Q, z, steps, 1e-5, "rdp")
+    assert ours < published
+  assert P.dp_sgd_epsilon(MNIST_Q, 1.12, 14040, 1e-5) == pytest.approx(2.516, abs=1e-3)
+
+
+def test_calibration_round_trip():
+  q, steps, delta, target = 0.01, 1000, 1e-5, 2.0
+  z = P.calibrate_noise_multiplier(target, delta, q, steps, "rdp")
+  assert P.dp_sgd_epsilon(q, z, steps, delta) <= target
+  assert P.dp_sgd_epsilon(q, z, steps, delta) == pytest.approx(target, abs=5e-3)
+  assert P.dp_sgd_epsilon(q, z - 1e-2, steps, delta) > target  # (nearly) the smallest such z
+  # q = 1, one step: the plain Gaussian mechanism, whose exact (analytic) sigma
+  # dp_accounting computes independently of any accountant
+  z_pld = P.calibrate_noise_multiplier(1.0, 1e-5, 1.0, 1, "pld", tol=1e-4)
+  assert P.dp_sgd_epsilon(1.0, z_pld, 1, 1e-5, "pld") <= 1.0 + 1e-9
+  assert z_pld == pytest.approx(dp_accounting.get_sigma_gaussian(1.0, 1e-5), rel=2e-3)
+  # Poisson truncated to a too-small capacity costs privacy (PLD, exact for poisson_batch)
+  assert P.dp_sgd_epsilon_truncated(100, 0.1, 12, 3.0, 5, 1e-5) > P.dp_sgd_epsilon(
+      0.1, 3.0, 5, 1e-5, "pld") + 0.1
+  with pytest.raises(P.PrivacyBudgetError, match="unreachable"):
+    P.calibrate_noise_multiplier(0.01, 1e-5, 1.0, 10000, "rdp", max_noise_multiplier=20.0)
+
+
+def test_ledger_serialisation_and_budget():
+  led = P.PrivacyLedger("dp_sgd", 1e-5, "rdp", num_clients=3)
+  led.record_dp_sgd_round([0, 2], [0.1, 0.2], 1.1, [10, 5])
+  blob = json.dumps(led.to_dict())
+  back = P.PrivacyLedger.from_dict(json.loads(blob))
+  assert back == led and back.to_json() == led.to_json()
+  assert back.epsilon() == led.epsilon()
+  preview = led.preview_dp_sgd_round([2], 0.2, 1.1, 5)
+  assert led.rounds == 1  # preview records nothing
+  for x in (led, back):
+    x.record_dp_sgd_round([2], 0.2, 1.1, 5)
+  assert back.epsilon() == led.epsilon() == preview
+  assert led.clients[2] == [[0.2, 1.1, 10]]  # merged per (q, z)
+  P.check_budget(led.epsilon(), None)
+  with pytest.raises(P.PrivacyBudgetError, match="max_epsilon"):
+    P.check_budget(led.epsilon(), led.epsilon() / 2)
+  pg = P.PrivacyLedger("paper_gaussian", 1e-3)
+  pg.record_round()
+  rep = pg.report()
+  assert rep["formal_guarantee"] is False and "no formal privacy accounting" in rep["note"]
+  assert pg.epsilon() is None
+  with pytest.raises(ValueError, match="dp_sgd"):
+    pg.record_dp_sgd_round([0], 0.1, 1.0, 1)
+  shuffled = P.PrivacyLedger("dp_fedavg", 1e-5, sampling="shuffle")
+  shuffled.record_round(0.1, 1.0)  # == record_dp_fedavg_round
+  assert shuffled.server == [[0.1, 1.0, 1]] and shuffled.rounds == 1
+  with pytest.raises(ValueError, match="sampling_rate"):
+    shuffled.record_round()
+  assert shuffled.report()["formal_guarantee"] is False
+
+
+# ----------------------------------------------------------------------------- config and bad input
+
+def test_config_validation():
+  cfg = P.default_privacy_config()
+  assert P.validate_privacy(cfg) == "none"
+  cfg.mechanism = "paper_gaussian"
+  cfg.delta = 1e-3
+  meta = P.privacy_metadata(cfg)
+  assert meta["formal_guarantee"] is False and meta["sigma"] == pytest.approx(3.378, abs=1e-3)
+  bad = [("mechanism", "dp", "privacy.mechanism.*allowed: none, paper_gaussian, dp_sgd, dp_fedavg"),
+         ("accountant", "moments", "privacy.accountant.*allowed: rdp, pld"),
+         ("sampling", "random", "privacy.sampling"),
+         ("noise_multiplier", -0.1, "privacy.noise_multiplier"),
+         ("clip_norm", 0.0, "privacy.clip_norm"),
+         ("clip_norm", -1.0, "privacy.clip_norm"),
+         ("delta", 0.0, "privacy.delta"),
+         ("delta", 1.0, "privacy.delta"),
+         ("delta", 2.0, "privacy.delta"),
+         ("epsilon", 0.0, "privacy.epsilon"),
+         ("budget_action", "warn", "privacy.budget_action"),
+         ("max_epsilon", -1.0, "privacy.max_epsilon")]
+  for field, value, msg in bad:
+    c = P.default_privacy_config()
+    c[field] = value
+    with pytest.raises(ValueError, match=msg):
+      P.validate_privacy(c)
+  c = P.default_privacy_config()
+  c.mechanism, c.noise_multiplier = "dp_sgd", 0.0
+  with pytest.raises(ValueError, match="noise_multiplier is 0"):
+    P.validate_privacy(c)
+  c.noise_multiplier, c.adaptive_clip = 1.0, True
+  with pytest.raises(ValueError, match="adaptive_clip"):
+    P.validate_privacy(c)
+  c = P.default_privacy_config()
+  c.mechanism, c.calibrate, c.epsilon = "dp_fedavg", True, 2.0
+  z = P.resolve_noise_multiplier(c, 0.01, 1000)
+  assert P.dp_fedavg_epsilon(10, 1000, z, 1000, 1e-5) <= 2.0
+  c.max_epsilon = 8.0  # a placeholder accepts a float from the command line
+  assert P.validate_privacy(c) == "dp_fedavg"
+
+
+def test_bad_inputs_in_mechanisms_and_accounting():
+  g = {"a": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match="clip_norm"):
+    P.clip_per_example(g, 0.0)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    P.dp_sgd_aggregate(g, jnp.ones((2,), bool), jax.random.PRNGKey(0), 1.0, -1.0, 2.0)
+  with pytest.raises(ValueError, match="expected_batch_size"):
+    P.dp_sgd_aggregate(g, jnp.ones((2,), bool), jax.random.PRNGKey(0), 1.0, 1.0, 0.0)
+  with pytest.raises(ValueError, match="delta"):
+    P.dp_sgd_epsilon(0.1, 1.0, 10, 1.0)
+  with pytest.raises(ValueError, match="sampling_rate"):
+    P.dp_sgd_epsilon(1.5, 1.0, 10, 1e-5)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    P.dp_sgd_epsilon(0.1, -1.0, 10, 1e-5)
+  with pytest.raises(ValueError, match="privacy.accountant"):
+    P.dp_sgd_epsilon(0.1, 1.0, 10, 1e-5, "moments")
+  with pytest.raises(ValueError, match="target_epsilon"):
+    P.calibrate_noise_multiplier(0.0, 1e-5, 0.1, 10)
+  with pytest.raises(ValueError, match="privacy.mechanism"):
+    P.PrivacyLedger("dpsgd", 1e-5)
+  assert P.dp_sgd_epsilon(0.1, 1.0, 0, 1e-5) == 0.0
+  assert math.isinf(P.dp_sgd_epsilon(0.1, 0.0, 10, 1e-5))
+  # traced clip norm / noise pass through jit without host checks
+  f = jax.jit(lambda c, z: P.dp_sgd_aggregate(g, jnp.ones((2,), bool), jax.random.PRNGKey(0), c, z, 2.0))
+  assert f(1.0, 0.0)["a"].shape == (3,)
