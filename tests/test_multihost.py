@@ -1,0 +1,71 @@
+"""Two processes x two CPU devices through jax.distributed on 127.0.0.1 give the
+single-process result."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if {nproc} > 1:
+      jax.distributed.initialize(coordinator_address="127.0.0.1:{port}",
+                                 num_processes={nproc}, process_id={pid})
+    import numpy as np
+    from tests.test_federated import setup, flat, plan_round
+    from fedpeft_jax.federated import RoundSpec, build_algorithm
+    from fedpeft_jax.federated.engine import make_mesh, replicate
+    model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(5, 7, 3, 6, 4))
+    mesh = make_mesh()
+    algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(1, len(jax.devices())), 4, mesh=mesh)
+    state = algo.init(trainable, seed=2)
+    frozen, data = replicate(frozen, mesh), replicate(data, mesh)
+    for r in range(2):
+      state, m = algo.apply(state, frozen, data, plan_round(2, r, 5, 4))
+    out = {{k: np.asarray(v).tolist() for k, v in flat(state.trainable).items()}}
+    print("RESULT" + json.dumps({{"devices": len(jax.devices()), "params": out}}))
+    if {nproc} > 1:
+      jax.distributed.shutdown()
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(nproc: int, devices_per_process: int) -> list[dict]:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(root=root, nproc=nproc,
+                                                                 port=port, pid=pid)],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for pid in range(nproc)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT")][-1]
+    results.append(json.loads(line[len("RESULT"):]))
+  return results
+
+
+def test_two_process_distributed_matches_single_process():
+  single = _launch(1, 1)[0]
+  multi = _launch(2, 2)
+  assert all(r["devices"] == 4 for r in multi)
+  for r in multi:
+    for k, v in single["params"].items():
+      np.testing.assert_allclose(np.asarray(r["params"][k]), np.asarray(v), atol=1e-5, err_msg=k)
