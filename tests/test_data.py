@@ -343,7 +343,6 @@ def test_local_schedule_visits_each_example_once_per_epoch(size):
 
 
 def test_local_schedule_jit_vmap_and_gather():
-  y = np.repeat(np.arange(4), 25)
   ds = D.load_dataset("synthetic", num_classes=4, num_train=100, num_test=10, resolution=4)
   p = D.partition(ds.train_labels, 5, alpha=0.5, min_size=3, seed=1)
   cd = D.client_data(ds, p)
@@ -373,7 +372,6 @@ def test_local_schedule_jit_vmap_and_gather():
     np.testing.assert_array_equal(np.sort(first), p.client_indices[c])
     np.testing.assert_array_equal(np.asarray(labels[c])[np.asarray(em[c])],
                                   ds.train_labels[np.asarray(ex[c])[np.asarray(em[c])]])
-  del y
 
 
 def test_eval_schedule_and_bad_inputs():

@@ -67,7 +67,10 @@ def main(argv: Sequence[str]) -> None:
       print("ok", p)
     return
   data_dir = FLAGS.data_dir and os.path.expanduser(FLAGS.data_dir)
-  print("prepared", prepare_tfds(FLAGS.dataset, data_dir, FLAGS.manual_dir))
+  try:
+    print("prepared", prepare_tfds(FLAGS.dataset, data_dir, FLAGS.manual_dir))
+  except RuntimeError as e:  # missing TensorFlow / manual download: a message, not a traceback
+    raise SystemExit(f"error: {e}") from None
   import tensorflow_datasets as tfds  # check it reads back the way runs read it
   for split, n in tfds.builder(FLAGS.dataset, data_dir=data_dir).info.splits.items():
     src = tfds.data_source(FLAGS.dataset, split=split, data_dir=data_dir, download=False)
