@@ -1,5 +1,13 @@
 """Vision Transformer and pre-trained checkpoint loading."""
 
+from fedpeft_jax.models.checkpoints import (REGISTRY, CheckpointError, CheckpointInfo,
+                                            convert_checkpoint, default_cache_dir, download,
+                                            list_checkpoints, load_pretrained, read_checkpoint,
+                                            register_checkpoint, resample_posemb)
 from fedpeft_jax.models.vit import VARIANTS, ViT, parse_variant
 
-__all__ = ["VARIANTS", "ViT", "parse_variant"]
+__all__ = [
+    "VARIANTS", "ViT", "parse_variant", "REGISTRY", "CheckpointError", "CheckpointInfo",
+    "convert_checkpoint", "default_cache_dir", "download", "list_checkpoints", "load_pretrained",
+    "read_checkpoint", "register_checkpoint", "resample_posemb",
+]
