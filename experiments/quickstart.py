@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from configs import pretrain_fashion, quickstart
 from fedpeft_jax.pretrain import pretrain
@@ -27,6 +27,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 0, "Override the number of rounds (0: t
 
 def main(argv: list[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   t0 = time.time()
   workdir = _WORKDIR.value
   ckpt = pretrain(pretrain_fashion.get_config(), os.path.join(workdir, "pretrain"))

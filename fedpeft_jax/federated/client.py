@@ -27,7 +27,9 @@ class ClientDP:
   mechanism: str = "none"  # 'none' | 'paper_gaussian' | 'dp_sgd'
   clip_norm: float = 1.0
   noise_std: float = 0.0  # paper_gaussian: sigma; dp_sgd: noise multiplier (std sigma*C)
-  poisson: bool = False  # dp_sgd: Poisson sampling of each batch (rate batch/n_i)
+  poisson: bool = False  # dp_sgd: Poisson sampling of each batch at rate batch/n_i
+  capacity: int = 0  # dp_sgd + poisson: static batch capacity (rows beyond it are dropped)
+  per_example_chunk: int = 0  # dp_sgd: per-example gradients this many at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +80,21 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       loss = loss + 0.5 * spec.fedprox_mu * sq
     return loss
 
-  def gradients(trainable, frozen, images, labels, mask, key, anchor):
+  def example_loss(trainable, batch, frozen, key, anchor):
+    images, labels = batch
+    return loss_fn(trainable, frozen, images, labels, jnp.ones(labels.shape, bool), key, anchor)
+
+  def gradients(trainable, frozen, images, labels, mask, key, anchor, size):
     k_model, k_noise = jax.random.split(key)
     if dp.mechanism == "dp_sgd":
       from fedpeft_jax.privacy import mechanisms
-      def one(image, label, m):
-        return jax.value_and_grad(loss_fn)(trainable, frozen, image[None], label[None],
-                                           m[None], k_model, anchor)
-      losses, per_example = jax.vmap(one)(images, labels, mask)
-      grads = mechanisms.dp_sgd_aggregate(per_example, mask, k_noise, dp.clip_norm,
-                                          dp.noise_std, spec.batch_size)
-      loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
+      # The sum is divided by the expected batch: q * n_i = min(B, n_i) under Poisson.
+      expected = (jnp.minimum(spec.batch_size, size).astype(jnp.float32) if dp.poisson
+                  else float(spec.batch_size))
+      grads, _ = mechanisms.dp_sgd_grad(example_loss, trainable, (images, labels), mask, k_noise,
+                                        dp.clip_norm, dp.noise_std, expected, frozen, k_model,
+                                        anchor, chunk_size=dp.per_example_chunk)
+      loss = loss_fn(trainable, frozen, images, labels, mask, k_model, anchor)
       return loss, grads
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, labels, mask, k_model,
                                               anchor)
@@ -105,12 +111,17 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
         k_sched, size, spec.max_examples, spec.batch_size, spec.local_epochs)
     if spec.local_steps > 0:
       step_mask = step_mask & (jnp.cumsum(step_mask) <= spec.local_steps)
+    dropped = jnp.zeros((), jnp.int32)
     if dp.mechanism == "dp_sgd" and dp.poisson:
+      # Each step takes every example independently with rate q = B / n_i (the
+      # accountant's assumption) into a batch of static capacity; the real step count
+      # stays local_epochs * ceil(n_i / B).
       from fedpeft_jax.privacy import mechanisms
-      rate = spec.batch_size / jnp.maximum(size, 1).astype(jnp.float32)
-      keys = jax.random.split(jax.random.fold_in(k_sched, 1), positions.shape[0])
-      example_mask = jax.vmap(lambda k, m: mechanisms.poisson_batch_mask(k, m, rate))(
-          keys, example_mask)
+      rate = jnp.minimum(1.0, spec.batch_size / jnp.maximum(size, 1).astype(jnp.float32))
+      positions, example_mask, drops = mechanisms.poisson_schedule(
+          jax.random.fold_in(k_sched, 1), size, rate, positions.shape[0], dp.capacity,
+          spec.max_examples)
+      dropped = jnp.sum(jnp.where(step_mask, drops, 0))
     step_keys = jax.random.split(k_steps, positions.shape[0])
 
     def step(carry, xs):
@@ -121,7 +132,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       images = fdata.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
                                    augment=spec.augment, train=True)
       loss, grads = gradients(params, frozen, images, data.labels[idx], ex_mask, k_grad,
-                              trainable)
+                              trainable, size)
       updates, new_opt_state = client_tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       # Padded steps are exact no-ops: nothing moves, nothing is counted.
@@ -137,6 +148,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
         "num_examples": size.astype(jnp.float32),
         "loss": jnp.sum(losses) / jnp.maximum(steps, 1),
         "steps": steps,
+        "poisson_dropped": dropped,
     }
 
   return client_update

@@ -104,7 +104,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   dp = round_spec.dp
 
   def init(trainable: PyTree, seed: int, clip_norm: float = 0.0) -> server_lib.ServerState:
-    return server_lib.init_server_state(trainable, server_tx, seed, clip_norm)
+    # Placed replicated on the mesh like every later state, so round 2 reuses round 1's
+    # compiled executable.
+    return replicate(server_lib.init_server_state(trainable, server_tx, seed, clip_norm), mesh)
 
   def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
     """Per-device: scan over chunks [chunks, chunk]; returns this device's sums."""
@@ -112,7 +114,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     f32 = lambda: jnp.zeros((), jnp.float32)
     init_carry = {"update": zeros, "weight": f32(), "loss": f32(), "examples": f32(),
                   "contributed": f32(), "nonfinite": f32(), "unclipped": f32(),
-                  "steps": f32()}
+                  "steps": f32(), "poisson_dropped": f32()}
 
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
@@ -148,6 +150,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       new["nonfinite"] = carry["nonfinite"] + jnp.sum(valid_c & ~finite)
       new["unclipped"] = carry["unclipped"] + jnp.sum(ok & (norms <= clip_norm))
       new["steps"] = carry["steps"] + jnp.sum(jnp.where(ok, out["steps"], 0))
+      new["poisson_dropped"] = carry["poisson_dropped"] + jnp.sum(
+          jnp.where(valid_c, out["poisson_dropped"], 0))
       return new, None
 
     sums, _ = jax.lax.scan(chunk_body, init_carry, (ids, valid, keys))
@@ -178,6 +182,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         "clients_nonfinite": sums["nonfinite"],
         "train_loss": sums["loss"] / jnp.maximum(sums["examples"], 1.0),
         "local_steps": sums["steps"],
+        "poisson_dropped": sums["poisson_dropped"],
     }
     clip_norm = state.clip_norm
     if dp.enabled:
@@ -190,8 +195,10 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       mean_update = _scale(jax.tree_util.tree_unflatten(treedef, noisy),
                            jnp.asarray(1.0 / dp.expected_clients))
       if dp.adaptive:
-        noisy_count = sums["unclipped"] + dp.count_noise_std * jax.random.normal(noise_keys[-1])
-        frac = noisy_count / dp.expected_clients
+        # Andrew et al. (2021): each client reports b_i - 1/2 (sensitivity 1/2), noised.
+        centred = (sums["unclipped"] - 0.5 * sums["contributed"]
+                   + dp.count_noise_std * jax.random.normal(noise_keys[-1]))
+        frac = centred / dp.expected_clients + 0.5
         clip_norm = state.clip_norm * jnp.exp(-dp.clip_lr * (frac - dp.target_quantile))
       metrics["clip_norm"] = state.clip_norm
       metrics["unclipped_fraction"] = sums["unclipped"] / jnp.maximum(sums["contributed"], 1.0)

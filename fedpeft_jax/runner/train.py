@@ -83,63 +83,103 @@ def init_params(config: ml_collections.ConfigDict, model: ViT) -> dict:
 
 
 class _Privacy:
-  """Builds the client/server DP pieces and keeps the accountant for a run."""
+  """Builds the client/server DP pieces of a run and keeps its privacy ledger."""
 
   def __init__(self, config: ml_collections.ConfigDict, sizes: np.ndarray,
-               clients_per_round: int, steps_of: dict):
+               clients_per_round: int, steps_of: Any):
+    from fedpeft_jax.privacy import accounting, mechanisms
     from fedpeft_jax.privacy import config as pcfg
     p = config.privacy
-    pcfg.validate_privacy(p)
-    self.mechanism = p.mechanism
+    fed = config.federated
+    self.mechanism = pcfg.validate_privacy(p)
     self.client = ClientDP()
     self.server = ServerDP()
     self.ledger = None
     self.clip_norm = 0.0
-    fed = config.federated
-    if p.mechanism == "paper_gaussian":
-      from fedpeft_jax.privacy.mechanisms import paper_sigma
-      sigma = paper_sigma(p.epsilon, p.delta, p.clip_norm)
-      self.client = ClientDP("paper_gaussian", p.clip_norm, sigma)
-    elif p.mechanism == "dp_sgd":
-      from fedpeft_jax.privacy.accounting import PrivacyLedger
-      self.client = ClientDP("dp_sgd", p.clip_norm, p.noise_multiplier,
-                             poisson=p.sampling == "poisson")
-      self.ledger = PrivacyLedger(mechanism="dp_sgd", delta=p.delta, accountant=p.accountant)
-    elif p.mechanism == "dp_fedavg":
-      from fedpeft_jax.privacy.accounting import PrivacyLedger
-      self.clip_norm = p.clip_norm
-      self.server = ServerDP(True, p.noise_multiplier, clients_per_round, p.adaptive_clip,
-                             p.target_quantile, p.clip_lr, p.count_noise_multiplier
-                             * clients_per_round / 20.0 if p.adaptive_clip else 0.0)
-      self.ledger = PrivacyLedger(mechanism="dp_fedavg", delta=p.delta, accountant=p.accountant)
+    self.noise = 0.0
     self.sizes = sizes
     self.batch = fed.batch_size
     self.q_round = clients_per_round / fed.num_clients
-    self.noise = p.noise_multiplier
     self.steps_of = steps_of
+    self.max_epsilon = p.max_epsilon
+    self.budget_action = p.budget_action
+    if self.mechanism == "none":
+      return
+    self.ledger = accounting.PrivacyLedger(self.mechanism, p.delta, p.accountant, p.sampling,
+                                           num_clients=fed.num_clients)
+    if self.mechanism == "paper_gaussian":
+      self.client = ClientDP("paper_gaussian", p.clip_norm, pcfg.paper_sigma_from_config(p))
+      return
+    if self.mechanism == "dp_sgd":
+      # Calibrated for the smallest client (largest rate B / n_i) training every round.
+      n_min = int(np.min(sizes))
+      q, steps = min(1.0, self.batch / n_min), fed.rounds * steps_of(n_min)
+      self.noise = pcfg.resolve_noise_multiplier(p, q, steps)
+      capacity = min(mechanisms.poisson_capacity(self.batch, p.poisson_overflow_prob),
+                     int(np.max(sizes)))
+      self.client = ClientDP("dp_sgd", p.clip_norm, self.noise, poisson=p.sampling == "poisson",
+                             capacity=capacity, per_example_chunk=p.per_example_chunk)
+      planned = accounting.dp_sgd_epsilon(q, self.noise, steps, p.delta, p.accountant)
+    else:  # dp_fedavg
+      self.noise = pcfg.resolve_noise_multiplier(p, self.q_round, fed.rounds)
+      self.clip_norm = p.clip_norm
+      count_std = (mechanisms.default_count_stddev(clients_per_round, p.count_noise_multiplier)
+                   if p.adaptive_clip else 0.0)
+      value_z = (mechanisms.value_noise_multiplier(self.noise, count_std) if p.adaptive_clip
+                 else self.noise)
+      self.server = ServerDP(True, value_z, clients_per_round, p.adaptive_clip,
+                             p.target_quantile, p.clip_lr, count_std)
+      planned = accounting.dp_fedavg_epsilon(clients_per_round, fed.num_clients, self.noise,
+                                             fed.rounds, p.delta, p.accountant)
+    self.planned_epsilon = float(planned)
+    if self.budget_action == "refuse":
+      accounting.check_budget(self.planned_epsilon, self.max_epsilon, "the planned run")
+
+  def would_exceed(self, reporting: np.ndarray) -> bool:
+    """Budget 'stop': True if recording this round would exceed privacy.max_epsilon."""
+    if self.ledger is None or self.max_epsilon is None or self.budget_action != "stop":
+      return False
+    if self.mechanism == "dp_sgd":
+      eps = self.ledger.preview_dp_sgd_round(*self._dp_sgd_round(reporting))
+    elif self.mechanism == "dp_fedavg":
+      eps = self.ledger.preview_dp_fedavg_round(self.q_round, self.noise)
+    else:
+      return False
+    return eps > self.max_epsilon
+
+  def _dp_sgd_round(self, reporting: np.ndarray):
+    ns = [int(self.sizes[c]) for c in reporting.tolist()]
+    return (reporting.tolist(), [min(1.0, self.batch / n) for n in ns], self.noise,
+            [self.steps_of(n) for n in ns])
 
   def record(self, reporting: np.ndarray) -> None:
     if self.ledger is None:
       return
     if self.mechanism == "dp_sgd":
-      for c in reporting.tolist():
-        n = int(self.sizes[c])
-        self.ledger.record_client(c, min(1.0, self.batch / n), self.noise, self.steps_of(n))
+      self.ledger.record_dp_sgd_round(*self._dp_sgd_round(reporting))
+    elif self.mechanism == "dp_fedavg":
+      self.ledger.record_dp_fedavg_round(self.q_round, self.noise)
     else:
-      self.ledger.record_round(self.q_round, self.noise)
+      self.ledger.record_round()
 
   def metrics(self) -> dict:
-    if self.mechanism == "paper_gaussian":
-      return {"privacy": "paper_gaussian: no formal privacy accounting applies"}
     if self.ledger is None:
       return {}
-    return self.ledger.report()
+    report = self.ledger.report()
+    out = {"privacy_mechanism": report.pop("mechanism")}
+    report.pop("rounds", None)
+    if self.noise:
+      out["noise_multiplier"] = self.noise
+    if self.mechanism == "paper_gaussian":
+      out["paper_sigma"] = self.client.noise_std
+    out.update(report)
+    return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         stop_after_round: Optional[int] = None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the summary dict."""
-  from fedpeft_jax.runner.validate import validate_config
+  from fedpeft_jax.runner.validate import parse_clients_per_chunk, validate_config
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   summary_path = os.path.join(workdir, "summary.json")
@@ -157,22 +197,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     print(f"Run in {workdir} already finished; summary:")
     print(outputs.format_table([summary_row(summary)], SUMMARY_COLUMNS))
     return summary
-  outputs.atomic_write_json(config_path, resolved)
-
   t_start = time.time()
   fed = config.federated
   dataset, part = load_data(config)
-  outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
   model = build_model(config, dataset.num_classes)
   params = init_params(config, model)
+  # Written only once the data and the checkpoint have loaded: a run that fails on its
+  # inputs leaves no half-made workdir behind.
+  outputs.atomic_write_json(config_path, resolved)
+  outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
   cost = comm_cost(trainable, params, dtype=jnp.dtype(fed.wire_dtype))
 
   num_devices = len(jax.devices())
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
-  chunk = (auto_clients_per_chunk(per_round, num_devices) if fed.clients_per_chunk == "auto"
-           else int(fed.clients_per_chunk))
+  chunk = parse_clients_per_chunk(fed.clients_per_chunk)
+  chunk = chunk or auto_clients_per_chunk(per_round, num_devices)
   augment = dataset.augment if config.data.augment == "auto" else config.data.augment
   max_n = int(max(part.sizes))
 
@@ -206,7 +247,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm)
   ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   metrics_log = outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-  tb = outputs.TensorBoardLogger(os.path.join(workdir, "tensorboard"))
   restored = ckpt.restore_latest(state)
   cumulative = {"bytes": 0, "bytes_full": 0, "seconds": 0.0}
   if restored is not None:
@@ -218,6 +258,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     print(f"Resumed from round {int(state.round)} in {workdir}")
   else:
     metrics_log.truncate_after(0)
+  tb = outputs.TensorBoardLogger(os.path.join(workdir, "tensorboard"),
+                                 purge_step=int(state.round) + 1)
 
   header = (f"{config.data.dataset} | {'+'.join(peft.parse_methods(config.peft.method))} | "
             f"trainable {cost.trainable_params:,} / {cost.total_params:,} params | "
@@ -226,9 +268,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   print(header)
   bar = _progress(fed.rounds, int(state.round), progress)
   last_eval: dict = {}
+  stopped_early = False
   for r in range(int(state.round), fed.rounds):
     t0 = time.time()
     plan = plan_round(config.seed, r, fed.num_clients, per_round, fed.dropout)
+    if privacy.would_exceed(plan.reporting):
+      print(f"Stopping before round {r + 1}: it would exceed privacy.max_epsilon "
+            f"{privacy.max_epsilon}")
+      stopped_early = True
+      break
     state, m = algo.apply(state, frozen_dev, client_data, plan)
     privacy.record(plan.reporting)
     row: dict[str, Any] = {"round": r + 1}
@@ -255,6 +303,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     })
     if "clip_norm" in m:
       row["clip_norm"] = float(m["clip_norm"])
+    if privacy.client.poisson:
+      row["poisson_dropped"] = int(m["poisson_dropped"])
     row.update(privacy.metrics())
     metrics_log.append(row)
     tb.log(row, step=r + 1)
@@ -272,6 +322,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       return {}
   if bar is not None:
     bar.close()
+  if stopped_early and ckpt.latest_step() != int(state.round):
+    ckpt.save(int(state.round), state, {
+        "cumulative": cumulative, "ledger": privacy.ledger.to_dict() if privacy.ledger else None})
   ckpt.close()
   tb.close()
 
@@ -281,7 +334,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "dataset": config.data.dataset,
       "method": config.peft.method,
       "pretrained": config.model.pretrained or "scratch",
-      "rounds": fed.rounds,
+      "rounds": int(state.round),
+      "stopped_early_for_privacy_budget": stopped_early,
       "final_accuracy": accs[-1] if accs else None,
       "best_accuracy": max(accs) if accs else None,
       "trainable_params": cost.trainable_params,
