@@ -63,6 +63,8 @@ def method_config(method: Union[str, Sequence[str]] = "full",
     if field not in c[section]:
       raise ValueError(
           f"peft.{section} has no field {field!r}; allowed: {sorted(c[section].keys())}")
+    if section == "lora" and field == "targets" and not isinstance(value, str):
+      value = ",".join(value)  # the field is a string so the command line can set it
     c[section][field] = value
   validate(c)
   return c

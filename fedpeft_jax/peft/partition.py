@@ -22,14 +22,15 @@ _HEAD = [r"^head/"]
 _ORIGINAL_BIAS = (r"^(embedding|Transformer/encoder_norm|pre_logits|"
                   r"Transformer/encoderblock_\d+/(LayerNorm_\d+|"
                   r"MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_\d+))/bias$")
+# Method-specific patterns; every method but `full` also trains the head (`_HEAD`).
 METHOD_PATTERNS: dict[str, list[str]] = {
     "full": [r".*"],
     "head": _HEAD,
-    "bias": [_ORIGINAL_BIAS] + _HEAD,
-    "prompt": [r"(^|/)vpt_prompts$"] + _HEAD,
-    "adapter": [r"(^|/)(adapter_\w+|shared_adapter)/"] + _HEAD,
-    "lora": [r"_lora/lora_[ab]$"] + _HEAD,
-    "ssf": [r"_ssf/(scale|shift)$"] + _HEAD,
+    "bias": [_ORIGINAL_BIAS],
+    "prompt": [r"(^|/)vpt_prompts$"],
+    "adapter": [r"(^|/)(adapter_\w+|shared_adapter)/"],
+    "lora": [r"_lora/lora_[ab]$"],
+    "ssf": [r"_ssf/(scale|shift)$"],
 }
 
 
@@ -62,20 +63,27 @@ def mask_from_patterns(params: PyTree, include: Sequence[str] = (r".*",),
 
 
 def trainable_mask(params: PyTree, method_cfg: Any) -> PyTree:
-  """Bool pytree of the leaves `method_cfg` (peft config, spec or method name) trains."""
+  """Bool pytree of the leaves `method_cfg` (peft config, spec or method name) trains.
+
+  Every listed method must select at least one leaf of its own: a mask for 'lora'
+  on a model built without LoRA would otherwise silently train only the head.
+  """
   from fedpeft_jax.peft.spec import to_spec  # local: keep this module model-agnostic
   spec = to_spec(method_cfg)
+  paths = list(flatten(params))
   include: list[str] = []
   for m in spec.methods:
+    own = [re.compile(p) for p in METHOD_PATTERNS[m]]
+    if not any(r.search(path) for r in own for path in paths):
+      raise ValueError(f"peft.method {m!r} selects no parameter of this model (method "
+                       f"{'+'.join(spec.methods)!r}); was the model built with the same peft config?")
     include += METHOD_PATTERNS[m]
+  if not spec.has("full"):
+    include += _HEAD
   exclude = [r"_lora/lora_a$"] if spec.has("lora") and spec.lora_freeze_a else []
   if spec.has("full"):
     exclude = []
-  mask = mask_from_patterns(params, include, exclude)
-  if not any(jax.tree_util.tree_leaves(mask)):
-    raise ValueError(f"peft.method {'+'.join(spec.methods)!r} selects no parameter of this "
-                     "model; was the model built with the same peft config?")
-  return mask
+  return mask_from_patterns(params, include, exclude)
 
 
 def _check_mask(params: PyTree, mask: PyTree) -> tuple[dict, dict]:
@@ -156,9 +164,21 @@ def summary(params: PyTree, mask: PyTree, dtype: Optional[Any] = None) -> str:
 
 
 def optimizer(tx: optax.GradientTransformation, mask: PyTree) -> optax.GradientTransformation:
-  """`tx` on the True leaves of `mask`; exact zero updates and no state on the rest."""
+  """`tx` on the True leaves of `mask`; exact zero updates and no state on the rest.
+
+  Built on optax.partition + set_to_zero rather than gradient filtering, so any
+  optax chain (weight decay, momentum) never touches a frozen leaf. The gradient
+  passed to `update` must have the full param structure; its frozen leaves are
+  ignored (e.g. `merge(trainable_grads, jax.tree.map(jnp.zeros_like, frozen))`).
+  """
   labels = jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask)
-  return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  inner = optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+  def init(params: PyTree) -> optax.OptState:
+    _check_mask(params, mask)  # a clear error instead of a tree-structure mismatch deep in optax
+    return inner.init(params)
+
+  return optax.GradientTransformationExtraArgs(init, inner.update)
 
 
 def tree_paths(tree: PyTree) -> list[str]:
