@@ -45,6 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.sample_with_replacement = False  # the study's authors subsampled with replacement.
   c.data.augment = "auto"  # 'auto' (the dataset's study augmentation), 'crop_flip', 'flip', 'none'.
   c.data.resolution = 32  # native resolution of 'digits' and 'synthetic'.
+  c.data.host_resolution = 0  # TFDS: > 0 resizes images on the host at load time (memory).
 
   c.federated = ml_collections.ConfigDict()
   c.federated.rounds = 50

@@ -190,6 +190,8 @@ def build(args: dict[str, Any]) -> ml_collections.ConfigDict:
   c.data.min_size = 10
   c.data.train_size = args["train_size"] or TRAIN_SIZE.get(dataset, 0)
   c.data.augment = "auto"  # cifar100: crop (pad 4) + flip; resisc45, pcam: flip
+  # Resisc45 is 256 px; the study resizes to 224 anyway, so do it once on the host.
+  c.data.host_resolution = 224 if dataset == "resisc45" else 0
 
   f = c.federated
   f.rounds = 50

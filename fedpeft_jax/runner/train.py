@@ -60,6 +60,8 @@ def load_data(config: ml_collections.ConfigDict):
   kw = {}
   if d.dataset in ("digits", "synthetic"):
     kw["resolution"] = d.resolution
+  elif d.host_resolution > 0:  # e.g. Resisc45's 256 px -> 224 px: 3.8 GB instead of 5.0 GB
+    kw["resolution"] = d.host_resolution
   dataset = data_lib.load_dataset(d.dataset, data_dir=d.data_dir or None,
                                   train_size=d.train_size or None,
                                   sample_with_replacement=d.sample_with_replacement,

@@ -315,6 +315,7 @@ def _validate_data(config: Any) -> None:
   _bool(config, "data.sample_with_replacement")
   _choice(config, "data.augment", AUGMENTS)
   _int(config, "data.resolution", 1)
+  _int(config, "data.host_resolution", 0)
 
 
 def _validate_federated(config: Any) -> None:
