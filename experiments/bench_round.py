@@ -37,6 +37,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds (after one warm-up rou
 _VARIANT = flags.DEFINE_string("variant", "Ti/4", "ViT variant.")
 _IMAGE = flags.DEFINE_integer("image_size", 32, "Image size.")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON output path.")
+_UNEVEN = flags.DEFINE_bool("uneven", False, "Unequal clients (1..S batches each, as non-IID "
+                            "splits produce) instead of S batches each.")
 _SINGLE = flags.DEFINE_string("single", "", "Internal: run one 'method:chunk' (or 'method:loop') "
                               "in this process and print its JSON row.")
 
@@ -53,9 +55,15 @@ def _setup(method: str):
   images = rng.integers(0, 256, (n, _IMAGE.value, _IMAGE.value, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
   indices = np.arange(n, dtype=np.int32).reshape(k, s * b)
+  sizes = _client_steps() * b
   data = fdata.ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels),
-                          indices=jnp.asarray(indices), sizes=jnp.full((k,), s * b, jnp.int32))
+                          indices=jnp.asarray(indices), sizes=jnp.asarray(sizes, jnp.int32))
   return model, trainable, frozen, data
+
+
+def _client_steps() -> np.ndarray:
+  k, s = _CLIENTS.value, _STEPS.value
+  return (np.arange(k) % s) + 1 if _UNEVEN.value else np.full(k, s)
 
 
 def bench_engine(method: str, chunk: int) -> dict:
@@ -78,7 +86,7 @@ def bench_engine(method: str, chunk: int) -> dict:
   jax.block_until_ready(state.trainable)
   dt = (time.perf_counter() - t) / _ROUNDS.value
   return {"method": method, "mode": f"jitted round, chunk={chunk}", "seconds_per_round": dt,
-          "rounds_per_s": 1 / dt, "images_per_s": k * s * b / dt,
+          "rounds_per_s": 1 / dt, "images_per_s": int(_client_steps().sum()) * b / dt,
           "first_round_s": compile_s}
 
 
@@ -107,7 +115,7 @@ def bench_loop(method: str) -> dict:
     total = jax.tree_util.tree_map(jnp.zeros_like, global_t)
     for c in range(k):
       t, opt_state = global_t, tx.init(global_t)
-      for step in range(s):
+      for step in range(int(_client_steps()[c])):
         sl = slice((c * s + step) * b, (c * s + step + 1) * b)
         t, opt_state = train_step(t, opt_state, frozen, images[sl], labels[sl])
       total = jax.tree_util.tree_map(lambda a, n, o: a + (n - o) / k, total, t, global_t)
@@ -123,7 +131,8 @@ def bench_loop(method: str) -> dict:
   jax.block_until_ready(trainable)
   dt = (time.perf_counter() - t0) / _ROUNDS.value
   return {"method": method, "mode": "per-step jitted loop", "seconds_per_round": dt,
-          "rounds_per_s": 1 / dt, "images_per_s": k * s * b / dt, "first_round_s": first}
+          "rounds_per_s": 1 / dt, "images_per_s": int(_client_steps().sum()) * b / dt,
+          "first_round_s": first}
 
 
 def _peak_rss_mb() -> float:
@@ -156,7 +165,8 @@ def main(argv: list[str]) -> None:
       row["speedup_vs_loop"] = loop["seconds_per_round"] / row["seconds_per_round"]
       rows.append(row)
       print(row, flush=True)
-  print(f"\nK={_CLIENTS.value} clients x S={_STEPS.value} steps x B={_BATCH.value}, "
+  print(f"\nK={_CLIENTS.value} clients x S={_STEPS.value} steps"
+        f"{' (uneven: 1..S)' if _UNEVEN.value else ''} x B={_BATCH.value}, "
         f"ViT-{_VARIANT.value} {_IMAGE.value}px, backend {jax.default_backend()} "
         f"({len(jax.devices())} device(s))\n")
   print("| method | mode | images/s | rounds/s | s/round | first round (compile) s | peak RSS MB "

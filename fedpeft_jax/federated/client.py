@@ -124,9 +124,9 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       dropped = jnp.sum(jnp.where(step_mask, drops, 0))
     step_keys = jax.random.split(k_steps, positions.shape[0])
 
-    def step(carry, xs):
+    def train_step(carry, xs):
       params, opt_state = carry
-      pos, ex_mask, live, k = xs
+      pos, ex_mask, k = xs
       k_aug, k_grad = jax.random.split(k)
       idx = row[pos]
       images = fdata.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
@@ -134,10 +134,15 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       loss, grads = gradients(params, frozen, images, data.labels[idx], ex_mask, k_grad,
                               trainable, size)
       updates, new_opt_state = client_tx.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      # Padded steps are exact no-ops: nothing moves, nothing is counted.
-      carry = (tree_where(live, new_params, params), tree_where(live, new_opt_state, opt_state))
-      return carry, jnp.where(live, loss, 0.0)
+      return (optax.apply_updates(params, updates), new_opt_state), loss.astype(jnp.float32)
+
+    def step(carry, xs):
+      pos, ex_mask, live, k = xs
+      # Padded steps are exact no-ops: nothing moves, nothing is counted. Outside vmap
+      # (one client per chunk) `cond` skips their compute, which matters for unequal
+      # client sizes; under vmap it lowers to a select of both branches.
+      return jax.lax.cond(live, train_step, lambda c, _: (c, jnp.zeros((), jnp.float32)),
+                          carry, (pos, ex_mask, k))
 
     (final, _), losses = jax.lax.scan(step, (trainable, client_tx.init(trainable)),
                                       (positions, example_mask, step_mask, step_keys))

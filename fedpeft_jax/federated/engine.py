@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedpeft_jax.federated import server as server_lib
-from fedpeft_jax.federated.client import ClientSpec, make_client_update
+from fedpeft_jax.federated.client import ClientSpec, make_client_update, tree_where
 from fedpeft_jax.federated.sampling import RoundPlan
 
 PyTree = Any
@@ -118,8 +118,16 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
 
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
-      out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0))(
-          trainable, frozen, data, ids_c, jax.random.wrap_key_data(keys_c))
+      keys_c = jax.random.wrap_key_data(keys_c)
+      if ids_c.shape[0] == 1:
+        # One client per chunk: no vmap, so `cond` really skips padded slots and steps.
+        run = lambda: client_update(trainable, frozen, data, ids_c[0], keys_c[0])  # noqa: E731
+        empty = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+        out = jax.lax.cond(valid_c[0], run, lambda: empty)
+        out = jax.tree_util.tree_map(lambda x: x[None], out)
+      else:
+        out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0))(
+            trainable, frozen, data, ids_c, keys_c)
       update = out["update"]
       finite = jax.vmap(_all_finite)(update)
       ok = valid_c & finite
@@ -208,10 +216,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       apply_update = sums["weight"] > 0
     new_trainable, new_opt = server_lib.apply_server_update(state, mean_update, server_tx)
     # A round in which no client contributed leaves the model and optimizer untouched.
-    new_trainable = jax.tree_util.tree_map(lambda a, b: jnp.where(apply_update, a, b),
-                                           new_trainable, state.trainable)
-    new_opt = jax.tree_util.tree_map(lambda a, b: jnp.where(apply_update, a, b),
-                                     new_opt, state.opt_state)
+    new_trainable = tree_where(apply_update, new_trainable, state.trainable)
+    new_opt = tree_where(apply_update, new_opt, state.opt_state)
     new_state = state.replace(trainable=new_trainable, opt_state=new_opt, round=state.round + 1,
                               clip_norm=clip_norm)
     metrics["update_norm"] = _global_norm(mean_update)
