@@ -23,6 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output directory."
 _METHODS = flags.DEFINE_list("methods", ["full", "head", "bias", "adapter", "prompt", "lora",
                                          "scratch"], "Methods to run ('scratch' = no pre-training).")
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Override the number of rounds (0: the config's).")
+_FASHION_DIR = flags.DEFINE_string("fashion_mnist_dir", "", "Folder of the four Fashion-MNIST IDX "
+                                   "files ('' = the Debian package's /usr/share/datasets/"
+                                   "fashion-mnist).")
 
 
 def main(argv: list[str]) -> None:
@@ -30,7 +33,9 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   t0 = time.time()
   workdir = _WORKDIR.value
-  ckpt = pretrain(pretrain_fashion.get_config(), os.path.join(workdir, "pretrain"))
+  pretrain_config = pretrain_fashion.get_config()
+  pretrain_config.data.data_dir = _FASHION_DIR.value
+  ckpt = pretrain(pretrain_config, os.path.join(workdir, "pretrain"))
   results = {}
   for method in _METHODS.value:
     config = quickstart.get_config(method)
