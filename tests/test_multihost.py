@@ -69,3 +69,35 @@ def test_two_process_distributed_matches_single_process():
   for r in multi:
     for k, v in single["params"].items():
       np.testing.assert_allclose(np.asarray(r["params"][k]), np.asarray(v), atol=1e-5, err_msg=k)
+
+
+def test_two_process_cli_run_matches_single_process(tmp_path):
+  """`python -m fedpeft_jax.main --coordinator_address=...` on two processes sharing a
+  workdir: process 0 writes the outputs and the metrics equal a one-process run."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = "--config=configs/tiny.py:bias,rounds=2"
+
+  def cli(workdir, *extra, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "fedpeft_jax.main", config,
+                             f"--workdir={workdir}", "--no_progress", *extra],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+  single = cli(tmp_path / "single")
+  out, err = single.communicate(timeout=600)
+  assert single.returncode == 0, err[-3000:]
+  port = _free_port()
+  procs = [cli(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={pid}", devices=2) for pid in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  read = lambda d: [json.loads(l) for l in open(d / "metrics.jsonl") if l.strip()]
+  a, b = read(tmp_path / "single"), read(tmp_path / "multi")
+  assert [r["round"] for r in b] == [1, 2]
+  for ra, rb in zip(a, b):
+    for key in ("test_accuracy", "test_loss", "train_loss"):
+      np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert ra["cumulative_bytes"] == rb["cumulative_bytes"]

@@ -206,8 +206,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   params = init_params(config, model)
   # Written only once the data and the checkpoint have loaded: a run that fails on its
   # inputs leaves no half-made workdir behind.
-  outputs.atomic_write_json(config_path, resolved)
-  outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
+  # Several processes (jax.distributed) share the workdir: process 0 writes the files,
+  # every process takes part in the (collective) checkpoint saves.
+  primary = jax.process_index() == 0
+  if primary:
+    outputs.atomic_write_json(config_path, resolved)
+    outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
   cost = comm_cost(trainable, params, dtype=jnp.dtype(fed.wire_dtype))
@@ -243,12 +247,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   client_data = replicate(fdata.client_data(dataset, part), mesh)
   frozen_dev = replicate(frozen, mesh)
   evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size)
-  test_images = jnp.asarray(dataset.test_images)
-  test_labels = jnp.asarray(dataset.test_labels)
+  test_images, test_labels = replicate((dataset.test_images, dataset.test_labels), mesh)
 
   state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm)
   ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-  metrics_log = outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+  metrics_log = (outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary
+                 else _Discard())
   restored = ckpt.restore_latest(state)
   cumulative = {"bytes": 0, "bytes_full": 0, "seconds": 0.0}
   if restored is not None:
@@ -260,15 +264,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     print(f"Resumed from round {int(state.round)} in {workdir}")
   else:
     metrics_log.truncate_after(0)
-  tb = outputs.TensorBoardLogger(os.path.join(workdir, "tensorboard"),
-                                 purge_step=int(state.round) + 1)
+  tb = (outputs.TensorBoardLogger(os.path.join(workdir, "tensorboard"),
+                                  purge_step=int(state.round) + 1) if primary else _Discard())
 
   header = (f"{config.data.dataset} | {'+'.join(peft.parse_methods(config.peft.method))} | "
             f"trainable {cost.trainable_params:,} / {cost.total_params:,} params | "
             f"{cost.trainable_bytes / 1e6:.3f} MB per transfer | {per_round} of "
             f"{fed.num_clients} clients per round | {num_devices} device(s), chunk {chunk}")
   print(header)
-  bar = _progress(fed.rounds, int(state.round), progress)
+  bar = _progress(fed.rounds, int(state.round), progress and primary)
   last_eval: dict = {}
   stopped_early = False
   for r in range(int(state.round), fed.rounds):
@@ -351,10 +355,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "versions": outputs.versions(),
   }
   summary.update({k: v for k, v in privacy.metrics().items()})
-  outputs.write_plots(rows, workdir, title=header)
-  outputs.atomic_write_json(summary_path, summary)
-  print(outputs.format_table([summary_row(summary)], SUMMARY_COLUMNS))
+  if primary:
+    outputs.write_plots(rows, workdir, title=header)
+    outputs.atomic_write_json(summary_path, summary)
+    print(outputs.format_table([summary_row(summary)], SUMMARY_COLUMNS))
   return summary
+
+
+class _Discard:
+  """Stands in for the metrics log and TensorBoard on processes other than 0."""
+
+  def __getattr__(self, name: str):
+    return lambda *args, **kwargs: [] if name == "read" else None
 
 
 SUMMARY_COLUMNS = ["method", "final_accuracy", "best_accuracy", "trainable_params",
