@@ -277,3 +277,11 @@ def test_four_cpu_devices_match_single_device():
                         capture_output=True, text=True, timeout=600, cwd=root)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK 4" in proc.stdout
+
+
+def test_auto_clients_per_chunk():
+  from fedpeft_jax.federated import auto_clients_per_chunk
+  assert auto_clients_per_chunk(8, 1, 64, backend="cpu") == 1
+  assert auto_clients_per_chunk(8, 1, 64, backend="gpu") == 4
+  assert auto_clients_per_chunk(8, 4, 16, backend="gpu") == 2
+  assert auto_clients_per_chunk(3, 1, 512, backend="tpu") == 1

@@ -219,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   num_devices = len(jax.devices())
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
   chunk = parse_clients_per_chunk(fed.clients_per_chunk)
-  chunk = chunk or auto_clients_per_chunk(per_round, num_devices)
+  chunk = chunk or auto_clients_per_chunk(per_round, num_devices, fed.batch_size)
   augment = dataset.augment if config.data.augment == "auto" else config.data.augment
   max_n = int(max(part.sizes))
 
