@@ -183,7 +183,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   """Runs (or resumes) the experiment in `workdir`; returns the summary dict."""
   from fedpeft_jax.runner.validate import parse_clients_per_chunk, validate_config
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   summary_path = os.path.join(workdir, "summary.json")
   resolved = json.loads(config.to_json_best_effort())
   config_path = os.path.join(workdir, "config.json")
@@ -204,14 +203,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   dataset, part = load_data(config)
   model = build_model(config, dataset.num_classes)
   params = init_params(config, model)
-  # Written only once the data and the checkpoint have loaded: a run that fails on its
-  # inputs leaves no half-made workdir behind.
-  # Several processes (jax.distributed) share the workdir: process 0 writes the files,
-  # every process takes part in the (collective) checkpoint saves.
-  primary = jax.process_index() == 0
-  if primary:
-    outputs.atomic_write_json(config_path, resolved)
-    outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
   cost = comm_cost(trainable, params, dtype=jnp.dtype(fed.wire_dtype))
@@ -249,6 +240,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size)
   test_images, test_labels = replicate((dataset.test_images, dataset.test_labels), mesh)
 
+  # The workdir is made only once data, checkpoint and privacy plan are in hand: a run
+  # that fails on its inputs leaves nothing behind. Several processes (jax.distributed)
+  # share it: process 0 writes the files, all take part in the (collective) checkpoints.
+  primary = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if primary:
+    outputs.atomic_write_json(config_path, resolved)
+    outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
   state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm)
   ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   metrics_log = (outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary
