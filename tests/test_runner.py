@@ -201,3 +201,13 @@ def test_tfds_dataset_through_the_runner_with_mock_data(tmp_path):
   assert summary["trainable_params"] > 32 * 100
   partition = json.load(open(tmp_path / "c100" / "partition.json"))
   assert sum(partition["sizes"]) == 64
+
+
+def test_missing_dataset_leaves_no_workdir(tmp_path):
+  from fedpeft_jax.runner.train import run
+  c = _tiny()
+  c.data.dataset = "fashion_mnist"
+  c.data.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(Exception, match="dataset-fashion-mnist|fashion"):
+    run(c, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
