@@ -211,3 +211,27 @@ def test_missing_dataset_leaves_no_workdir(tmp_path):
   with pytest.raises(Exception, match="dataset-fashion-mnist|fashion"):
     run(c, str(tmp_path / "w"), progress=False)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_study_preset_runs_end_to_end_on_mock_cifar100(tmp_path):
+  """A study row (configs/study.py:cifar100,bias: crop+flip augmentation, Dirichlet 0.1,
+  the study's SGD) runs through the runner once the backbone is shrunk for a CPU test."""
+  import importlib.util
+  import tensorflow_datasets as tfds
+  from fedpeft_jax.runner.train import run
+  spec = importlib.util.spec_from_file_location("study_cfg", os.path.join(ROOT, "configs",
+                                                                           "study.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("cifar100,bias,clients=4,participation=0.5")
+  assert c.data.augment == "auto" and c.federated.client_lr == 1e-2
+  c.model.pretrained = ""
+  c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
+  c.model.mlp_dim, c.model.patch_size, c.model.image_size = 64, 8, 32
+  c.federated.rounds, c.federated.local_epochs, c.federated.batch_size = 1, 1, 8
+  c.data.min_size = 2
+  with tfds.testing.mock_data(num_examples=64):
+    summary = run(c, str(tmp_path / "row"), progress=False)
+  assert summary["rounds"] == 1 and 0.0 <= summary["final_accuracy"] <= 1.0
+  rows = _rows(str(tmp_path / "row"))
+  assert rows[0]["clients_sampled"] == 2
