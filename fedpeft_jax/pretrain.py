@@ -8,6 +8,7 @@ reused without training.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -30,13 +31,10 @@ CHECKPOINT_NAME = "pretrained.npz"
 
 def save_npz(params: Any, path: str) -> None:
   """Atomically write params as a Linen-layout npz ('/'-joined keys)."""
-  flat = {k: np.asarray(v) for k, v in peft.flatten(params).items()}
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **flat)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  from fedpeft_jax.runner.outputs import atomic_write_bytes
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in peft.flatten(params).items()})
+  atomic_write_bytes(path, buffer.getvalue())
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = True) -> str:

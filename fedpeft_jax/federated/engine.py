@@ -76,11 +76,6 @@ def make_mesh(devices: Optional[list] = None) -> Mesh:
   return Mesh(np.array(devices), (AXIS,))
 
 
-def _global_norm(tree: PyTree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree_util.tree_leaves(tree)))
-
-
 def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
@@ -138,7 +133,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       update = out["update"]
       finite = jax.vmap(_all_finite)(update)
       ok = valid_c & finite
-      norms = jax.vmap(_global_norm)(update)
+      norms = jax.vmap(optax.tree.norm)(update)
       # Server-side clipping: robustness (max_update_norm) and DP-FedAvg (clip_norm).
       bound = jnp.inf
       if round_spec.max_update_norm > 0:
@@ -227,7 +222,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     new_opt = tree_where(apply_update, new_opt, state.opt_state)
     new_state = state.replace(trainable=new_trainable, opt_state=new_opt, round=state.round + 1,
                               clip_norm=clip_norm)
-    metrics["update_norm"] = _global_norm(mean_update)
+    metrics["update_norm"] = optax.tree.norm(mean_update)
     return new_state, metrics
 
   def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
