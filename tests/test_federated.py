@@ -167,7 +167,8 @@ def test_frozen_untouched_trainable_moves_over_rounds():
   assert moved > 0
 
 
-def test_nan_client_excluded_and_weights_renormalise():
+@pytest.mark.parametrize("max_update_norm", [0.0, 10.0])
+def test_nan_client_excluded_and_weights_renormalise(max_update_norm):
   sizes = (6, 10, 4)
   model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
   base = make_client_update(model, client_tx, cspec, NUM_CLASSES)
@@ -178,9 +179,10 @@ def test_nan_client_excluded_and_weights_renormalise():
     out["update"] = jax.tree_util.tree_map(lambda u: jnp.where(bad, jnp.nan, u), out["update"])
     return out
 
-  algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1), NUM_CLASSES,
+  algo = build_algorithm(model, client_tx, server_tx, cspec,
+                         RoundSpec(1, 1, max_update_norm=max_update_norm), NUM_CLASSES,
                          client_update=poisoned)
-  clean = setup(sizes=sizes)[5]
+  clean = setup(sizes=sizes, max_update_norm=max_update_norm)[5]
   state = algo.init(trainable, seed=0)
   got, metrics = algo.apply(state, frozen, data, plan_round(0, 0, 3, 3))
   assert int(metrics["clients_nonfinite"]) == 1 and int(metrics["clients_contributed"]) == 2

@@ -149,7 +149,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       # Replace non-finite updates by zeros before weighting (0 * NaN is NaN).
       safe = jax.tree_util.tree_map(
           lambda u: jnp.where(ok.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0.0), update)
-      coeff = w * factor
+      coeff = jnp.where(ok, w * factor, 0.0)  # a NaN norm must not reach the sum via 0 * NaN
       weighted = jax.tree_util.tree_map(lambda u: jnp.tensordot(coeff.astype(u.dtype), u, 1), safe)
       new = dict(carry)
       new["update"] = jax.tree_util.tree_map(jnp.add, carry["update"], weighted)
