@@ -117,6 +117,7 @@ def test_per_example_grads_and_chunking():
   for k in ("w", "b"):
     np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-6)
   assert float(stats["num_examples"]) == 6
+  np.testing.assert_allclose(np.asarray(stats["losses"]), r ** 2, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="chunk_size"):
     P.clipped_grad_sum(loss_fn, params, batch, mask, 0.5, chunk_size=3)
 

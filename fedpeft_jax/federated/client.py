@@ -91,11 +91,12 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       # The sum is divided by the expected batch: q * n_i = min(B, n_i) under Poisson.
       expected = (jnp.minimum(spec.batch_size, size).astype(jnp.float32) if dp.poisson
                   else float(spec.batch_size))
-      grads, _ = mechanisms.dp_sgd_grad(example_loss, trainable, (images, labels), mask, k_noise,
-                                        dp.clip_norm, dp.noise_std, expected, frozen, k_model,
-                                        anchor, chunk_size=dp.per_example_chunk)
-      loss = loss_fn(trainable, frozen, images, labels, mask, k_model, anchor)
-      return loss, grads
+      grads, stats = mechanisms.dp_sgd_grad(example_loss, trainable, (images, labels), mask,
+                                            k_noise, dp.clip_norm, dp.noise_std, expected,
+                                            frozen, k_model, anchor,
+                                            chunk_size=dp.per_example_chunk)
+      m = mask.astype(jnp.float32)
+      return jnp.sum(stats["losses"] * m) / jnp.maximum(jnp.sum(m), 1.0), grads
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, labels, mask, k_model,
                                               anchor)
     if dp.mechanism == "paper_gaussian":

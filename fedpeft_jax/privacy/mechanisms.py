@@ -240,6 +240,42 @@ def _batch_size(batch: PyTree) -> int:
   return int(leaves[0].shape[0])
 
 
+def _per_example_losses_and_grads(loss_fn: Callable[..., Any], trainable: PyTree,
+                                  batch: PyTree, *args: Any) -> tuple[jax.Array, PyTree]:
+  """(losses [B], grads [B, ...]): vmap of value_and_grad, so the loss costs no extra pass."""
+  vg = jax.value_and_grad(loss_fn)
+
+  def one(example: PyTree) -> Any:
+    return vg(trainable, jax.tree_util.tree_map(lambda x: x[None], example), *args)
+
+  return jax.vmap(one)(batch)
+
+
+def _clipped_sum_and_losses(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
+                            example_mask: jax.Array, clip_norm: Scalar, *args: Any,
+                            chunk_size: int = 0) -> tuple[PyTree, jax.Array, jax.Array]:
+  b = _batch_size(batch)
+  if not chunk_size or chunk_size >= b:
+    losses, grads = _per_example_losses_and_grads(loss_fn, trainable, batch, *args)
+    clipped, norms = clip_per_example(grads, clip_norm)
+    return masked_sum(clipped, example_mask), norms, losses
+  if b % chunk_size:
+    raise ValueError(f"chunk_size {chunk_size} must divide the batch size {b}")
+  n = b // chunk_size
+  chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk_size) + x.shape[1:]), batch)
+  mchunks = jnp.asarray(example_mask, bool).reshape(n, chunk_size)
+
+  def body(acc: PyTree, xs: tuple[PyTree, jax.Array]) -> tuple[PyTree, tuple]:
+    sub, m = xs
+    losses, grads = _per_example_losses_and_grads(loss_fn, trainable, sub, *args)
+    clipped, norms = clip_per_example(grads, clip_norm)
+    return jax.tree_util.tree_map(jnp.add, acc, masked_sum(clipped, m)), (norms, losses)
+
+  init = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+  total, (norms, losses) = jax.lax.scan(body, init, (chunks, mchunks))
+  return total, norms.reshape(b), losses.reshape(b)
+
+
 def clipped_grad_sum(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
                      example_mask: jax.Array, clip_norm: Scalar, *args: Any,
                      chunk_size: int = 0) -> tuple[PyTree, jax.Array]:
@@ -249,26 +285,9 @@ def clipped_grad_sum(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTr
   at a time in a lax.scan and summed as they go, so memory is chunk_size x |trainable|
   instead of B x |trainable| (matters for full fine-tuning; PEFT subsets are small).
   """
-  b = _batch_size(batch)
-  if not chunk_size or chunk_size >= b:
-    grads = per_example_grads(loss_fn, trainable, batch, *args)
-    clipped, norms = clip_per_example(grads, clip_norm)
-    return masked_sum(clipped, example_mask), norms
-  if b % chunk_size:
-    raise ValueError(f"chunk_size {chunk_size} must divide the batch size {b}")
-  n = b // chunk_size
-  chunks = jax.tree_util.tree_map(lambda x: x.reshape((n, chunk_size) + x.shape[1:]), batch)
-  mchunks = jnp.asarray(example_mask, bool).reshape(n, chunk_size)
-
-  def body(acc: PyTree, xs: tuple[PyTree, jax.Array]) -> tuple[PyTree, jax.Array]:
-    sub, m = xs
-    grads = per_example_grads(loss_fn, trainable, sub, *args)
-    clipped, norms = clip_per_example(grads, clip_norm)
-    return jax.tree_util.tree_map(jnp.add, acc, masked_sum(clipped, m)), norms
-
-  init = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-  total, norms = jax.lax.scan(body, init, (chunks, mchunks))
-  return total, norms.reshape(b)
+  total, norms, _ = _clipped_sum_and_losses(loss_fn, trainable, batch, example_mask, clip_norm,
+                                            *args, chunk_size=chunk_size)
+  return total, norms
 
 
 def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
@@ -278,12 +297,15 @@ def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
   """The whole DP-SGD gradient of one local step: (noisy mean gradient, clip stats).
 
   Same result as `dp_sgd_aggregate(per_example_grads(...), ...)`, optionally chunked.
+  The stats also hold the per-example `losses` [B] (from the same forward pass).
   """
   _check(expected_batch_size, "expected_batch_size", lambda v: v > 0, "> 0")
-  summed, norms = clipped_grad_sum(loss_fn, trainable, batch, example_mask, clip_norm, *args,
-                                   chunk_size=chunk_size)
+  summed, norms, losses = _clipped_sum_and_losses(loss_fn, trainable, batch, example_mask,
+                                                  clip_norm, *args, chunk_size=chunk_size)
   grads = _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_batch_size)
-  return grads, clip_stats(norms, example_mask, clip_norm)
+  stats = dict(clip_stats(norms, example_mask, clip_norm))
+  stats["losses"] = losses
+  return grads, stats
 
 
 # ----------------------------------------------------------------------------- Poisson sampling
