@@ -32,12 +32,19 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; else unused
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from fedpeft_jax.data import DatasetNotPreparedError
+  from fedpeft_jax.models.checkpoints import CheckpointError
+  from fedpeft_jax.privacy import PrivacyBudgetError
   from fedpeft_jax.runner.train import run
   from fedpeft_jax.runner.validate import ConfigError
   try:
     run(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
   except ConfigError as e:
     print(f"Invalid config: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (DatasetNotPreparedError, CheckpointError, PrivacyBudgetError, FileNotFoundError) as e:
+    # Bad input, not a bug: one clear message, no traceback.
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(2)
 
 
