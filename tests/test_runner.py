@@ -235,3 +235,21 @@ def test_study_preset_runs_end_to_end_on_mock_cifar100(tmp_path):
   assert summary["rounds"] == 1 and 0.0 <= summary["final_accuracy"] <= 1.0
   rows = _rows(str(tmp_path / "row"))
   assert rows[0]["clients_sampled"] == 2
+
+
+def test_checkpoint_that_does_not_fit_names_the_field(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from fedpeft_jax.models import ViT
+  from fedpeft_jax.models.checkpoints import CheckpointError
+  from fedpeft_jax.pretrain import save_npz
+  from fedpeft_jax.runner.train import run
+  other = ViT(variant=None, hidden_size=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4,
+              image_size=16, num_classes=10)
+  save_npz(other.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"],
+           str(tmp_path / "other.npz"))
+  c = _tiny()
+  c.model.pretrained = str(tmp_path / "other.npz")
+  with pytest.raises(CheckpointError, match="config.model.pretrained"):
+    run(c, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")

@@ -77,9 +77,13 @@ def init_params(config: ml_collections.ConfigDict, model: ViT) -> dict:
   size = config.model.image_size
   rng = jax.random.PRNGKey(config.seed)
   if config.model.pretrained:
-    from fedpeft_jax.models.checkpoints import load_pretrained
-    return load_pretrained(config.model.pretrained, model, rng=rng,
-                           cache_dir=config.model.cache_dir or None)
+    from fedpeft_jax.models.checkpoints import CheckpointError, load_pretrained
+    try:
+      return load_pretrained(config.model.pretrained, model, rng=rng,
+                             cache_dir=config.model.cache_dir or None)
+    except CheckpointError as e:
+      raise CheckpointError(f"config.model.pretrained ({config.model.pretrained!r}) does not "
+                            f"fit the model of config.model: {e}") from e
   params = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(rng)["params"]
   return jax.tree_util.tree_map(np.asarray, params)
 
