@@ -46,7 +46,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = Tr
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CHECKPOINT_NAME)
   summary_path = os.path.join(workdir, "pretrain_summary.json")
-  resolved = json.loads(config.to_json_best_effort())
+  # The cache key: only what shapes the backbone (not peft/federated/privacy fields).
+  full = json.loads(config.to_json_best_effort())
+  resolved = {k: full[k] for k in ("seed", "model", "data", "pretrain") if k in full}
   if os.path.exists(path) and os.path.exists(summary_path):
     with open(summary_path) as f:
       previous = json.load(f)

@@ -253,3 +253,26 @@ def test_checkpoint_that_does_not_fit_names_the_field(tmp_path):
   with pytest.raises(CheckpointError, match="config.model.pretrained"):
     run(c, str(tmp_path / "w"), progress=False)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_pretrain_command_writes_a_loadable_checkpoint_and_caches(tmp_path):
+  from fedpeft_jax.models.checkpoints import load_pretrained
+  from fedpeft_jax.pretrain import pretrain
+  from fedpeft_jax.runner.train import build_model
+  import ml_collections
+  c = _tiny()
+  c.pretrain = ml_collections.ConfigDict({"epochs": 1, "batch_size": 50, "lr": 1e-3,
+                                          "weight_decay": 0.0})
+  path = pretrain(c, str(tmp_path / "pre"), verbose=False)
+  summary = json.load(open(tmp_path / "pre" / "pretrain_summary.json"))
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  c.peft.method = "lora"  # the backbone loads under a PEFT model, with fresh LoRA leaves
+  params = load_pretrained(path, build_model(c, 10))
+  saved = np.load(path)
+  np.testing.assert_array_equal(
+      params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"],
+      saved["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"])
+  mtime = os.path.getmtime(path)
+  c.peft.method = "full"
+  assert pretrain(c, str(tmp_path / "pre"), verbose=False) == path  # cached: not retrained
+  assert os.path.getmtime(path) == mtime
