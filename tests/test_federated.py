@@ -287,3 +287,39 @@ def test_auto_clients_per_chunk():
   assert auto_clients_per_chunk(8, 1, 64, backend="gpu") == 4
   assert auto_clients_per_chunk(8, 4, 16, backend="gpu") == 2
   assert auto_clients_per_chunk(3, 1, 512, backend="tpu") == 1
+
+
+def test_fedprox_and_local_steps_against_hand_derived_sgd():
+  """FedProx: w2 = w1 - lr (g(w1) + mu (w1 - w0)) after w1 = w0 - lr g(w0), with g the plain
+  cross-entropy gradient on the client's one full batch; local_steps caps the real steps."""
+  import dataclasses
+  model, params = tiny_model("bias")
+  trainable, frozen = peft.split(params, peft.trainable_mask(params, model.peft))
+  data = make_data([4])
+  lr, mu = 0.1, 0.5
+  spec = ClientSpec(batch_size=4, local_epochs=2, max_examples=4, image_size=IMAGE,
+                    augment="none", fedprox_mu=mu)
+  out = jax.jit(make_client_update(model, optax.sgd(lr), spec, NUM_CLASSES))(
+      trainable, frozen, data, jnp.int32(0), jax.random.PRNGKey(0))
+  images = fdata.preprocess(data.images, None, image_size=IMAGE, augment="none", train=False)
+
+  def ce(t):
+    logits = model.apply({"params": peft.merge(t, frozen)}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, data.labels).mean()
+
+  g = jax.grad(ce)
+  w1 = jax.tree_util.tree_map(lambda w, d: w - lr * d, trainable, g(trainable))
+  w2 = jax.tree_util.tree_map(lambda w, d, w0: w - lr * (d + mu * (w - w0)), w1, g(w1), trainable)
+  want = flat(jax.tree_util.tree_map(jnp.subtract, w2, trainable))
+  got = flat(out["update"])
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
+  assert int(out["steps"]) == 2
+
+  capped = dataclasses.replace(spec, local_epochs=3, local_steps=1, fedprox_mu=0.0)
+  out = jax.jit(make_client_update(model, optax.sgd(lr), capped, NUM_CLASSES))(
+      trainable, frozen, data, jnp.int32(0), jax.random.PRNGKey(0))
+  assert int(out["steps"]) == 1
+  want = flat(jax.tree_util.tree_map(lambda d: -lr * d, g(trainable)))
+  for k, v in flat(out["update"]).items():
+    np.testing.assert_allclose(v, want[k], atol=1e-6, rtol=1e-5, err_msg=k)

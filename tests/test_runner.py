@@ -276,3 +276,44 @@ def test_pretrain_command_writes_a_loadable_checkpoint_and_caches(tmp_path):
   c.peft.method = "full"
   assert pretrain(c, str(tmp_path / "pre"), verbose=False) == path  # cached: not retrained
   assert os.path.getmtime(path) == mtime
+
+
+def test_privacy_budget_stop_refuse_and_calibration(tmp_path):
+  from fedpeft_jax.privacy import PrivacyBudgetError, dp_fedavg_epsilon
+  from fedpeft_jax.runner.train import run
+
+  def dp_config(rounds):
+    c = _tiny()
+    c.federated.rounds = rounds
+    c.privacy.mechanism = "dp_fedavg"
+    c.privacy.noise_multiplier = 1.0
+    c.privacy.delta = 1e-3
+    return c
+
+  one_round = dp_fedavg_epsilon(2, 4, 1.0, 1, 1e-3)
+  two_rounds = dp_fedavg_epsilon(2, 4, 1.0, 2, 1e-3)
+  budget = (one_round + two_rounds) / 2  # room for one round, not two
+
+  c = dp_config(3)
+  c.privacy.max_epsilon = budget
+  c.privacy.budget_action = "refuse"
+  with pytest.raises(PrivacyBudgetError, match="max_epsilon"):
+    run(c, str(tmp_path / "refused"), progress=False)
+  assert not os.path.exists(tmp_path / "refused")
+
+  c = dp_config(3)
+  c.privacy.max_epsilon = budget
+  c.privacy.budget_action = "stop"
+  summary = run(c, str(tmp_path / "stopped"), progress=False)
+  assert summary["stopped_early_for_privacy_budget"] is True
+  assert summary["rounds"] == 1
+  assert summary["epsilon"] == pytest.approx(one_round, abs=1e-6) and summary["epsilon"] <= budget
+
+  # Calibration: the noise multiplier is chosen so the planned rounds spend the target.
+  c = dp_config(2)
+  c.privacy.calibrate = True
+  c.privacy.epsilon = 3.0
+  run(c, str(tmp_path / "calibrated"), progress=False)
+  row = _rows(str(tmp_path / "calibrated"))[-1]
+  assert row["epsilon"] == pytest.approx(3.0, abs=0.01)
+  assert dp_fedavg_epsilon(2, 4, row["noise_multiplier"], 2, 1e-3) == pytest.approx(row["epsilon"])
