@@ -186,6 +186,32 @@ def test_privacy_mechanisms_through_the_engine(tmp_path):
   assert rows[1]["clip_norm"] != pytest.approx(0.5)  # the clip norm adapts
 
 
+def test_dp_sgd_ledger_counts_local_steps(tmp_path):
+  """With federated.local_steps every reporting client runs exactly local_steps DP-SGD
+  steps (local_epochs is raised to reach them), and the ledger must count those."""
+  from fedpeft_jax.federated import plan_round
+  from fedpeft_jax.runner.train import run
+  c = _tiny()
+  c.federated.local_epochs = 0
+  c.federated.local_steps = 3
+  c.privacy.mechanism = "dp_sgd"
+  c.privacy.noise_multiplier = 1.0
+  c.privacy.delta = 1e-5
+  run(c, str(tmp_path / "steps"), progress=False)
+  rows = _rows(str(tmp_path / "steps"))
+  sizes = json.load(open(tmp_path / "steps" / "partition.json"))["sizes"]
+  steps = {}
+  for r in range(2):
+    for cid in plan_round(c.seed, r, c.federated.num_clients, c.federated.clients_per_round,
+                          c.federated.dropout).reporting.tolist():
+      steps[cid] = steps.get(cid, 0) + 3
+  eps = max(_rdp_epsilon(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(min(1.0, c.federated.batch_size / sizes[cid]),
+                                          dp_accounting.GaussianDpEvent(1.0)), s), 1e-5)
+      for cid, s in steps.items())
+  assert rows[-1]["epsilon"] == pytest.approx(eps, abs=1e-6)
+
+
 def test_tfds_dataset_through_the_runner_with_mock_data(tmp_path):
   """The TFDS read path of a run (cifar100, 100 classes) on data tfds makes itself, offline."""
   import tensorflow_datasets as tfds

@@ -218,14 +218,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   augment = dataset.augment if config.data.augment == "auto" else config.data.augment
   max_n = int(max(part.sizes))
 
-  def steps_of(n: int) -> int:
-    steps = fed.local_epochs * math.ceil(n / fed.batch_size)
-    return min(steps, fed.local_steps) if fed.local_steps > 0 else steps
-
-  privacy = _Privacy(config, np.asarray(part.sizes), per_round, steps_of)
   local_epochs = fed.local_epochs
   if fed.local_steps > 0:  # enough epochs for the smallest client to reach local_steps
     local_epochs = math.ceil(fed.local_steps / math.ceil(min(part.sizes) / fed.batch_size))
+
+  def steps_of(n: int) -> int:  # the real local steps a client of n examples runs
+    steps = local_epochs * math.ceil(n / fed.batch_size)
+    return min(steps, fed.local_steps) if fed.local_steps > 0 else steps
+
+  privacy = _Privacy(config, np.asarray(part.sizes), per_round, steps_of)
   cspec = ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs, max_examples=max_n,
                      image_size=config.model.image_size, augment=augment,
                      local_steps=fed.local_steps, label_smoothing=fed.label_smoothing,
