@@ -323,3 +323,17 @@ def test_fedprox_and_local_steps_against_hand_derived_sgd():
   want = flat(jax.tree_util.tree_map(lambda d: -lr * d, g(trainable)))
   for k, v in flat(out["update"]).items():
     np.testing.assert_allclose(v, want[k], atol=1e-6, rtol=1e-5, err_msg=k)
+
+
+def test_poisson_client_sampling_and_static_slots():
+  from fedpeft_jax.federated import layout_clients
+  sizes = [plan_round(5, r, 64, 8, poisson=True).num_sampled for r in range(400)]
+  assert len(set(sizes)) > 3  # a random number of clients per round
+  assert abs(np.mean(sizes) - 8) < 0.6  # Binomial(64, 1/8): mean 8, sd of the mean ~0.13
+  again = [plan_round(5, r, 64, 8, poisson=True).num_sampled for r in range(400)]
+  assert sizes == again
+  for n in (3, 8, 11):
+    ids, valid = layout_clients(np.arange(n, dtype=np.int32), 1, 1, min_slots=12)
+    assert ids.shape == (1, 12, 1) and int(valid.sum()) == n
+  ids, valid = layout_clients(np.arange(14, dtype=np.int32), 2, 2, min_slots=12)
+  assert ids.shape == (2, 4, 2) and sorted(ids[valid].tolist()) == list(range(14))

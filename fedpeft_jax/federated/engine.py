@@ -48,6 +48,9 @@ class RoundSpec:
   weighting: str = "examples"
   max_update_norm: float = 0.0  # > 0: clip each client update's global norm at the server
   dp: ServerDP = ServerDP()
+  # Pad every round to at least this many client slots, so rounds with a varying number
+  # of clients (Poisson sampling, dropout) share one compiled executable.
+  min_slots: int = 0
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -228,7 +231,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
             plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
     ids, valid = layout_clients(plan.reporting, round_spec.num_devices,
-                                round_spec.clients_per_chunk)
+                                round_spec.clients_per_chunk, round_spec.min_slots)
     sharding = NamedSharding(mesh, P(AXIS))
     ids = _to_global(ids, sharding)
     valid = _to_global(valid, sharding)
@@ -241,12 +244,12 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   return FederatedAlgorithm(init=init, apply=apply)
 
 
-def layout_clients(client_ids: np.ndarray, num_devices: int,
-                   clients_per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def layout_clients(client_ids: np.ndarray, num_devices: int, clients_per_chunk: int,
+                   min_slots: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Pad ids to [devices, chunks, chunk]; padded slots repeat client 0 and are invalid."""
   n = int(len(client_ids))
   per_step = num_devices * clients_per_chunk
-  chunks = max(1, math.ceil(n / per_step))
+  chunks = max(1, math.ceil(max(n, min_slots) / per_step))
   total = chunks * per_step
   ids = np.zeros(total, np.int32)
   valid = np.zeros(total, bool)

@@ -44,12 +44,19 @@ def resolve_clients_per_round(num_clients: int, clients_per_round: int = 0,
 
 
 def plan_round(seed: int, round_index: int, num_clients: int, clients_per_round: int,
-               dropout: float = 0.0) -> RoundPlan:
-  """Uniform sampling without replacement, then each client drops with prob `dropout`."""
+               dropout: float = 0.0, poisson: bool = False) -> RoundPlan:
+  """Uniform sampling without replacement, then each client drops with prob `dropout`.
+
+  `poisson=True` instead takes every client independently with probability
+  clients_per_round / num_clients (a random number per round): the sampling that
+  client-level DP accounting (DP-FedAvg) assumes.
+  """
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"federated.dropout must be in [0, 1), got {dropout}")
   rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(round_index), 0x5A3])
-  if clients_per_round == num_clients:
+  if poisson:
+    sampled = np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)
+  elif clients_per_round == num_clients:
     sampled = np.arange(num_clients)
   else:
     sampled = np.sort(rng.choice(num_clients, size=clients_per_round, replace=False))

@@ -118,7 +118,7 @@ class _Privacy:
       return
     if self.mechanism == "dp_sgd":
       # Calibrated for the smallest client (largest rate B / n_i) training every round.
-      n_min = int(np.min(sizes))
+      n_min = int(np.min(sizes[sizes > 0]))  # an empty client trains on nothing
       q, steps = min(1.0, self.batch / n_min), fed.rounds * steps_of(n_min)
       self.noise = pcfg.resolve_noise_multiplier(p, q, steps)
       capacity = min(mechanisms.poisson_capacity(self.batch, p.poisson_overflow_prob),
@@ -155,7 +155,7 @@ class _Privacy:
 
   def _dp_sgd_round(self, reporting: np.ndarray):
     ns = [int(self.sizes[c]) for c in reporting.tolist()]
-    return (reporting.tolist(), [min(1.0, self.batch / n) for n in ns], self.noise,
+    return (reporting.tolist(), [min(1.0, self.batch / max(n, 1)) for n in ns], self.noise,
             [self.steps_of(n) for n in ns])
 
   def record(self, reporting: np.ndarray) -> None:
@@ -220,7 +220,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
   local_epochs = fed.local_epochs
   if fed.local_steps > 0:  # enough epochs for the smallest client to reach local_steps
-    local_epochs = math.ceil(fed.local_steps / math.ceil(min(part.sizes) / fed.batch_size))
+    smallest = max(1, int(min(part.sizes)))
+    local_epochs = math.ceil(fed.local_steps / math.ceil(smallest / fed.batch_size))
 
   def steps_of(n: int) -> int:  # the real local steps a client of n examples runs
     steps = local_epochs * math.ceil(n / fed.batch_size)
@@ -231,8 +232,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                      image_size=config.model.image_size, augment=augment,
                      local_steps=fed.local_steps, label_smoothing=fed.label_smoothing,
                      fedprox_mu=fed.fedprox_mu, dp=privacy.client)
+  # DP-FedAvg is accounted for Poisson client sampling, so with privacy.sampling='poisson'
+  # that is how clients are drawn; rounds pad to a capacity the count exceeds with
+  # probability 1e-6 (a rarer, larger round just compiles once more).
+  poisson_clients = privacy.mechanism == "dp_fedavg" and config.privacy.sampling == "poisson"
+  min_slots = per_round
+  if poisson_clients and per_round < fed.num_clients:
+    from fedpeft_jax.privacy.mechanisms import poisson_capacity
+    min_slots = poisson_capacity(per_round, 1e-6, client_size=fed.num_clients)
   rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
-                    max_update_norm=fed.max_update_norm, dp=privacy.server)
+                    max_update_norm=fed.max_update_norm, dp=privacy.server, min_slots=min_slots)
   client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
                                     fed.client_nesterov, fed.client_weight_decay)
   server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
@@ -281,7 +290,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   stopped_early = False
   for r in range(int(state.round), fed.rounds):
     t0 = time.time()
-    plan = plan_round(config.seed, r, fed.num_clients, per_round, fed.dropout)
+    plan = plan_round(config.seed, r, fed.num_clients, per_round, fed.dropout,
+                      poisson=poisson_clients)
     if privacy.would_exceed(plan.reporting):
       print(f"Stopping before round {r + 1}: it would exceed privacy.max_epsilon "
             f"{privacy.max_epsilon}")
