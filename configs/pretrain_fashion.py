@@ -5,7 +5,9 @@
 
 import ml_collections
 
-from configs import quickstart
+from fedpeft_jax.runner.config_files import sibling
+
+quickstart = sibling(__file__, "quickstart")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

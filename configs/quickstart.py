@@ -11,7 +11,9 @@ arg: the PEFT method ('full', 'head', 'bias', 'adapter', 'prompt', 'lora', 'ssf'
 
 import ml_collections
 
-from configs import default
+from fedpeft_jax.runner.config_files import sibling
+
+default = sibling(__file__, "default")
 
 # Client learning rates tuned once on this task, in the study's spirit (small subsets
 # take larger steps than full fine-tuning).

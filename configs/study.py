@@ -36,11 +36,11 @@ Any field can still be overridden on the command line (--config.federated.rounds
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any, Callable, Optional
 
 import ml_collections
+
+from fedpeft_jax.runner.config_files import sibling
 
 DATASETS = ("cifar100", "resisc45", "patch_camelyon")
 METHODS = ("full", "head", "bias", "adapter", "adapter_paper", "prompt", "lora", "ssf",
@@ -60,15 +60,6 @@ _KEYS = ("dataset", "method", "clients", "participation", "split", "seed", "trai
 _POSITIONAL = ("dataset", "method")
 _SPLIT_ALIASES = {"dirichlet": "dirichlet", "noniid": "dirichlet", "non-iid": "dirichlet",
                   "non_iid": "dirichlet", "iid": "iid"}
-
-
-def _load_default() -> Any:
-  """configs/default.py by path: presets work whatever the working directory is."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("fedpeft_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _participation(text: str) -> float:
@@ -174,7 +165,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
 
 def build(args: dict[str, Any]) -> ml_collections.ConfigDict:
   """The non-DP study config for parsed args (shared with configs/study_dp.py)."""
-  c = _load_default().get_config()
+  c = sibling(__file__, "default").get_config()
   dataset, method = args["dataset"], args["method"]
   c.seed = args["seed"]
 

@@ -35,11 +35,11 @@ dp_fedavg (client-level, Poisson-sampled clients) report the epsilon actually sp
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any, Callable
 
 import ml_collections
+
+from fedpeft_jax.runner.config_files import sibling
 
 DP_DATASETS = ("cifar100", "patch_camelyon", "resisc45")
 DP_METHODS = ("full", "head", "bias", "adapter", "adapter_paper", "prompt", "lora", "ssf")
@@ -51,15 +51,6 @@ DEFAULT_DELTA = {"paper_gaussian": 1e-3, "dp_fedavg": 1e-3, "dp_sgd": 1e-5, "non
 _KEYS = ("dataset", "method", "mechanism", "epsilon", "delta", "noise", "clip", "adaptive",
          "seed")
 _POSITIONAL = ("dataset", "method")
-
-
-def _load_study() -> Any:
-  """configs/study.py by path (it loads configs/default.py the same way)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "study.py")
-  spec = importlib.util.spec_from_file_location("fedpeft_configs_study", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _positive_float(text: str) -> float:
@@ -78,7 +69,7 @@ def _flag(text: str) -> bool:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: 'dataset,method[,key=value...]' or only key=value pairs (module docstring)."""
-  study = _load_study()
+  study = sibling(__file__, "study")
   parsers: dict[str, Callable[[str], Any]] = {
       "dataset": study.one_of(DP_DATASETS),
       "method": study.one_of(DP_METHODS),

@@ -18,32 +18,23 @@ the 'synthetic' dataset (16x16 native, so nothing is resized); 4 clients, 2 per 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Any
 
 import ml_collections
+
+from fedpeft_jax.runner.config_files import sibling
 
 _KEYS = ("method", "partition", "rounds", "seed")
 
 
-def _load(name: str) -> Any:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"fedpeft_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: '[method][,key=value...]' (module docstring)."""
-  study = _load("study")
+  study = sibling(__file__, "study")
   parsers = {"method": str.strip, "partition": study.one_of(("iid", "dirichlet", "shards")),
              "rounds": study.positive_int, "seed": study.nonnegative_int}
   a = study.parse_arg(arg, _KEYS, ("method",), parsers,
                       {"method": "full", "partition": "dirichlet", "rounds": 2, "seed": 0},
                       "configs/tiny.py")
-  c = _load("default").get_config()
+  c = sibling(__file__, "default").get_config()
   c.seed = a["seed"]
 
   c.model.variant = "Ti/4"  # every size field below overrides it

@@ -14,9 +14,9 @@ import time
 
 from absl import app, flags, logging
 
-from configs import pretrain_fashion, quickstart
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
+from fedpeft_jax.runner.config_files import repo_config
 from fedpeft_jax.runner.train import run
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output directory.")
@@ -33,12 +33,12 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   t0 = time.time()
   workdir = _WORKDIR.value
-  pretrain_config = pretrain_fashion.get_config()
+  pretrain_config = repo_config("pretrain_fashion").get_config()
   pretrain_config.data.data_dir = _FASHION_DIR.value
   ckpt = pretrain(pretrain_config, os.path.join(workdir, "pretrain"))
   results = {}
   for method in _METHODS.value:
-    config = quickstart.get_config(method)
+    config = repo_config("quickstart").get_config(method)
     if method != "scratch":
       config.model.pretrained = ckpt
     if _ROUNDS.value:

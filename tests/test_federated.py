@@ -17,7 +17,7 @@ from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost,
                                    make_client_update, make_server_optimizer, plan_round)
-from fedpeft_jax.federated.engine import make_evaluate, make_mesh
+from fedpeft_jax.federated.engine import make_evaluate
 from fedpeft_jax.models import ViT
 
 NUM_CLASSES = 4

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 
 from fedpeft_jax import privacy as P
-from fedpeft_jax.privacy import accounting as A
-from fedpeft_jax.privacy import mechanisms as M
 
 MNIST_Q = 256 / 60000
 MNIST_STEPS_PER_EPOCH = 60000 // 256  # 234, as in the TF Privacy tutorial

@@ -119,12 +119,8 @@ def test_misspelled_field_is_an_error(tmp_path):
 
 
 def _tiny(method: str = "bias"):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs",
-                                                                          "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"{method},rounds=2")
+  from fedpeft_jax.runner.config_files import repo_config
+  return repo_config("tiny").get_config(f"{method},rounds=2")
 
 
 def _rdp_epsilon(event, delta):
@@ -242,14 +238,10 @@ def test_missing_dataset_leaves_no_workdir(tmp_path):
 def test_study_preset_runs_end_to_end_on_mock_cifar100(tmp_path):
   """A study row (configs/study.py:cifar100,bias: crop+flip augmentation, Dirichlet 0.1,
   the study's SGD) runs through the runner once the backbone is shrunk for a CPU test."""
-  import importlib.util
   import tensorflow_datasets as tfds
+  from fedpeft_jax.runner.config_files import repo_config
   from fedpeft_jax.runner.train import run
-  spec = importlib.util.spec_from_file_location("study_cfg", os.path.join(ROOT, "configs",
-                                                                           "study.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("cifar100,bias,clients=4,participation=0.5")
+  c = repo_config("study").get_config("cifar100,bias,clients=4,participation=0.5")
   assert c.data.augment == "auto" and c.federated.client_lr == 1e-2
   c.model.pretrained = ""
   c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2

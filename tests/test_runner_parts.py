@@ -7,7 +7,6 @@ atomically, the metrics log survives torn appends and truncation, plots are real
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -16,17 +15,13 @@ from typing import Any, Callable
 import pytest
 
 from fedpeft_jax.runner import outputs
+from fedpeft_jax.runner.config_files import repo_config
 from fedpeft_jax.runner.validate import ConfigError, parse_clients_per_chunk, validate_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_preset(name: str) -> Any:
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"test_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return repo_config(name)
 
 
 study = load_preset("study")

@@ -723,11 +723,11 @@ def _fit(ckpt: dict[str, np.ndarray], model: Any, keep_head: bool, rng: jax.Arra
   if missing or unexpected:
     msg = [f"{where}: checkpoint does not fit the model"]
     if missing:
-      msg.append(f"missing keys (model shapes): "
+      msg.append("missing keys (model shapes): "
                  + ", ".join(f"{k} {_shape_str(target[k].shape)}" for k in missing[:10])
                  + (f" ... ({len(missing)} in all)" if len(missing) > 10 else ""))
     if unexpected:
-      msg.append(f"unexpected keys (checkpoint shapes): "
+      msg.append("unexpected keys (checkpoint shapes): "
                  + ", ".join(f"{k} {_shape_str(ckpt[k].shape)}" for k in unexpected[:10])
                  + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 10 else ""))
       if any(k.startswith("MAPHead") for k in unexpected):
