@@ -173,8 +173,8 @@ def test_nan_client_excluded_and_weights_renormalise(max_update_norm):
   model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
   base = make_client_update(model, client_tx, cspec, NUM_CLASSES)
 
-  def poisoned(t, f, d, cid, key):
-    out = base(t, f, d, cid, key)
+  def poisoned(t, f, d, cid, key, active):
+    out = base(t, f, d, cid, key, active)
     bad = cid == 1
     out["update"] = jax.tree_util.tree_map(lambda u: jnp.where(bad, jnp.nan, u), out["update"])
     return out
@@ -337,3 +337,42 @@ def test_poisson_client_sampling_and_static_slots():
     assert ids.shape == (1, 12, 1) and int(valid.sum()) == n
   ids, valid = layout_clients(np.arange(14, dtype=np.int32), 2, 2, min_slots=12)
   assert ids.shape == (2, 4, 2) and sorted(ids[valid].tolist()) == list(range(14))
+
+
+def test_sorted_chunks_run_only_real_steps_and_agree_across_layouts():
+  """Clients of 1..8 batches: chunk sizes 1, 2, 4 and shuffled client orders give the same
+  round to 1e-6; executed steps are the hand count of longest-first chunks."""
+  from fedpeft_jax.federated.sampling import RoundPlan
+  batch = 2
+  sizes = tuple(batch * b for b in (3, 8, 1, 6, 2, 7, 5, 4))  # 1..8 batches, unsorted
+  steps = np.array(sizes) // batch
+  want_executed = {1: steps.sum(),
+                   2: 2 * sum(sorted(steps, reverse=True)[0::2]),
+                   4: 4 * sum(sorted(steps, reverse=True)[0::4])}
+  results = {}
+  rng = np.random.default_rng(0)
+  for chunk in (1, 2, 4):
+    for shuffled in (False, True):
+      _, _, trainable, frozen, data, algo, *_ = setup(sizes=sizes, batch=batch, chunk=chunk)
+      ids = np.arange(len(sizes), dtype=np.int32)
+      if shuffled:
+        ids = rng.permutation(ids).astype(np.int32)
+      plan = RoundPlan(round=0, sampled=ids, reporting=ids)
+      state, metrics = algo.apply(algo.init(trainable, seed=2), frozen, data, plan)
+      assert int(metrics["local_steps"]) == steps.sum()
+      assert int(metrics["executed_steps"]) == want_executed[chunk], chunk
+      results[(chunk, shuffled)] = flat(state.trainable)
+  ref = results[(1, False)]
+  for key, got in results.items():
+    for k in ref:
+      np.testing.assert_allclose(got[k], ref[k], atol=1e-6, rtol=0, err_msg=f"{key} {k}")
+
+
+def test_layout_sorts_longest_first_and_spreads_devices():
+  from fedpeft_jax.federated import layout_clients
+  ids, valid = layout_clients(np.array([10, 11, 12, 13, 14], np.int32), 2, 2,
+                              steps=np.array([1, 5, 3, 5, 2]))
+  # Longest first (ties keep their order): 11, 13, 12, 14, 10; dealt over 2 devices.
+  assert ids.shape == (2, 2, 2)
+  assert ids[0].tolist() == [[11, 12], [10, 0]] and ids[1].tolist() == [[13, 14], [0, 0]]
+  assert valid.sum() == 5 and not valid[1, 1].any()

@@ -74,9 +74,13 @@ def client_data(dataset: Any, partition: Any, device: Optional[Any] = None) -> C
                     put(sizes))
 
 
-def num_local_steps(size: Any, batch_size: int, local_epochs: int) -> Any:
-  """Real local steps of a client with `size` examples: epochs * ceil(size / batch)."""
-  return local_epochs * ((size + batch_size - 1) // batch_size)
+def num_local_steps(size: Any, batch_size: int, local_epochs: int, max_steps: int = 0) -> Any:
+  """Real local steps of a client with `size` examples: epochs * ceil(size / batch), capped
+  at `max_steps` when it is > 0 (`federated.local_steps`). NumPy or JAX, any shape."""
+  steps = local_epochs * ((size + batch_size - 1) // batch_size)
+  if max_steps > 0:
+    steps = steps * (steps <= max_steps) + max_steps * (steps > max_steps)
+  return steps
 
 
 @functools.partial(jax.jit, static_argnames=("max_n", "batch_size", "local_epochs"))

@@ -17,6 +17,7 @@ import optax
 
 import fedpeft_jax.data as fdata
 from fedpeft_jax.peft.partition import merge
+from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
 
@@ -45,6 +46,10 @@ class ClientSpec:
   fedprox_mu: float = 0.0
   dp: ClientDP = ClientDP()
 
+  def real_steps(self, size: Any) -> Any:
+    """Local steps a client of `size` examples really runs (NumPy or JAX, any shape)."""
+    return fdata.num_local_steps(size, self.batch_size, self.local_epochs, self.local_steps)
+
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
                          num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
@@ -63,10 +68,13 @@ def tree_where(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
 
 def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation,
                        spec: ClientSpec, num_classes: int) -> Callable[..., dict]:
-  """Returns client_update(trainable, frozen, data, client_id, key) -> dict.
+  """Returns client_update(trainable, frozen, data, client_id, key, active=True) -> dict.
 
   The dict holds `update` (new - old trainable params), `num_examples`, `loss`
-  (mean training loss over the client's real steps) and `steps`.
+  (mean training loss over the client's real steps) and `steps` (the real steps run).
+  This is the engine's extension point for custom client rules: an inactive slot
+  (`active=False`, a padding slot of the round's layout) must run no steps and report
+  zero steps and examples.
   """
   dp = spec.dp
 
@@ -87,7 +95,6 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
   def gradients(trainable, frozen, images, labels, mask, key, anchor, size):
     k_model, k_noise = jax.random.split(key)
     if dp.mechanism == "dp_sgd":
-      from fedpeft_jax.privacy import mechanisms
       # The sum is divided by the expected batch: q * n_i = min(B, n_i) under Poisson.
       expected = (jnp.minimum(spec.batch_size, size).astype(jnp.float32) if dp.poisson
                   else float(spec.batch_size))
@@ -100,60 +107,58 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, labels, mask, k_model,
                                               anchor)
     if dp.mechanism == "paper_gaussian":
-      from fedpeft_jax.privacy import mechanisms
       grads = mechanisms.paper_gaussian(grads, k_noise, dp.clip_norm, dp.noise_std)
     return loss, grads
 
-  def client_update(trainable, frozen, data, client_id, key):
+  def client_update(trainable, frozen, data, client_id, key, active=True):
     row = data.indices[client_id]
     size = data.sizes[client_id]
     k_sched, k_steps = jax.random.split(key)
     positions, example_mask, step_mask = fdata.local_schedule(
         k_sched, size, spec.max_examples, spec.batch_size, spec.local_epochs)
-    if spec.local_steps > 0:
-      step_mask = step_mask & (jnp.cumsum(step_mask) <= spec.local_steps)
+    # The real steps come first in the schedule; only they run (an inactive slot runs none).
+    real_steps = jnp.where(active, spec.real_steps(jnp.clip(size, 0, spec.max_examples)), 0)
     dropped = jnp.zeros((), jnp.int32)
     if dp.mechanism == "dp_sgd" and dp.poisson:
       # Each step takes every example independently with rate q = B / n_i (the
       # accountant's assumption) into a batch of static capacity; the real step count
       # stays local_epochs * ceil(n_i / B).
-      from fedpeft_jax.privacy import mechanisms
       rate = jnp.minimum(1.0, spec.batch_size / jnp.maximum(size, 1).astype(jnp.float32))
       positions, example_mask, drops = mechanisms.poisson_schedule(
           jax.random.fold_in(k_sched, 1), size, rate, positions.shape[0], dp.capacity,
           spec.max_examples)
-      dropped = jnp.sum(jnp.where(step_mask, drops, 0))
+      live = jnp.arange(positions.shape[0]) < real_steps
+      dropped = jnp.sum(jnp.where(live, drops, 0))
     step_keys = jax.random.split(k_steps, positions.shape[0])
 
-    def train_step(carry, xs):
-      params, opt_state = carry
-      pos, ex_mask, k = xs
-      k_aug, k_grad = jax.random.split(k)
-      idx = row[pos]
+    def train_step(t, params, opt_state):
+      k_aug, k_grad = jax.random.split(step_keys[t])
+      idx = row[positions[t]]
       images = fdata.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
-                                   augment=spec.augment, train=True)
-      loss, grads = gradients(params, frozen, images, data.labels[idx], ex_mask, k_grad,
+                                augment=spec.augment, train=True)
+      loss, grads = gradients(params, frozen, images, data.labels[idx], example_mask[t], k_grad,
                               trainable, size)
       updates, new_opt_state = client_tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), new_opt_state), loss.astype(jnp.float32)
+      return optax.apply_updates(params, updates), new_opt_state, loss.astype(jnp.float32)
 
-    def step(carry, xs):
-      pos, ex_mask, live, k = xs
-      # Padded steps are exact no-ops: nothing moves, nothing is counted. Outside vmap
-      # (one client per chunk) `cond` skips their compute, which matters for unequal
-      # client sizes; under vmap it lowers to a select of both branches.
-      return jax.lax.cond(live, train_step, lambda c, _: (c, jnp.zeros((), jnp.float32)),
-                          carry, (pos, ex_mask, k))
+    def body(carry):
+      t, params, opt_state, loss_sum = carry
+      params, opt_state, loss = train_step(t, params, opt_state)
+      return t + 1, params, opt_state, loss_sum + loss
 
-    (final, _), losses = jax.lax.scan(step, (trainable, client_tx.init(trainable)),
-                                      (positions, example_mask, step_mask, step_keys))
-    steps = jnp.sum(step_mask)
+    # A data-dependent trip count: exactly the client's real steps. Under vmap (several
+    # clients per chunk) the loop runs until the chunk's longest client is done and the
+    # finished clients' carries are held by a select, so a chunk of similar clients (the
+    # engine sorts them) wastes little and a chunk of padding slots runs nothing.
+    init = (jnp.zeros((), jnp.int32), trainable, client_tx.init(trainable),
+            jnp.zeros((), jnp.float32))
+    _, final, _, loss_sum = jax.lax.while_loop(lambda c: c[0] < real_steps, body, init)
     update = jax.tree_util.tree_map(lambda new, old: new - old, final, trainable)
     return {
         "update": update,
-        "num_examples": size.astype(jnp.float32),
-        "loss": jnp.sum(losses) / jnp.maximum(steps, 1),
-        "steps": steps,
+        "num_examples": jnp.where(active, size, 0).astype(jnp.float32),
+        "loss": loss_sum / jnp.maximum(real_steps, 1),
+        "steps": real_steps,
         "poisson_dropped": dropped,
     }
 

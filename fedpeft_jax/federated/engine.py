@@ -119,20 +119,18 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     f32 = lambda: jnp.zeros((), jnp.float32)
     init_carry = {"update": zeros, "weight": f32(), "loss": f32(), "examples": f32(),
                   "contributed": f32(), "nonfinite": f32(), "unclipped": f32(),
-                  "steps": f32(), "poisson_dropped": f32()}
+                  "steps": f32(), "executed_steps": f32(), "poisson_dropped": f32()}
 
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
       keys_c = jax.random.wrap_key_data(keys_c)
       if ids_c.shape[0] == 1:
-        # One client per chunk: no vmap, so `cond` really skips padded slots and steps.
-        run = lambda: client_update(trainable, frozen, data, ids_c[0], keys_c[0])  # noqa: E731
-        empty = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
-        out = jax.lax.cond(valid_c[0], run, lambda: empty)
+        # One client per chunk: no vmap, the client's loop runs exactly its real steps.
+        out = client_update(trainable, frozen, data, ids_c[0], keys_c[0], valid_c[0])
         out = jax.tree_util.tree_map(lambda x: x[None], out)
       else:
-        out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0))(
-            trainable, frozen, data, ids_c, keys_c)
+        out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0))(
+            trainable, frozen, data, ids_c, keys_c, valid_c)
       update = out["update"]
       finite = jax.vmap(_all_finite)(update)
       ok = valid_c & finite
@@ -163,6 +161,10 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       new["nonfinite"] = carry["nonfinite"] + jnp.sum(valid_c & ~finite)
       new["unclipped"] = carry["unclipped"] + jnp.sum(ok & (norms <= clip_norm))
       new["steps"] = carry["steps"] + jnp.sum(jnp.where(ok, out["steps"], 0))
+      # What the hardware ran: every slot of a vmapped chunk steps until its longest client
+      # is done (the select keeps finished clients still, but their compute happens).
+      new["executed_steps"] = carry["executed_steps"] + (
+          jnp.max(out["steps"]).astype(jnp.float32) * ids_c.shape[0])
       new["poisson_dropped"] = carry["poisson_dropped"] + jnp.sum(
           jnp.where(valid_c, out["poisson_dropped"], 0))
       return new, None
@@ -195,6 +197,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         "clients_nonfinite": sums["nonfinite"],
         "train_loss": sums["loss"] / jnp.maximum(sums["examples"], 1.0),
         "local_steps": sums["steps"],
+        "executed_steps": sums["executed_steps"],
         "poisson_dropped": sums["poisson_dropped"],
     }
     clip_norm = state.clip_norm
@@ -228,10 +231,15 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     metrics["update_norm"] = optax.tree.norm(mean_update)
     return new_state, metrics
 
+  sizes_cache: dict[str, Any] = {}
+
   def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
             plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
+    if sizes_cache.get("array") is not data.sizes:  # one device-to-host read per dataset
+      sizes_cache.update(array=data.sizes, host=host_sizes(data))
+    steps = client_spec.real_steps(sizes_cache["host"][plan.reporting])
     ids, valid = layout_clients(plan.reporting, round_spec.num_devices,
-                                round_spec.clients_per_chunk, round_spec.min_slots)
+                                round_spec.clients_per_chunk, round_spec.min_slots, steps)
     sharding = NamedSharding(mesh, P(AXIS))
     ids = _to_global(ids, sharding)
     valid = _to_global(valid, sharding)
@@ -245,19 +253,38 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
 
 
 def layout_clients(client_ids: np.ndarray, num_devices: int, clients_per_chunk: int,
-                   min_slots: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Pad ids to [devices, chunks, chunk]; padded slots repeat client 0 and are invalid."""
+                   min_slots: int = 0, steps: Optional[np.ndarray] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The round's client slots as [devices, chunks, chunk]; padded slots are invalid.
+
+  With `steps` (each client's real local steps, aligned with `client_ids`) the clients are
+  ordered longest first (ties by position, so the layout is deterministic) before they are
+  dealt out: client i of that order goes to device i % devices, chunk i // (chunk *
+  devices). Chunk c therefore holds clients of similar length on every device, a chunk
+  trains only as long as its longest client, and every device gets a similar share.
+  Padding slots (id 0, invalid) come last and cost nothing.
+  """
+  client_ids = np.asarray(client_ids, np.int32)
   n = int(len(client_ids))
   per_step = num_devices * clients_per_chunk
   chunks = max(1, math.ceil(max(n, min_slots) / per_step))
   total = chunks * per_step
+  if steps is not None:
+    client_ids = client_ids[np.argsort(-np.asarray(steps), kind="stable")]
   ids = np.zeros(total, np.int32)
   valid = np.zeros(total, bool)
   ids[:n] = client_ids
   valid[:n] = True
-  # Round-robin over devices so real clients spread evenly across them.
   order = np.arange(total).reshape(chunks, clients_per_chunk, num_devices).transpose(2, 0, 1)
   return ids[order], valid[order]
+
+
+def host_sizes(data: Any) -> np.ndarray:
+  """`data.sizes` on the host (also from a replicated multi-process global array)."""
+  x = data.sizes
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))  # replicated: every shard holds all clients
+  return np.asarray(x)
 
 
 def _to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -224,8 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     local_epochs = math.ceil(fed.local_steps / math.ceil(smallest / fed.batch_size))
 
   def steps_of(n: int) -> int:  # the real local steps a client of n examples runs
-    steps = local_epochs * math.ceil(n / fed.batch_size)
-    return min(steps, fed.local_steps) if fed.local_steps > 0 else steps
+    return int(fdata.num_local_steps(n, fed.batch_size, local_epochs, fed.local_steps))
 
   privacy = _Privacy(config, np.asarray(part.sizes), per_round, steps_of)
   cspec = ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs, max_examples=max_n,
