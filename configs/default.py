@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.representation_size = 0  # > 0: pre-logits Dense+tanh of this size.
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
-  c.model.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16'.
+  c.model.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'.
   c.model.pretrained = ""  # path, URL or registry name (e.g. 'vit_b16_in21k'); '' = from scratch.
   c.model.cache_dir = ""  # download cache for URLs and registry names ('' = ~/.cache/fedpeft_jax).
 
@@ -72,6 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.dropout = 0.0  # probability that a sampled client fails to report.
   c.federated.max_update_norm = 0.0  # > 0: clip each client update at the server (robustness).
   c.federated.clients_per_chunk = "auto"  # int, or 'auto' (1 on CPU; fills accelerators).
+  c.federated.feature_cache = "auto"  # 'auto': cache the frozen prefix's output when valid; 'off'.
   c.federated.eval_every = 1  # evaluate the global model every this many rounds (and the last).
   c.federated.eval_batch_size = 256
   c.federated.wire_dtype = "float32"  # dtype of the transmitted trainable params.

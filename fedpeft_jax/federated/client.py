@@ -8,7 +8,7 @@ of frozen layers and every client shares the one copy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 import fedpeft_jax.data as fdata
+from fedpeft_jax.federated import features
 from fedpeft_jax.peft.partition import merge
 from fedpeft_jax.privacy import mechanisms
 
@@ -45,6 +46,12 @@ class ClientSpec:
   label_smoothing: float = 0.0
   fedprox_mu: float = 0.0
   dp: ClientDP = ClientDP()
+  # What ClientData.images holds: raw images (None) or a cached frozen prefix.
+  inputs: Optional[features.InputSpec] = None
+
+  @property
+  def input_spec(self) -> features.InputSpec:
+    return self.inputs or features.images_input(self.image_size)
 
   def real_steps(self, size: Any) -> Any:
     """Local steps a client of `size` examples really runs (NumPy or JAX, any shape)."""
@@ -80,7 +87,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
 
   def loss_fn(trainable, frozen, images, labels, mask, key, anchor):
     params = merge(trainable, frozen)
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+    logits = spec.input_spec.logits(model, params, images, True, {"dropout": key})
     loss = masked_cross_entropy(logits, labels, mask, num_classes, spec.label_smoothing)
     if spec.fedprox_mu:
       sq = sum(jnp.sum(jnp.square(p - a)) for p, a in zip(
@@ -134,8 +141,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
     def train_step(t, params, opt_state):
       k_aug, k_grad = jax.random.split(step_keys[t])
       idx = row[positions[t]]
-      images = fdata.preprocess(data.images[idx], k_aug, image_size=spec.image_size,
-                                augment=spec.augment, train=True)
+      images = spec.input_spec.prepare(data.images[idx], k_aug, spec.augment, train=True)
       loss, grads = gradients(params, frozen, images, data.labels[idx], example_mask[t], k_grad,
                               trainable, size)
       updates, new_opt_state = client_tx.update(grads, opt_state, params)

@@ -9,6 +9,7 @@ reduced across devices with `psum` inside `shard_map`. Padded slots are masked n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -19,6 +20,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import fedpeft_jax.data as fdata
+from fedpeft_jax.federated import features
 from fedpeft_jax.federated import server as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update, tree_where
 from fedpeft_jax.federated.sampling import RoundPlan
@@ -54,24 +57,73 @@ class RoundSpec:
 
 
 class FederatedAlgorithm(NamedTuple):
-  """fedjax-style pair: `init(trainable, seed) -> state`, `apply(state, ...) -> (state, metrics)`."""
+  """fedjax-style pair: `init(trainable, seed) -> state`, `apply(state, ...) -> (state, metrics)`;
+  `lower(state, frozen, data, plan)` gives the round's `jax.stages.Lowered` (for XLA's cost
+  and memory analyses) without running it."""
   init: Callable[..., server_lib.ServerState]
   apply: Callable[..., tuple[server_lib.ServerState, dict]]
+  lower: Optional[Callable[..., Any]] = None
+
+
+MEMORY_FRACTION = 0.75  # share of device memory a compiled round may plan to use
 
 
 def auto_clients_per_chunk(clients_per_round: int, num_devices: int, batch_size: int = 64,
-                           backend: Optional[str] = None, max_images: int = 256) -> int:
-  """CPU: 1 (a sequential scan measured fastest, and `cond` skips padded steps only then).
+                           backend: Optional[str] = None, max_images: int = 256,
+                           memory_of: Optional[Callable[[int], Optional[int]]] = None,
+                           bytes_limit: Optional[int] = None) -> tuple[int, str]:
+  """The clients vmapped per chunk, and why (a line for the log).
 
-  Accelerators: vmap as many of a device's clients as keep one chunk's step at
-  <= `max_images` images (activation memory grows with clients x batch; 256 images of a
-  ViT-B/16 at 224 px train in well under 80 GB), at least 1.
+  CPU: 1 (a sequential loop measured fastest; every client runs exactly its own steps).
+  Accelerators: the largest chunk (up to a device's share of the round) whose compiled
+  round XLA plans to fit in MEMORY_FRACTION of `bytes_limit` (`device.memory_stats()`),
+  `memory_of(chunk)` giving the compiled round's bytes (`compiled_round_bytes`). Where the
+  backend reports neither, the rule of thumb: <= `max_images` images per chunk step.
   """
   backend = backend or jax.default_backend()
   per_device = max(1, math.ceil(clients_per_round / num_devices))
   if backend == "cpu":
-    return 1
-  return max(1, min(per_device, max_images // max(1, batch_size)))
+    return 1, "cpu: one client at a time"
+  if memory_of is not None and bytes_limit:
+    budget = MEMORY_FRACTION * bytes_limit
+    candidates = sorted({per_device} | {2 ** i for i in range(per_device.bit_length())},
+                        reverse=True)
+    tried = []
+    for chunk in candidates:
+      need = memory_of(chunk)
+      if need is None:
+        break
+      tried.append(f"{chunk}: {need / 2**30:.2f} GiB")
+      if need <= budget:
+        return chunk, (f"largest chunk within {MEMORY_FRACTION:.0%} of {bytes_limit / 2**30:.1f}"
+                       f" GiB by XLA's estimate ({'; '.join(tried)})")
+    if tried:
+      return 1, f"no chunk fits by XLA's estimate ({'; '.join(tried)}); using 1"
+  chunk = max(1, min(per_device, max_images // max(1, batch_size)))
+  return chunk, f"rule of thumb: <= {max_images} images per chunk step (no memory estimate)"
+
+
+def compiled_round_bytes(lowered: Any) -> Optional[int]:
+  """Device bytes XLA plans for a lowered round: arguments + outputs + temporaries,
+  less donated (aliased) buffers; None where the backend gives no memory analysis."""
+  try:
+    mem = lowered.compile().memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
+def device_bytes_limit(device: Optional[Any] = None) -> Optional[int]:
+  """`bytes_limit` of the device's memory stats, or None where the backend has none."""
+  device = device or jax.devices()[0]
+  try:
+    stats = device.memory_stats()
+  except (NotImplementedError, RuntimeError):
+    return None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
 def make_mesh(devices: Optional[list] = None) -> Mesh:
@@ -181,7 +233,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
                          in_specs=(rep, rep, rep, split, split, split, rep), out_specs=rep,
                          check_vma=False)(trainable, frozen, data, ids, valid, keys, clip_norm)
 
-  @jax.jit
+  # The server state is donated: its buffers become the next state's, so a round holds
+  # one copy of the trainable params and optimizer state (the caller must not reuse it).
+  @functools.partial(jax.jit, donate_argnums=(0,))
   def round_step(state: server_lib.ServerState, frozen: PyTree, data: Any, ids: jax.Array,
                  valid: jax.Array):
     rng = jax.random.wrap_key_data(state.rng)
@@ -233,23 +287,27 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
 
   sizes_cache: dict[str, Any] = {}
 
-  def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
-            plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
+  def round_args(state, frozen, data, plan):
     if sizes_cache.get("array") is not data.sizes:  # one device-to-host read per dataset
       sizes_cache.update(array=data.sizes, host=host_sizes(data))
     steps = client_spec.real_steps(sizes_cache["host"][plan.reporting])
     ids, valid = layout_clients(plan.reporting, round_spec.num_devices,
                                 round_spec.clients_per_chunk, round_spec.min_slots, steps)
     sharding = NamedSharding(mesh, P(AXIS))
-    ids = _to_global(ids, sharding)
-    valid = _to_global(valid, sharding)
-    new_state, metrics = round_step(state, frozen, data, ids, valid)
+    return state, frozen, data, _to_global(ids, sharding), _to_global(valid, sharding)
+
+  def lower(state: server_lib.ServerState, frozen: PyTree, data: Any, plan: RoundPlan) -> Any:
+    return round_step.lower(*round_args(state, frozen, data, plan))
+
+  def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
+            plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
+    new_state, metrics = round_step(*round_args(state, frozen, data, plan))
     metrics = dict(metrics)
     metrics["clients_sampled"] = plan.num_sampled
     metrics["clients_reporting"] = plan.num_reporting
     return new_state, metrics
 
-  return FederatedAlgorithm(init=init, apply=apply)
+  return FederatedAlgorithm(init=init, apply=apply, lower=lower)
 
 
 def layout_clients(client_ids: np.ndarray, num_devices: int, clients_per_chunk: int,
@@ -298,26 +356,62 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree_util.tree_map(lambda x: _to_global(np.asarray(x), sharding), tree)
 
 
-def make_evaluate(model: nn.Module, batch_size: int, image_size: int) -> Callable[..., dict]:
-  """evaluate(params, images_uint8, labels) -> {'accuracy', 'loss'}, batched inside jit."""
-  import fedpeft_jax.data as fdata
+def place_eval_set(images: np.ndarray, labels: np.ndarray, mesh: Mesh
+                   ) -> tuple[jax.Array, jax.Array]:
+  """An evaluation set split row-wise over `mesh`'s devices (each holds 1/devices of it),
+  padded to a multiple of the device count with label -1 (not counted)."""
+  images, labels = np.asarray(images), np.asarray(labels, np.int32)
+  pad = (-len(labels)) % mesh.devices.size
+  if pad:
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    labels = np.concatenate([labels, np.full(pad, -1, np.int32)])
+  sharding = NamedSharding(mesh, P(AXIS))
+  return _to_global(images, sharding), _to_global(labels, sharding)
 
-  @jax.jit
-  def evaluate(params: PyTree, images: jax.Array, labels: jax.Array) -> dict:
-    index, mask = fdata.eval_schedule(images.shape[0], batch_size)
+
+def make_evaluate(model: nn.Module, batch_size: int, image_size: int,
+                  mesh: Optional[Mesh] = None,
+                  inputs: Optional[features.InputSpec] = None) -> Callable[..., dict]:
+  """evaluate(params, examples, labels) -> {'accuracy', 'loss'}, batched inside one jit.
+
+  The examples are split over `mesh`'s devices (default: all devices); each device runs
+  its share and the correct counts and losses are summed with `psum`. Rows labelled -1
+  are padding (see `place_eval_set`). `inputs` says what the examples are (default: uint8
+  images; or a cached frozen prefix, see `features`).
+  """
+  mesh = mesh if mesh is not None else make_mesh()
+  num_devices = mesh.devices.size
+  inputs = inputs or features.images_input(image_size)
+
+  def local(params, examples, labels):
+    index, mask = fdata.eval_schedule(examples.shape[0], batch_size)
 
     def body(carry, xs):
       idx, m = xs
-      x = fdata.preprocess(images[idx], jax.random.PRNGKey(0), image_size=image_size,
-                              augment="none", train=False)
-      logits = model.apply({"params": params}, x, train=False)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx])
-      correct = (jnp.argmax(logits, -1) == labels[idx])
-      mf = m.astype(jnp.float32)
+      x = inputs.prepare(examples[idx], None, "none", train=False)
+      logits = inputs.logits(model, params, x, train=False)
+      y = labels[idx]
+      valid = m & (y >= 0)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+      correct = jnp.argmax(logits, -1) == y
+      mf = valid.astype(jnp.float32)
       return (carry[0] + jnp.sum(correct * mf), carry[1] + jnp.sum(ce * mf),
               carry[2] + jnp.sum(mf)), None
 
-    (correct, loss, n), _ = jax.lax.scan(body, (0.0, 0.0, 0.0), (index, mask))
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero, zero), (index, mask))
+    return jax.lax.psum(sums, AXIS)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
+                          check_vma=False)
+
+  @jax.jit
+  def evaluate(params: PyTree, examples: jax.Array, labels: jax.Array) -> dict:
+    pad = (-examples.shape[0]) % num_devices
+    if pad:  # arrays not placed by place_eval_set
+      examples = jnp.pad(examples, [(0, pad)] + [(0, 0)] * (examples.ndim - 1))
+      labels = jnp.pad(labels, (0, pad), constant_values=-1)
+    correct, loss, n = sharded(params, examples, labels)
     return {"accuracy": correct / n, "loss": loss / n}
 
   return evaluate

@@ -8,6 +8,7 @@ params and metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,16 +23,32 @@ import numpy as np
 from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
-                                   auto_clients_per_chunk, build_algorithm, comm_cost,
-                                   make_client_optimizer, make_evaluate, make_mesh,
-                                   make_server_optimizer, plan_round, replicate,
-                                   resolve_clients_per_round)
+                                   auto_clients_per_chunk, build_algorithm, build_cache,
+                                   choose_input, comm_cost, compiled_round_bytes,
+                                   device_bytes_limit, make_client_optimizer, make_evaluate,
+                                   make_mesh, make_server_optimizer, place_eval_set, plan_round,
+                                   replicate, resolve_clients_per_round)
 from fedpeft_jax.models import ViT
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
+  """config.model.dtype -> a JAX dtype; 'auto' is bfloat16 on GPU/TPU and float32 on the CPU
+  (whose XLA bf16 kernels are slower than its f32 ones)."""
+  if name == "auto":
+    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return DTYPES[name]
+
+
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+  """Floating leaves of `tree` in `dtype` (the frozen backbone in the compute dtype)."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
+      else x, tree)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
@@ -49,7 +66,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
       representation_size=m.representation_size or None,
       dropout=m.dropout,
       attention_dropout=m.attention_dropout,
-      dtype=DTYPES[m.dtype],
+      dtype=compute_dtype(m.dtype),
       peft=config.peft,
   )
 
@@ -213,8 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
   num_devices = len(jax.devices())
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
-  chunk = parse_clients_per_chunk(fed.clients_per_chunk)
-  chunk = chunk or auto_clients_per_chunk(per_round, num_devices, fed.batch_size)
+  fixed_chunk = parse_clients_per_chunk(fed.clients_per_chunk)
   augment = dataset.augment if config.data.augment == "auto" else config.data.augment
   max_n = int(max(part.sizes))
 
@@ -227,8 +243,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     return int(fdata.num_local_steps(n, fed.batch_size, local_epochs, fed.local_steps))
 
   privacy = _Privacy(config, np.asarray(part.sizes), per_round, steps_of)
+  depth = model.arch()["depth"]
+  inputs, cache_note = choose_input(
+      fed.feature_cache, peft.only_head_trainable(mask), peft.first_trainable_block(
+          mask, depth, peft.to_spec(config.peft).last_blocks),
+      depth, augment, config.model.dropout == 0 and config.model.attention_dropout == 0,
+      config.model.image_size)
   cspec = ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs, max_examples=max_n,
-                     image_size=config.model.image_size, augment=augment,
+                     image_size=config.model.image_size, augment=augment, inputs=inputs,
                      local_steps=fed.local_steps, label_smoothing=fed.label_smoothing,
                      fedprox_mu=fed.fedprox_mu, dp=privacy.client)
   # DP-FedAvg is accounted for Poisson client sampling, so with privacy.sampling='poisson'
@@ -239,19 +261,48 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if poisson_clients and per_round < fed.num_clients:
     from fedpeft_jax.privacy.mechanisms import poisson_capacity
     min_slots = poisson_capacity(per_round, 1e-6, client_size=fed.num_clients)
-  rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
-                    max_update_norm=fed.max_update_norm, dp=privacy.server, min_slots=min_slots)
   client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
                                     fed.client_nesterov, fed.client_weight_decay)
   server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
                                     fed.server_b1, fed.server_b2, fed.server_eps)
   mesh = make_mesh()
-  algo = build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
-                         mesh=mesh)
-  client_data = replicate(fdata.client_data(dataset, part), mesh)
-  frozen_dev = replicate(frozen, mesh)
-  evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size)
-  test_images, test_labels = replicate((dataset.test_images, dataset.test_labels), mesh)
+  # The frozen backbone lives on device once, in the compute dtype (no cast per step).
+  frozen_dev = replicate(cast_floating(frozen, model.dtype), mesh)
+  host_data = fdata.client_data(dataset, part, device=jax.devices("cpu")[0])
+  test_examples = np.asarray(dataset.test_images)
+  if inputs.kind != "images":
+    cached_params = peft.merge(trainable, frozen)  # the prefix reads frozen leaves only
+    host_data = dataclasses.replace(host_data, images=np.asarray(build_cache(
+        model, cached_params, np.asarray(dataset.train_images), inputs, fed.eval_batch_size)))
+    test_examples = np.asarray(build_cache(model, cached_params, test_examples, inputs,
+                                           fed.eval_batch_size))
+    cache_note += (f" ({(host_data.images.nbytes + test_examples.nbytes) / 1e6:.1f} MB, "
+                   f"{host_data.images.dtype})")
+  client_data = replicate(host_data, mesh)
+  evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size, mesh=mesh,
+                           inputs=inputs)
+
+  def build(chunk: int):
+    rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
+                      max_update_norm=fed.max_update_norm, dp=privacy.server,
+                      min_slots=min_slots)
+    return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
+                           mesh=mesh)
+
+  def round_bytes(chunk: int) -> Optional[int]:  # XLA's plan for one round at this chunk
+    trial = build(chunk)
+    plan = plan_round(config.seed, 0, fed.num_clients, per_round, poisson=poisson_clients)
+    return compiled_round_bytes(trial.lower(trial.init(trainable, seed=config.seed), frozen_dev,
+                                            client_data, plan))
+
+  if fixed_chunk:
+    chunk, chunk_note = fixed_chunk, "federated.clients_per_chunk"
+  else:
+    chunk, chunk_note = auto_clients_per_chunk(per_round, num_devices, fed.batch_size,
+                                               memory_of=round_bytes,
+                                               bytes_limit=device_bytes_limit())
+  algo = build(chunk)
+  test_images, test_labels = place_eval_set(test_examples, dataset.test_labels, mesh)
 
   # The workdir is made only once data, checkpoint and privacy plan are in hand: a run
   # that fails on its inputs leaves nothing behind. Several processes (jax.distributed)
@@ -284,11 +335,54 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             f"{cost.trainable_bytes / 1e6:.3f} MB per transfer | {per_round} of "
             f"{fed.num_clients} clients per round | {num_devices} device(s), chunk {chunk}")
   print(header)
+  print(f"compute dtype {jnp.dtype(model.dtype).name} | feature cache {cache_note} | "
+        f"clients per chunk {chunk}: {chunk_note}")
   bar = _progress(fed.rounds, int(state.round), progress and primary)
-  last_eval: dict = {}
   stopped_early = False
+  clock = {"last": time.time()}
+
+  def finish(pending: dict) -> None:
+    """Reads a dispatched round's device metrics (one host sync) and logs its row."""
+    r, plan, b = pending["round"], pending["plan"], pending["bytes"]
+    m, ev = jax.device_get((pending["metrics"], pending["eval"]))
+    now = time.time()
+    seconds, clock["last"] = now - clock["last"], now
+    cumulative["seconds"] += seconds
+    row: dict[str, Any] = {"round": r + 1}
+    if ev is not None:
+      row.update({"test_accuracy": float(ev["accuracy"]), "test_loss": float(ev["loss"])})
+    row.update({
+        "train_loss": float(m["train_loss"]),
+        "clients_sampled": plan.num_sampled,
+        "clients_reporting": plan.num_reporting,
+        "clients_contributed": int(m["clients_contributed"]),
+        "clients_nonfinite": int(m["clients_nonfinite"]),
+        "local_steps": int(m["local_steps"]),
+        "executed_steps": int(m["executed_steps"]),
+        "bytes_up": b["bytes_up"],
+        "bytes_down": b["bytes_down"],
+        "cumulative_bytes": pending["cumulative_bytes"],
+        "cumulative_bytes_full_equivalent": pending["cumulative_bytes_full"],
+        "seconds": seconds,
+    })
+    if "clip_norm" in m:
+      row["clip_norm"] = float(m["clip_norm"])
+    if privacy.client.poisson:
+      row["poisson_dropped"] = int(m["poisson_dropped"])
+    row.update(pending["privacy"])
+    metrics_log.append(row)
+    tb.log(row, step=r + 1)
+    if bar is not None:
+      if "test_accuracy" in row:
+        bar.set_postfix(acc=f"{row['test_accuracy']:.4f}",
+                        MB=f"{row['cumulative_bytes'] / 1e6:.2f}")
+      bar.update(1)
+
+  # The host never waits on the round it just dispatched: round r's metrics are read after
+  # round r + 1 is queued, so the device always has work. Checkpoint rounds read their own
+  # row first, so a checkpoint never gets ahead of metrics.jsonl.
+  pending: Optional[dict] = None
   for r in range(int(state.round), fed.rounds):
-    t0 = time.time()
     plan = plan_round(config.seed, r, fed.num_clients, per_round, fed.dropout,
                       poisson=poisson_clients)
     if privacy.would_exceed(plan.reporting):
@@ -297,48 +391,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       stopped_early = True
       break
     state, m = algo.apply(state, frozen_dev, client_data, plan)
-    privacy.record(plan.reporting)
-    row: dict[str, Any] = {"round": r + 1}
+    ev = None
     if (r + 1) % fed.eval_every == 0 or r + 1 == fed.rounds:
       ev = evaluate(peft.merge(state.trainable, frozen_dev), test_images, test_labels)
-      last_eval = {"test_accuracy": float(ev["accuracy"]), "test_loss": float(ev["loss"])}
-      row.update(last_eval)
+    privacy.record(plan.reporting)
     b = cost.round_bytes(plan.num_sampled, plan.num_reporting)
     cumulative["bytes"] += b["bytes_down"] + b["bytes_up"]
     cumulative["bytes_full"] += b["bytes_full_equivalent"]
-    seconds = time.time() - t0
-    cumulative["seconds"] += seconds
-    row.update({
-        "train_loss": float(m["train_loss"]),
-        "clients_sampled": plan.num_sampled,
-        "clients_reporting": plan.num_reporting,
-        "clients_contributed": int(m["clients_contributed"]),
-        "clients_nonfinite": int(m["clients_nonfinite"]),
-        "bytes_up": b["bytes_up"],
-        "bytes_down": b["bytes_down"],
-        "cumulative_bytes": cumulative["bytes"],
-        "cumulative_bytes_full_equivalent": cumulative["bytes_full"],
-        "seconds": seconds,
-    })
-    if "clip_norm" in m:
-      row["clip_norm"] = float(m["clip_norm"])
-    if privacy.client.poisson:
-      row["poisson_dropped"] = int(m["poisson_dropped"])
-    row.update(privacy.metrics())
-    metrics_log.append(row)
-    tb.log(row, step=r + 1)
-    if bar is not None:
-      bar.set_postfix(acc=f"{last_eval.get('test_accuracy', float('nan')):.4f}",
-                      MB=f"{cumulative['bytes'] / 1e6:.2f}")
-      bar.update(1)
+    if pending is not None:
+      finish(pending)
+    pending = {"round": r, "plan": plan, "bytes": b, "metrics": m, "eval": ev,
+               "cumulative_bytes": cumulative["bytes"],
+               "cumulative_bytes_full": cumulative["bytes_full"], "privacy": privacy.metrics()}
     done = r + 1 == fed.rounds
+    stopping = stop_after_round is not None and r + 1 >= stop_after_round and not done
     if done or (config.checkpoint_every and (r + 1) % config.checkpoint_every == 0):
+      finish(pending)
+      pending = None
       ckpt.save(r + 1, state, {"cumulative": cumulative,
                                "ledger": privacy.ledger.to_dict() if privacy.ledger else None})
-    if stop_after_round is not None and r + 1 >= stop_after_round and not done:
+    if stopping:  # as if killed here: rows past the last checkpoint are redone on resume
+      if pending is not None:
+        finish(pending)
       ckpt.close()
       tb.close()
       return {}
+  if pending is not None:
+    finish(pending)
   if bar is not None:
     bar.close()
   if stopped_early and ckpt.latest_step() != int(state.round):
@@ -363,6 +442,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "total_bytes": cumulative["bytes"],
       "total_bytes_full_equivalent": cumulative["bytes_full"],
       "train_seconds": cumulative["seconds"],
+      "compute_dtype": jnp.dtype(model.dtype).name,
+      "feature_cache": cache_note,
+      "clients_per_chunk": chunk,
       "wall_seconds_this_session": time.time() - t_start,
       "partition": part.summary(),
       "versions": outputs.versions(),

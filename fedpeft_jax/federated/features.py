@@ -1,0 +1,119 @@
+"""What a stored example is, and how it becomes logits: raw images or a cached frozen prefix.
+
+Why: when nothing before encoder block s can change during federated training (the
+trainable leaves all sit in blocks >= s or the head) and nothing random happens there
+(augmentation and dropout off), the activations entering block s are a fixed function of
+the example. Computing them once, on device, batched, turns every later local step and
+evaluation into a run of only the top of the network: for head tuning a single Dense
+layer. `InputSpec` tells the client loop and the evaluation which form the stored
+examples take; `build_cache` computes the stored form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fedpeft_jax.data as fdata
+
+PyTree = Any
+KINDS = ("images", "tokens", "features")
+FEATURE_CACHE_MODES = ("auto", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """`images`: uint8 images, preprocessed on device each step. `tokens`: activations
+  entering encoder block `start_block` [N, T, D]. `features`: pooled features entering the
+  head [N, D]."""
+  kind: str = "images"
+  image_size: int = 0
+  start_block: int = 0
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"InputSpec.kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+    if self.kind == "tokens" and self.start_block < 1:
+      raise ValueError("InputSpec(kind='tokens') needs start_block >= 1")
+
+  def prepare(self, stored: jax.Array, key: Optional[jax.Array], augment: str,
+              train: bool) -> jax.Array:
+    """A batch of stored examples -> the model's input."""
+    if self.kind == "images":
+      return fdata.preprocess(stored, key, image_size=self.image_size, augment=augment,
+                              train=train)
+    return stored
+
+  def logits(self, model: nn.Module, params: PyTree, x: jax.Array, train: bool,
+             rngs: Optional[dict] = None) -> jax.Array:
+    kw: dict[str, Any] = {}
+    if self.kind == "tokens":
+      kw["start_block"] = self.start_block
+    elif self.kind == "features":
+      kw["from_features"] = True
+    return model.apply({"params": params}, x, train=train, rngs=rngs, **kw)
+
+
+def images_input(image_size: int) -> InputSpec:
+  return InputSpec("images", image_size)
+
+
+def choose_input(mode: str, only_head: bool, first_trainable_block: int, depth: int,
+                 augment: str, dropout_free: bool, image_size: int) -> tuple[InputSpec, str]:
+  """The cheapest valid input form, and a one-line reason for the log and summary.
+
+  `only_head`: every trainable leaf is in the head. `first_trainable_block`: the first
+  encoder block with a trainable leaf (depth when none; 0 when the embedding trains).
+  Valid only with augmentation and dropout off, since the cached prefix must be a fixed
+  function of the example.
+  """
+  if mode not in FEATURE_CACHE_MODES:
+    raise ValueError(f"federated.feature_cache {mode!r}; allowed: "
+                     f"{', '.join(FEATURE_CACHE_MODES)}")
+  if mode == "off":
+    return images_input(image_size), "off (federated.feature_cache='off')"
+  if augment != "none":
+    return images_input(image_size), (f"off: augmentation '{augment}' changes the input every "
+                                       "step (set data.augment='none' to cache)")
+  if not dropout_free:
+    return images_input(image_size), "off: dropout in the frozen prefix is random every step"
+  if only_head:
+    return InputSpec("features", image_size), "on: pooled features entering the head"
+  if first_trainable_block >= 1:
+    return (InputSpec("tokens", image_size, first_trainable_block),
+            f"on: activations entering encoder block {first_trainable_block} of {depth}")
+  return images_input(image_size), ("off: the embedding or first block trains (set "
+                                    "peft.last_blocks to freeze a prefix)")
+
+
+def build_cache(model: nn.Module, params: PyTree, images: np.ndarray, spec: InputSpec,
+                batch_size: int = 256) -> jax.Array:
+  """The stored form of `images` (uint8 [N,H,W,C]) under `spec`, in the model's dtype.
+
+  Runs the frozen prefix once over the whole set, batched inside one jit. The prefix
+  reads only frozen leaves, so `params` may be the pre-training values.
+  """
+  if spec.kind == "images":
+    return jnp.asarray(images)
+  kw = ({"stop_block": spec.start_block} if spec.kind == "tokens"
+        else {"return_features": True})
+  n = int(images.shape[0])
+  index, mask = fdata.eval_schedule(n, batch_size)
+
+  @jax.jit
+  def run(params, images):
+    def body(_, idx):
+      x = fdata.preprocess(images[idx], None, image_size=spec.image_size, augment="none",
+                           train=False)
+      return None, model.apply({"params": params}, x, train=False, **kw)
+
+    _, out = jax.lax.scan(body, None, jnp.asarray(index))
+    return out.reshape((-1,) + out.shape[2:])[:n]
+
+  del mask  # the last batch's padding rows are sliced off
+  return run(params, jnp.asarray(images))
