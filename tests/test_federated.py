@@ -281,12 +281,79 @@ def test_four_cpu_devices_match_single_device():
   assert "OK 4" in proc.stdout
 
 
-def test_auto_clients_per_chunk():
+def test_auto_clients_per_chunk_rule_of_thumb():
   from fedpeft_jax.federated import auto_clients_per_chunk
-  assert auto_clients_per_chunk(8, 1, 64, backend="cpu") == 1
-  assert auto_clients_per_chunk(8, 1, 64, backend="gpu") == 4
-  assert auto_clients_per_chunk(8, 4, 16, backend="gpu") == 2
-  assert auto_clients_per_chunk(3, 1, 512, backend="tpu") == 1
+  assert auto_clients_per_chunk(8, 1, 64, backend="cpu")[0] == 1
+  assert auto_clients_per_chunk(8, 1, 64, backend="gpu")[0] == 4
+  assert auto_clients_per_chunk(8, 4, 16, backend="gpu")[0] == 2
+  assert auto_clients_per_chunk(3, 1, 512, backend="tpu")[0] == 1
+
+
+def test_auto_clients_per_chunk_from_xla_memory_analysis():
+  """The chunk is the largest whose compiled round (XLA's own estimate, here from the CPU
+  compiler) fits in the memory fraction of the device limit."""
+  from fedpeft_jax.federated import auto_clients_per_chunk, compiled_round_bytes
+  from fedpeft_jax.federated.engine import MEMORY_FRACTION
+  sizes = (8,) * 8
+  measured = {}
+
+  def memory_of(chunk):
+    *_, trainable, frozen, data, algo, _, _, _ = (None, *setup(sizes=sizes, chunk=chunk))
+    state = algo.init(trainable, seed=0)
+    measured[chunk] = compiled_round_bytes(algo.lower(state, frozen, data,
+                                                      plan_round(0, 0, 8, 8)))
+    return measured[chunk]
+
+  for chunk in (1, 2, 4, 8):
+    memory_of(chunk)
+  assert measured[1] < measured[2] < measured[4] < measured[8]  # activations grow with chunk
+  limit = int((measured[2] + measured[4]) / 2 / MEMORY_FRACTION)
+  chunk, note = auto_clients_per_chunk(8, 1, 4, backend="gpu", memory_of=memory_of,
+                                       bytes_limit=limit)
+  assert chunk == 2 and "XLA" in note
+  chunk, note = auto_clients_per_chunk(8, 1, 4, backend="gpu", memory_of=memory_of,
+                                       bytes_limit=measured[1] // 2)
+  assert chunk == 1 and "no chunk fits" in note
+  assert auto_clients_per_chunk(8, 1, 4, backend="gpu", memory_of=lambda c: None,
+                                bytes_limit=10**9)[0] == 8  # no estimate: the rule of thumb
+
+
+def test_bfloat16_round_stays_near_float32():
+  """A bf16-compute round (frozen backbone stored in bf16, f32 trainable, optimizer and
+  aggregation) moves the trainable params like the f32 round, to bf16 precision."""
+  from fedpeft_jax.runner.train import cast_floating
+  model, params = tiny_model("bias")
+  model16 = model.clone(dtype=jnp.bfloat16)
+  trainable, frozen = peft.split(params, peft.trainable_mask(params, model.peft))
+  data = make_data([8, 12])
+  cspec = ClientSpec(batch_size=4, local_epochs=1, max_examples=12, image_size=IMAGE,
+                     augment="none")
+  out = {}
+  for name, m, f in (("f32", model, frozen), ("bf16", model16, cast_floating(frozen,
+                                                                             jnp.bfloat16))):
+    algo = build_algorithm(m, optax.sgd(0.1), make_server_optimizer("fedavg"), cspec,
+                           RoundSpec(1, 1), NUM_CLASSES)
+    state, _ = algo.apply(algo.init(trainable, seed=0), f, data, plan_round(0, 0, 2, 2))
+    out[name] = state.trainable
+  for leaf in jax.tree_util.tree_leaves(out["bf16"]):
+    assert leaf.dtype == jnp.float32  # master weights stay f32
+  before = flat(trainable)
+  d32 = {k: v - before[k] for k, v in flat(out["f32"]).items()}
+  d16 = {k: v - before[k] for k, v in flat(out["bf16"]).items()}
+  scale = max(np.abs(v).max() for v in d32.values())
+  assert scale > 1e-3  # the round really moved the params
+  for k in d32:
+    # bf16 keeps 8 bits of mantissa: the update agrees to a few percent of its scale.
+    np.testing.assert_allclose(d16[k], d32[k], atol=0.03 * scale, err_msg=k)
+  assert not np.array_equal(d16["head/kernel"], d32["head/kernel"])  # really ran in bf16
+
+
+def test_compute_dtype_auto():
+  from fedpeft_jax.runner.train import compute_dtype
+  assert compute_dtype("auto", "cpu") == jnp.float32
+  assert compute_dtype("auto", "gpu") == jnp.bfloat16
+  assert compute_dtype("auto", "tpu") == jnp.bfloat16
+  assert compute_dtype("float32", "tpu") == jnp.float32
 
 
 def test_fedprox_and_local_steps_against_hand_derived_sgd():
