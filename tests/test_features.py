@@ -15,7 +15,7 @@ import pytest
 
 import fedpeft_jax.data as fdata
 from fedpeft_jax import peft
-from fedpeft_jax.federated import (ClientSpec, InputSpec, RoundSpec, build_algorithm, build_cache,
+from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, build_cache,
                                    choose_input, make_evaluate, make_server_optimizer, plan_round)
 from fedpeft_jax.models import ViT
 
