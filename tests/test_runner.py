@@ -72,13 +72,16 @@ def test_cli_run_writes_every_output_and_resume_is_exact(tmp_path):
   assert again.returncode == 0 and "already finished" in again.stdout
   assert _rows(full) == rows
 
-  # Kill with SIGKILL mid-run, resume with the same command: identical results.
+  # Kill with SIGKILL mid-run, resume with the same command: identical results. Checkpoints
+  # are written in the background, so wait for round 1's to be committed (renamed into
+  # place) as well as for round 2 to be logged.
   killed = str(tmp_path / "killed")
   proc = _cli(killed, wait=False)
   deadline = time.time() + 300
   while time.time() < deadline:
     path = os.path.join(killed, "metrics.jsonl")
-    if os.path.exists(path) and len(_rows(killed)) >= 2:
+    if (os.path.exists(path) and len(_rows(killed)) >= 2
+        and os.path.isdir(os.path.join(killed, "checkpoints", "1"))):
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
