@@ -178,18 +178,34 @@ class Encoder(nn.Module):
   patch_size: int = 16
 
   @nn.compact
-  def __call__(self, x: jax.Array, num_prefix: int, deterministic: bool = True) -> jax.Array:
-    """x: [batch, tokens, width] with `num_prefix` leading tokens (class) before patches."""
+  def __call__(self, x: jax.Array, num_prefix: int, deterministic: bool = True, *,
+               start_block: int = 0, stop_block: Optional[int] = None,
+               tokens_in: bool = False) -> jax.Array:
+    """x: [batch, tokens, width] with `num_prefix` leading tokens (class) before patches.
+
+    Runs blocks start_block..stop_block-1. With `tokens_in`, x is the token activations
+    entering block `start_block` (what `stop_block=start_block` returned); otherwise x is
+    the embedded patches (+ class token) and the position embedding is added first. With
+    `stop_block` set, returns the tokens entering that block (before its prompt insertion;
+    before encoder_norm when it equals depth); otherwise the normalised encoder output.
+    """
     peft = self.peft
     width = x.shape[-1]
-    posemb = _AddPositionEmbs(name="posembed_input")
-    x = posemb(x)
-    x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+    stop = self.depth if stop_block is None else stop_block
+    if peft.last_blocks > self.depth:
+      raise ValueError(f"peft.last_blocks ({peft.last_blocks}) exceeds the number of encoder "
+                       f"blocks ({self.depth}); set it to at most {self.depth}, or 0 for all")
+    # Blocks >= `first` are tuned: only they hold PEFT modules and take prompts.
+    first = self.depth - peft.last_blocks if peft.last_blocks else 0
+    if not tokens_in:
+      posemb = _AddPositionEmbs(name="posembed_input")
+      x = posemb(x)
+      x = nn.Dropout(self.dropout, deterministic=deterministic, name="Dropout_0")(x)
     prompts = None
     if peft.has("prompt"):
       # VPT: uniform(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + hidden)).
       bound = float(np.sqrt(6.0 / (3 * self.patch_size * self.patch_size + width)))
-      layers = self.depth if peft.prompt_kind == "deep" else 1
+      layers = self.depth - first if peft.prompt_kind == "deep" else 1
       prompts = self.param(
           "vpt_prompts", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
           (layers, peft.prompt_tokens, width))
@@ -200,16 +216,23 @@ class Encoder(nn.Module):
 
     def with_prompt(h: jax.Array, layer: int, replace: bool) -> jax.Array:
       p = jnp.broadcast_to(prompts[layer].astype(h.dtype), (h.shape[0],) + prompts.shape[1:])
-      p = nn.Dropout(peft.prompt_dropout, deterministic=deterministic)(p)
+      # Named as the full forward pass auto-names them (Dropout_0 is the embedding's), so a
+      # split forward draws the same dropout masks.
+      p = nn.Dropout(peft.prompt_dropout, deterministic=deterministic,
+                     name=f"Dropout_{1 + layer}")(p)
       rest = h[:, num_prefix + peft.prompt_tokens:] if replace else h[:, num_prefix:]
       return jnp.concatenate([h[:, :num_prefix], p, rest], axis=1)
 
-    for i in range(self.depth):
-      if prompts is not None and (i == 0 or peft.prompt_kind == "deep"):
-        x = with_prompt(x, i if peft.prompt_kind == "deep" else 0, replace=i > 0)
+    for i in range(start_block, stop):
+      if prompts is not None and (i == first or (i > first and peft.prompt_kind == "deep")):
+        x = with_prompt(x, i - first, replace=i > first)
+      tuned = i >= first
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                         self.gelu_approximate, self.layernorm_epsilon, self.dtype, peft,
-                         shared_adapter=shared, name=f"encoderblock_{i}")(x, deterministic)
+                         self.gelu_approximate, self.layernorm_epsilon, self.dtype,
+                         peft if tuned else PeftSpec(), shared_adapter=shared if tuned else None,
+                         name=f"encoderblock_{i}")(x, deterministic)
+    if stop_block is not None:
+      return x
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="encoder_norm")(x)
     if peft.ssf:
       y = SSF(1, peft.ssf_init_std, name="encoder_norm_ssf")(y)
@@ -274,44 +297,91 @@ class ViT(nn.Module):
     return self.image_size // self.arch()["patch_size"]
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               return_features: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False, return_features: bool = False,
+               start_block: int = 0, stop_block: Optional[int] = None,
+               from_features: bool = False) -> jax.Array:
+    """Logits [batch, classes] float32 of NHWC `images` (or pooled features).
+
+    Split forward (for caching the frozen prefix; see README "Tuning only the last blocks"):
+    `stop_block=s` returns the tokens entering encoder block s ([batch, tokens, width],
+    compute dtype; s == depth: after the last block, before encoder_norm).
+    `start_block=s` takes such tokens instead of images and runs the rest of the model.
+    `from_features=True` takes what `return_features=True` returns and applies the head.
+    """
     a = self.arch()
     peft = to_spec(self.peft)
-    width, patch = a["hidden_size"], a["patch_size"]
+    width, patch, depth = a["hidden_size"], a["patch_size"], a["depth"]
     deterministic = not train
     if self.pool == "token" and not self.uses_class_token:
       raise ValueError("ViT: pool='token' needs class_token=True")
+    num_prefix = 1 if self.uses_class_token else 0
+    tokens_in = start_block > 0 or images.ndim == 3
+    self._check_split(images, start_block, stop_block, from_features, return_features, depth,
+                      width, tokens_in)
 
-    x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
-                dtype=self.dtype, name="embedding")(images.astype(self.dtype))
-    if peft.ssf:
-      x = SSF(1, peft.ssf_init_std, name="embedding_ssf")(x)
-    n, h, w, c = x.shape
-    x = x.reshape(n, h * w, c)
-    num_prefix = 0
-    if self.uses_class_token:
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
-      num_prefix = 1
-
-    encoder = Encoder(a["depth"], a["num_heads"], a["mlp_dim"], self.dropout,
-                      self.attention_dropout, self.gelu_approximate, self.layernorm_epsilon,
-                      self.dtype, peft, patch, name="Transformer")
-    x = encoder(x, num_prefix, deterministic)
-
-    if self.pool == "token":
-      x = x[:, 0]
+    if from_features:
+      x = images
     else:
-      skip = num_prefix + (peft.prompt_tokens if peft.has("prompt") else 0)
-      x = jnp.mean(x[:, skip:], axis=1)
-    if self.representation_size is not None:
-      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
-    if return_features:
-      return x
+      if tokens_in:
+        x = images.astype(self.dtype)
+      else:
+        x = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
+                    dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+        if peft.ssf and not peft.last_blocks:
+          x = SSF(1, peft.ssf_init_std, name="embedding_ssf")(x)
+        n, h, w, c = x.shape
+        x = x.reshape(n, h * w, c)
+        if self.uses_class_token:
+          cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+          x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+
+      encoder = Encoder(depth, a["num_heads"], a["mlp_dim"], self.dropout,
+                        self.attention_dropout, self.gelu_approximate, self.layernorm_epsilon,
+                        self.dtype, peft, patch, name="Transformer")
+      x = encoder(x, num_prefix, deterministic, start_block=start_block, stop_block=stop_block,
+                  tokens_in=tokens_in)
+      if stop_block is not None:
+        return x
+
+      if self.pool == "token":
+        x = x[:, 0]
+      else:
+        skip = num_prefix + (peft.prompt_tokens if peft.has("prompt") else 0)
+        x = jnp.mean(x[:, skip:], axis=1)
+      if self.representation_size is not None:
+        x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+      if return_features:
+        return x
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                       bias_init=nn.initializers.zeros, name="head")(x)
     return logits.astype(jnp.float32)
+
+
+  def _check_split(self, x: jax.Array, start_block: int, stop_block: Optional[int],
+                   from_features: bool, return_features: bool, depth: int, width: int,
+                   tokens_in: bool) -> None:
+    """Clear errors for split-forward arguments that do not fit the model or the input."""
+    if not 0 <= start_block <= depth:
+      raise ValueError(f"ViT: start_block must be in [0, {depth}] (the depth), got {start_block}")
+    if stop_block is not None and not start_block <= stop_block <= depth:
+      raise ValueError(f"ViT: stop_block must be in [start_block={start_block}, {depth}] "
+                       f"(the depth), got {stop_block}")
+    if from_features:
+      if start_block or stop_block is not None or return_features:
+        raise ValueError("ViT: from_features=True applies only the head; it does not combine "
+                         "with start_block, stop_block or return_features")
+      feat = self.representation_size if self.representation_size is not None else width
+      if x.ndim != 2 or x.shape[-1] != feat:
+        raise ValueError(f"ViT: from_features=True expects pooled features [batch, {feat}] "
+                         f"(what return_features=True returns), got shape {tuple(x.shape)}")
+    elif tokens_in:
+      if x.ndim != 3 or x.shape[-1] != width:
+        raise ValueError(f"ViT: start_block={start_block} expects the tokens entering that block "
+                         f"[batch, tokens, {width}] (what stop_block={start_block} returns), got "
+                         f"shape {tuple(x.shape)}")
+    elif x.ndim != 4:
+      raise ValueError(f"ViT: expected NHWC images [batch, height, width, channels], got shape "
+                       f"{tuple(x.shape)}")
 
 
 class _AddPositionEmbs(nn.Module):

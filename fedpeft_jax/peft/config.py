@@ -7,6 +7,7 @@ Several methods combine with `+` (`"bias+lora"`) or a list.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable, Sequence, Union
 
 import ml_collections
@@ -22,6 +23,9 @@ def default_config() -> ml_collections.ConfigDict:
   """Every field of every method, with the study's defaults."""
   c = ml_collections.ConfigDict()
   c.method = "full"  # one of METHODS, or several joined by '+', e.g. 'bias+lora'.
+  # k > 0: tune only the last k encoder blocks plus the top (encoder_norm, pre_logits, head);
+  # PEFT modules exist only there and earlier blocks are frozen. 0 = all blocks.
+  c.last_blocks = 0
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.kind = "deep"  # 'deep': new tokens before every block; 'shallow': once.
@@ -54,11 +58,15 @@ def method_config(method: Union[str, Sequence[str]] = "full",
 
   `method_config("lora", rank=4)` sets `lora.rank`; for combinations pass
   section-qualified names, e.g. `method_config("bias+lora", lora_rank=4)`.
+  `last_blocks=k` sets the top-level `last_blocks` for any method.
   """
   c = default_config()
   names = parse_methods(method)
   c.method = "+".join(names)
   for key, value in overrides.items():
+    if key == "last_blocks":
+      c.last_blocks = value
+      continue
     section, field = _locate(names, key)
     if field not in c[section]:
       raise ValueError(
@@ -112,6 +120,7 @@ def lora_targets(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 def validate(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Checks every field the chosen methods use; returns the method names."""
   names = parse_methods(cfg.method)
+  last_blocks(cfg)
   if "prompt" in names:
     if cfg.prompt.kind not in PROMPT_KINDS:
       raise ValueError(f"peft.prompt.kind: {cfg.prompt.kind!r}; allowed: {', '.join(PROMPT_KINDS)}")
@@ -136,6 +145,15 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   if "ssf" in names and float(cfg.ssf.init_std) < 0:
     raise ValueError(f"peft.ssf.init_std must be >= 0, got {cfg.ssf.init_std}")
   return names
+
+
+def last_blocks(cfg: Any) -> int:
+  """The validated `peft.last_blocks` (0 = all blocks; a config without the field gives 0)."""
+  k = cfg.get("last_blocks", 0)
+  if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+    raise ValueError(f"peft.last_blocks must be an integer >= 0 (the number of last encoder "
+                     f"blocks to tune; 0 = all blocks), got {k!r}")
+  return int(k)
 
 
 def adapter_bottleneck(cfg: ml_collections.ConfigDict, hidden: int) -> int:

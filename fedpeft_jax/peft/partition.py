@@ -14,6 +14,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from fedpeft_jax.peft.spec import to_spec
+
 PyTree = Any
 SEP = "/"
 
@@ -32,6 +34,12 @@ METHOD_PATTERNS: dict[str, list[str]] = {
     "lora": [r"_lora/lora_[ab]$"],
     "ssf": [r"_ssf/(scale|shift)$"],
 }
+# Where a leaf sits relative to the encoder blocks (peft.last_blocks).
+_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/")
+_TOP = re.compile(r"^(Transformer/encoder_norm(_ssf)?|pre_logits|head)/")
+# PEFT leaves outside the blocks that only the tuned blocks use.
+_TUNED_SHARED = re.compile(r"^Transformer/(vpt_prompts$|shared_adapter/)")
+_ADDED = ("prompt", "adapter", "lora", "ssf")  # methods that add modules to the model
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,8 +75,10 @@ def trainable_mask(params: PyTree, method_cfg: Any) -> PyTree:
 
   Every listed method must select at least one leaf of its own: a mask for 'lora'
   on a model built without LoRA would otherwise silently train only the head.
+  With `last_blocks=k > 0` only leaves in the last k encoder blocks, the top
+  (Transformer/encoder_norm, pre_logits, head) and the prompts / shared adapter
+  that feed those blocks are trainable ('full' included).
   """
-  from fedpeft_jax.peft.spec import to_spec  # local: keep this module model-agnostic
   spec = to_spec(method_cfg)
   paths = list(flatten(params))
   include: list[str] = []
@@ -83,7 +93,83 @@ def trainable_mask(params: PyTree, method_cfg: Any) -> PyTree:
   exclude = [r"_lora/lora_a$"] if spec.has("lora") and spec.lora_freeze_a else []
   if spec.has("full"):
     exclude = []
-  return mask_from_patterns(params, include, exclude)
+  mask = mask_from_patterns(params, include, exclude)
+  if spec.last_blocks:
+    mask = _restrict_to_last_blocks(params, mask, spec)
+  return mask
+
+
+def num_blocks(tree: PyTree) -> int:
+  """Encoder depth of a ViT param (or mask) tree: the highest encoderblock_i index + 1."""
+  idx = [int(m.group(1)) for m in map(_BLOCK.match, flatten(tree)) if m]
+  return max(idx) + 1 if idx else 0
+
+
+def _restrict_to_last_blocks(params: PyTree, mask: PyTree, spec: Any) -> PyTree:
+  k, depth = spec.last_blocks, num_blocks(params)
+  if k > depth:
+    raise ValueError(f"peft.last_blocks ({k}) exceeds the number of encoder blocks of the "
+                     f"model ({depth}); set it to at most {depth}, or 0 to tune all blocks")
+  first = depth - k
+  added = [re.compile(p) for m in _ADDED if spec.has(m) for p in METHOD_PATTERNS[m]]
+
+  def tuned(path: str) -> bool:
+    m = _BLOCK.match(path)
+    if m:
+      return int(m.group(1)) >= first
+    return bool(_TOP.match(path) or _TUNED_SHARED.match(path))
+
+  out = {}
+  for path, on in flatten(mask).items():
+    if not tuned(path):
+      if any(r.search(path) for r in added):
+        raise ValueError(f"peft.last_blocks={k} but the params hold the PEFT leaf {path!r} "
+                         f"outside the last {k} blocks; was the model built with the same "
+                         "peft config?")
+      on = False
+    out[path] = on
+  return unflatten(out)
+
+
+def first_trainable_block(mask: PyTree, depth: Optional[int] = None,
+                          last_blocks: int = 0) -> int:
+  """The smallest block index s such that nothing the model computes before encoder
+  block s is trainable under `mask`: the activations entering block s
+  (`model.apply(..., stop_block=s)`) can be computed once and cached, and training
+  can run `model.apply(..., start_block=s)`. `depth` when nothing is trainable in
+  the encoder (a head-only or top-only mask).
+
+  Trainable embedding, cls or position embedding give 0. Trainable VPT prompts or a
+  shared adapter feed the tuned blocks: pass the config's `peft.last_blocks` so they
+  count at block depth - last_blocks (with the default 0 they count at block 0).
+  """
+  fm = flatten(mask)
+  for path, v in fm.items():
+    if not isinstance(v, (bool, np.bool_)):
+      raise ValueError(f"first_trainable_block takes a bool mask (peft.trainable_mask); leaf "
+                       f"{path!r} is a {type(v).__name__}")
+  depth = num_blocks(mask) if depth is None else int(depth)
+  if not 0 <= last_blocks <= depth:
+    raise ValueError(f"peft.last_blocks ({last_blocks}) must be in [0, {depth}] (the depth)")
+  s = depth
+  for path, on in fm.items():
+    if not on:
+      continue
+    m = _BLOCK.match(path)
+    if m:
+      s = min(s, int(m.group(1)))
+    elif _TUNED_SHARED.match(path):
+      s = min(s, depth - last_blocks if last_blocks else 0)
+    elif not _TOP.match(path):
+      return 0  # embedding, cls, posembed_input (or a leaf of unknown place): no cache
+  return s
+
+
+def only_head_trainable(mask: PyTree) -> bool:
+  """True when every trainable leaf of `mask` is under head/ (nothing that feeds the head
+  trains), so the pooled features (`return_features=True`) can be cached and training
+  can run `model.apply(..., from_features=True)`. Also True for a mask with no True leaf."""
+  return all(path.startswith("head/") for path, on in flatten(mask).items() if on)
 
 
 def _check_mask(params: PyTree, mask: PyTree) -> tuple[dict, dict]:

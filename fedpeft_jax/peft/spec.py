@@ -14,6 +14,8 @@ from fedpeft_jax.peft import config as peft_config
 @dataclasses.dataclass(frozen=True)
 class PeftSpec:
   methods: tuple[str, ...] = ("full",)
+  # k > 0: PEFT modules only in the last k encoder blocks (+ the top); 0 = all blocks.
+  last_blocks: int = 0
   # prompt
   prompt_kind: str = "deep"
   prompt_tokens: int = 0
@@ -55,7 +57,7 @@ def to_spec(cfg: Optional[Any]) -> PeftSpec:
     raise TypeError(f"peft must be a ConfigDict from peft.method_config, a method name or None; "
                     f"got {type(cfg).__name__}")
   names = peft_config.validate(cfg)
-  kw: dict[str, Any] = {"methods": names}
+  kw: dict[str, Any] = {"methods": names, "last_blocks": peft_config.last_blocks(cfg)}
   if "prompt" in names:
     kw.update(prompt_kind=cfg.prompt.kind, prompt_tokens=int(cfg.prompt.num_tokens),
               prompt_dropout=float(cfg.prompt.dropout))

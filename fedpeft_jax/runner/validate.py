@@ -201,7 +201,8 @@ def _validate_top(config: Any) -> None:
   _int(config, "keep_checkpoints", 1)
 
 
-def _validate_model(config: Any) -> None:
+def _validate_model(config: Any) -> dict[str, int]:
+  """Checks config.model; returns the resolved sizes (hidden_size, depth, ...)."""
   from fedpeft_jax.models.vit import VARIANTS
   sizes = {}
   for field in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size"):
@@ -244,6 +245,7 @@ def _validate_model(config: Any) -> None:
     _check_fits(pretrained, registry[pretrained], sizes, _get(config, "model.representation_size"))
   if not isinstance(_get(config, "model.cache_dir"), str):
     _fail("model.cache_dir", "must be a string ('' = the default cache)")
+  return sizes
 
 
 def _check_fits(name: str, kwargs: dict[str, Any], sizes: dict[str, int], rep: int) -> None:
@@ -267,11 +269,15 @@ def _check_fits(name: str, kwargs: dict[str, Any], sizes: dict[str, int], rep: i
           f"layer has size {ckpt_rep or 'none'}; use {ckpt_rep} or 0 (no pre-logits)")
 
 
-def _validate_peft(config: Any) -> None:
+def _validate_peft(config: Any, depth: int) -> None:
   from fedpeft_jax.peft.config import default_config, validate
   peft = _get(config, "peft")
   _check_fields(peft, default_config(), "peft")
   _wrap("peft", lambda: validate(peft))
+  k = peft.get("last_blocks", 0)
+  if k > depth:
+    _fail("peft.last_blocks", f"({k}) exceeds the number of encoder blocks of the model "
+          f"({depth}); set it to at most {depth}, or 0 to tune all blocks")
 
 
 def _check_fields(node: Any, reference: Any, prefix: str) -> None:
@@ -376,8 +382,8 @@ def validate_config(config: Any) -> None:
   Pure: no files are written and nothing is computed.
   """
   _validate_top(config)
-  _validate_model(config)
-  _validate_peft(config)
+  sizes = _validate_model(config)
+  _validate_peft(config, sizes["depth"])
   _validate_federated(config)
   _validate_data(config)
   _validate_privacy(config)
