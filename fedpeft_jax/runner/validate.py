@@ -14,8 +14,10 @@ import os
 import re
 from typing import Any, Callable, Iterable, Optional
 
+from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
+
 SECTIONS = ("model", "peft", "data", "federated", "privacy")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 POOLS = ("token", "gap")
 WEIGHTINGS = ("examples", "uniform")
@@ -360,6 +362,7 @@ def _validate_federated(config: Any) -> None:
   _int(config, f + "eval_every", 1)
   _int(config, f + "eval_batch_size", 1)
   _choice(config, f + "wire_dtype", WIRE_DTYPES)
+  _choice(config, f + "feature_cache", FEATURE_CACHE_MODES)
 
 
 def _validate_privacy(config: Any) -> None:
