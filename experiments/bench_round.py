@@ -355,7 +355,16 @@ def vit_matmul_flops(w: Workload, batch: Optional[int] = None) -> dict:
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
 _DIMS = re.compile(r"(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
 _OPNAME = re.compile(r'op_name="([^"]*)"')
-_ATTN = re.compile(r"hqk|qhd|khd")
+_ATTN = re.compile(r"hqk|qhd|khd")  # Google-layout einsums ('...qhd,...khd->...hqk')
+
+
+def _is_attention(op_name: str) -> bool:
+  """The attention einsums (QK^T, PV), not the q/k/v/out projections: an einsum ('->')
+  inside the attention module, or the Google-layout einsum letters."""
+  if "lora" in op_name:
+    return False
+  return bool(_ATTN.search(op_name)) or ("MultiHeadDotProductAttention" in op_name
+                                         and "->" in op_name)
 
 
 def _operands(line: str, op: str) -> list[str]:
@@ -370,7 +379,7 @@ def hlo_op_flops(hlo: str) -> dict:
 
   'attention' = the dots of the attention einsums (QK^T, AV and their gradients, told by
   their op_name); 'matmul' = every other dot and convolution (dense layers, patch
-  embedding, head). '_bwd' = under a transpose (the backward pass). Loops are counted
+  embedding, head; the q/k/v/out projections included). '_bwd' = under a transpose (the backward pass). Loops are counted
   once, as XLA's cost analysis does.
   """
   shapes: dict[str, list[int]] = {}
@@ -405,7 +414,7 @@ def hlo_op_flops(hlo: str) -> dict:
       out["convolutions"] += 1
     name = _OPNAME.search(line)
     name = name.group(1) if name else ""
-    cls = "attention" if _ATTN.search(name) else "matmul"
+    cls = "attention" if _is_attention(name) else "matmul"
     out[f"{cls}_{'bwd' if 'transpose(' in name else 'fwd'}"] += flops
   return out
 
