@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedpeft_jax.models import ViT, parse_variant
+from fedpeft_jax.models.vit import MultiHeadDotProductAttention
 from fedpeft_jax.peft import count, flatten
 
 
@@ -70,3 +71,77 @@ def test_variants_and_errors() -> None:
     ViT(variant=None, depth=2, num_heads=2, mlp_dim=8, patch_size=4).arch()
   with pytest.raises(ValueError, match="pool"):
     ViT(variant="Ti/16", pool="max").arch()
+
+
+# -- attention against NumPy, code paths, bfloat16 --------------------------------------------
+
+def _attention_inputs(heads: int = 4, width: int = 32, tokens: int = 7):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(0, 1, (2, tokens, width)), jnp.float32)
+  mha = MultiHeadDotProductAttention(heads)
+  shapes = jax.eval_shape(mha.init, jax.random.PRNGKey(0), x)["params"]
+  params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+  return x, params
+
+
+def test_attention_matches_numpy() -> None:
+  x, params = _attention_inputs()
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(MultiHeadDotProductAttention(4).apply({"params": params}, x))
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  x64 = np.asarray(x, np.float64)
+  q, k, v = (np.einsum("btd,dnh->bnth", x64, p[n]["kernel"]) + p[n]["bias"][:, None]
+             for n in ("query", "key", "value"))
+  logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  ctx = w @ v  # [b, n, t, h]
+  want = np.einsum("bnth,nhd->btd", ctx, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_attention_paths_and_gradients_agree() -> None:
+  # fused=True: jax.nn.dot_product_attention; fused=False: the explicit form (the dropout path).
+  x, params = _attention_inputs()
+
+  def loss(params, x, fused):
+    y = MultiHeadDotProductAttention(4, fused=fused).apply({"params": params}, x)
+    return jnp.sum(jnp.sin(y)), y
+
+  with jax.default_matmul_precision("highest"):
+    (_, y1), g1 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
+    (_, y0), g0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=0, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+  # Attention dropout: deterministic is the plain function; training drops probabilities.
+  drop = MultiHeadDotProductAttention(4, dropout=0.5, fused=True)
+  np.testing.assert_allclose(np.asarray(drop.apply({"params": params}, x)), np.asarray(y0),
+                             rtol=0, atol=1e-5)
+  y_train = drop.apply({"params": params}, x, deterministic=False,
+                       rngs={"dropout": jax.random.PRNGKey(3)})
+  assert np.isfinite(np.asarray(y_train)).all() and np.abs(np.asarray(y_train - y0)).max() > 1e-2
+
+
+def test_bfloat16_forward_close_to_float32() -> None:
+  # Tolerance: bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.004); through two blocks the
+  # features (unit scale after the final LayerNorm) stay within 0.1 of float32.
+  tiny = dict(variant=None, hidden_size=32, depth=2, num_heads=4, mlp_dim=64, patch_size=8,
+              image_size=32, num_classes=3)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  shapes = jax.eval_shape(ViT(**tiny).init, jax.random.PRNGKey(0), x)["params"]
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+  f32 = ViT(**tiny).apply({"params": params}, x, return_features=True)
+  got = ViT(**tiny, dtype=jnp.bfloat16).apply({"params": params}, x, return_features=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(f32), rtol=0, atol=0.1)
+  # The attention alone, both paths: within 2% of the largest float32 output.
+  xa, pa = _attention_inputs()
+  want = np.asarray(MultiHeadDotProductAttention(4).apply({"params": pa}, xa))
+  for fused in (False, True):
+    mha = MultiHeadDotProductAttention(4, dtype=jnp.bfloat16, fused=fused)
+    got = mha.apply({"params": pa}, xa)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
+                               atol=0.02 * np.abs(want).max())

@@ -51,42 +51,84 @@ def _bias_init():
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with Google's DenseGeneral layout and LoRA/SSF hooks."""
+  """Self-attention with Google's DenseGeneral layout and LoRA/SSF hooks.
+
+  q/k/v come from the `query/key/value` DenseGeneral layers ([..., T, heads, head_dim]);
+  attention runs in the [..., heads, T, head_dim] layout (one transpose per operand, as
+  the batched matmuls want) with a softmax whose backward saves only the probabilities in
+  `dtype` (no float32 logits or probabilities are kept under bfloat16). `fused=True`
+  routes it through `jax.nn.dot_product_attention` (JAX picks the implementation: cuDNN
+  on GPU where it applies, else XLA); `fused=None` does so only for half precision on GPU.
+  On CPU the explicit form is as fast and keeps less memory (experiments/bench_vit_step.py).
+  Attention dropout (dropout > 0, not deterministic) always takes the explicit form, which
+  drops attention probabilities with nn.Dropout.
+  """
   num_heads: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   peft: PeftSpec = PeftSpec()
+  fused: Optional[bool] = None
+
+  @staticmethod
+  def _probs(logits: jax.Array, dtype: Dtype) -> jax.Array:
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+  @staticmethod
+  def _probs_fwd(logits: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    p = MultiHeadDotProductAttention._probs(logits, dtype)
+    return p, p  # the only residual: the probabilities in `dtype`
+
+  @staticmethod
+  def _probs_bwd(dtype: Dtype, p: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    del dtype
+    p, g = p.astype(jnp.float32), g.astype(jnp.float32)
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+  # Softmax of float32 logits over the last axis, returned and saved for the backward in dtype.
+  probs = jax.custom_vjp(_probs.__func__, nondiff_argnums=(1,))
+  probs.defvjp(_probs_fwd.__func__, _probs_bwd.__func__)
+  probs = staticmethod(probs)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"hidden_size {width} is not divisible by num_heads {self.num_heads}")
-    head_dim = width // self.num_heads
+    heads, head_dim, dt = self.num_heads, width // self.num_heads, self.dtype
     peft = self.peft
 
-    def project(name: str) -> jax.Array:
-      y = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, kernel_init=_dense_init(),
+    def project(name: str) -> jax.Array:  # [..., T, D] -> [..., T, heads, head_dim]
+      y = nn.DenseGeneral((heads, head_dim), dtype=dt, kernel_init=_dense_init(),
                           bias_init=nn.initializers.zeros, name=name)(x)
       if name in peft.lora_targets:
-        y = y + LoRA(peft.lora_rank, (self.num_heads, head_dim), peft.lora_scaling,
-                     peft.lora_dropout, self.dtype, name=f"{name}_lora")(x, deterministic)
+        y = y + LoRA(peft.lora_rank, (heads, head_dim), peft.lora_scaling, peft.lora_dropout,
+                     dt, name=f"{name}_lora")(x, deterministic)
       if peft.ssf:
         y = SSF(2, peft.ssf_init_std, name=f"{name}_ssf")(y)
       return y
 
     q, k, v = project("query"), project("key"), project("value")
-    q = q / jnp.sqrt(head_dim).astype(self.dtype)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout, deterministic=deterministic)(weights)
-    ctx = jnp.einsum("...hqk,...khd->...qhd", weights, v)
-    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=_dense_init(),
+    q = q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)  # fuses into the layout change
+
+    dropout = self.dropout > 0 and not deterministic
+    fused = self.fused
+    if fused is None:
+      fused = jnp.dtype(dt).itemsize == 2 and jax.default_backend() == "gpu"
+    if fused and not dropout:
+      ctx = jax.nn.dot_product_attention(q, k, v, scale=1.0)
+    else:
+      bnth = lambda t: jnp.swapaxes(t, -3, -2)  # [..., T, N, H] -> [..., N, T, H]
+      logits = jnp.einsum("...qd,...kd->...qk", bnth(q), bnth(k),
+                          preferred_element_type=jnp.float32)
+      weights = self.probs(logits, dt)
+      weights = nn.Dropout(self.dropout, deterministic=deterministic)(weights)
+      ctx = bnth(jnp.einsum("...qk,...kd->...qd", weights, bnth(v)))
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=dt, kernel_init=_dense_init(),
                           bias_init=nn.initializers.zeros, name="out")(ctx)
     if "out" in peft.lora_targets:
-      flat = ctx.reshape(*ctx.shape[:-2], -1)
+      flat = ctx.reshape(*ctx.shape[:-2], width)
       out = out + LoRA(peft.lora_rank, (width,), peft.lora_scaling, peft.lora_dropout,
-                       self.dtype, name="out_lora")(flat, deterministic)
+                       dt, name="out_lora")(flat, deterministic)
     if peft.ssf:
       out = SSF(1, peft.ssf_init_std, name="out_ssf")(out)
     return out
@@ -115,7 +157,10 @@ class MlpBlock(nn.Module):
       return y
 
     h = dense(self.mlp_dim, x, 0)
-    h = nn.gelu(h, approximate=self.gelu_approximate)
+    if self.gelu_approximate:
+      h = nn.gelu(h, approximate=True)
+    else:  # erf form, as torch: cheaper on XLA:CPU than jax.nn.gelu's erfc form
+      h = 0.5 * h * (1.0 + jax.lax.erf(h * 0.7071067811865476))
     h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     h = dense(width, h, 1)
     return nn.Dropout(self.dropout, deterministic=deterministic)(h)
