@@ -268,7 +268,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   mesh = make_mesh()
   # The frozen backbone lives on device once, in the compute dtype (no cast per step).
   frozen_dev = replicate(cast_floating(frozen, model.dtype), mesh)
-  host_data = fdata.client_data(dataset, part, device=jax.devices("cpu")[0])
+  host_data = fdata.client_data(dataset, part, device=jax.local_devices(backend="cpu")[0])
   test_examples = np.asarray(dataset.test_images)
   if inputs.kind != "images":
     cached_params = peft.merge(trainable, frozen)  # the prefix reads frozen leaves only
