@@ -67,8 +67,13 @@ SPLIT_CASES = {
 }
 
 
-@pytest.mark.parametrize("k", [0, 2])
-@pytest.mark.parametrize("case", list(SPLIT_CASES))
+# Every case once, prompts (whose insertion point moves with k) at both k.
+SPLIT_RUNS = [("plain", 0), ("lora_all", 2), ("houlsby", 2), ("parallel", 0),
+              ("shared_zero_init", 2), ("ssf", 0), ("prompt_deep", 0), ("prompt_deep", 2),
+              ("prompt_shallow", 2), ("combo", 2)]
+
+
+@pytest.mark.parametrize("case, k", SPLIT_RUNS, ids=[f"{c}-{k}" for c, k in SPLIT_RUNS])
 def test_split_forward_equals_full_forward(case, k, images):
   method, overrides = SPLIT_CASES[case]
   model, params = _model(_cfg(method, k, **overrides), images)
@@ -312,9 +317,9 @@ def test_first_trainable_block_top_only_and_custom(images):
 
 
 @pytest.mark.parametrize("method, overrides, k", [
-    ("lora", {}, 2), ("prompt", dict(kind="deep", dropout=0.0), 2),
-    ("prompt", dict(kind="shallow", dropout=0.0), 1), ("bias", {}, 2), ("head", {}, 0),
-], ids=["lora", "deep", "shallow", "bias", "head"])
+    ("prompt", dict(kind="deep", dropout=0.0), 2),
+    ("prompt", dict(kind="shallow", dropout=0.0), 1), ("head", {}, 0),
+], ids=["deep", "shallow", "head"])  # bias and LoRA: tests/test_features.py, through the engine
 def test_cached_prefix_gives_the_same_gradients(method, overrides, k, images):
   """What the engine will do: cache the frozen prefix once, train on the rest."""
   cfg = _cfg(method, k, **overrides)
