@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,8 +17,8 @@ import pytest
 
 from fedpeft_jax import peft
 from fedpeft_jax.models import ViT
-from fedpeft_jax.models.vit import Encoder1DBlock
 from fedpeft_jax.runner.config_files import repo_config
+from tests.test_peft import _block_inputs
 from fedpeft_jax.runner.validate import ConfigError, validate_config
 
 D, DEPTH, MLP, HEADS, PATCH, IMAGE, CLASSES = 32, 3, 64, 4, 4, 16, 5
@@ -203,15 +202,7 @@ def test_prompts_with_last_blocks(kind, images):
   model, params = _model(_cfg("prompt", 2, kind=kind, num_tokens=3), images)
   prompts = np.asarray(params["Transformer"]["vpt_prompts"])
   assert prompts.shape == ((2 if kind == "deep" else 1), 3, D)
-  seen: list[jax.Array] = []
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, Encoder1DBlock) and context.method_name == "__call__":
-      seen.append(args[0])
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    model.apply({"params": params}, images)
+  seen = _block_inputs(model, params, images)
   assert [x.shape[1] for x in seen] == [1 + PATCHES, 1 + 3 + PATCHES, 1 + 3 + PATCHES]
   # The first tuned block (1) inserts prompt 0 after the class token.
   np.testing.assert_array_equal(np.asarray(seen[1])[:, 1:4], np.broadcast_to(prompts[0], (4, 3, D)))
