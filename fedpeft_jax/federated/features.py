@@ -103,7 +103,7 @@ def build_cache(model: nn.Module, params: PyTree, images: np.ndarray, spec: Inpu
   kw = ({"stop_block": spec.start_block} if spec.kind == "tokens"
         else {"return_features": True})
   n = int(images.shape[0])
-  index, mask = fdata.eval_schedule(n, batch_size)
+  index, _ = fdata.eval_schedule(n, batch_size)  # the last batch's padding rows are sliced off
 
   @jax.jit
   def run(params, images):
@@ -115,5 +115,4 @@ def build_cache(model: nn.Module, params: PyTree, images: np.ndarray, spec: Inpu
     _, out = jax.lax.scan(body, None, jnp.asarray(index))
     return out.reshape((-1,) + out.shape[2:])[:n]
 
-  del mask  # the last batch's padding rows are sliced off
   return run(params, jnp.asarray(images))
