@@ -25,6 +25,7 @@ from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
 from fedpeft_jax.federated.client import masked_cross_entropy
 from fedpeft_jax.federated.engine import make_evaluate
+from fedpeft_jax.models.factory import build_model
 
 CHECKPOINT_NAME = "pretrained.npz"
 
@@ -41,7 +42,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = Tr
   """Trains (or reuses) the backbone; returns the checkpoint path."""
   from fedpeft_jax.data import load_dataset
   from fedpeft_jax.runner import outputs
-  from fedpeft_jax.runner.train import build_model
 
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CHECKPOINT_NAME)

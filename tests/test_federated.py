@@ -18,7 +18,7 @@ import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost,
                                    make_client_update, make_server_optimizer, plan_round)
 from fedpeft_jax.federated.engine import make_evaluate
-from fedpeft_jax.models import ViT
+from fedpeft_jax.models import ViT, compute_dtype
 
 NUM_CLASSES = 4
 IMAGE = 8
@@ -324,7 +324,6 @@ def test_auto_clients_per_chunk_from_xla_memory_analysis():
 def test_bfloat16_round_stays_near_float32():
   """A bf16-compute round (frozen backbone stored in bf16, f32 trainable, optimizer and
   aggregation) moves the trainable params like the f32 round, to bf16 precision."""
-  from fedpeft_jax.runner.train import cast_floating
   model, params = tiny_model("bias")
   model16 = model.clone(dtype=jnp.bfloat16)
   trainable, frozen = peft.split(params, peft.trainable_mask(params, model.peft))
@@ -332,7 +331,7 @@ def test_bfloat16_round_stays_near_float32():
   cspec = ClientSpec(batch_size=4, local_epochs=1, max_examples=12, image_size=IMAGE,
                      augment="none")
   out = {}
-  for name, m, f in (("f32", model, frozen), ("bf16", model16, cast_floating(frozen,
+  for name, m, f in (("f32", model, frozen), ("bf16", model16, optax.tree.cast(frozen,
                                                                              jnp.bfloat16))):
     algo = build_algorithm(m, optax.sgd(0.1), make_server_optimizer("fedavg"), cspec,
                            RoundSpec(1, 1), NUM_CLASSES)
@@ -352,7 +351,6 @@ def test_bfloat16_round_stays_near_float32():
 
 
 def test_compute_dtype_auto():
-  from fedpeft_jax.runner.train import compute_dtype
   assert compute_dtype("auto", "cpu") == jnp.float32
   assert compute_dtype("auto", "gpu") == jnp.bfloat16
   assert compute_dtype("auto", "tpu") == jnp.bfloat16

@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from fedpeft_jax.models import build_model, load_pretrained
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_FIELDS = {"round", "test_accuracy", "test_loss", "train_loss", "clients_sampled",
                  "clients_contributed", "bytes_up", "bytes_down", "cumulative_bytes", "seconds"}
@@ -277,9 +279,7 @@ def test_checkpoint_that_does_not_fit_names_the_field(tmp_path):
 
 
 def test_pretrain_command_writes_a_loadable_checkpoint_and_caches(tmp_path):
-  from fedpeft_jax.models.checkpoints import load_pretrained
   from fedpeft_jax.pretrain import pretrain
-  from fedpeft_jax.runner.train import build_model
   import ml_collections
   c = _tiny()
   c.pretrain = ml_collections.ConfigDict({"epochs": 1, "batch_size": 50, "lr": 1e-3,

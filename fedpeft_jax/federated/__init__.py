@@ -3,9 +3,9 @@
 from fedpeft_jax.federated.client import (CLIENT_OPTIMIZERS, ClientDP, ClientSpec,
                                           make_client_optimizer, make_client_update,
                                           masked_cross_entropy)
-from fedpeft_jax.federated.comm import CommCost, comm_cost
+from fedpeft_jax.federated.comm import WIRE_DTYPES, CommCost, comm_cost
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES, InputSpec, build_cache, choose_input
-from fedpeft_jax.federated.engine import (FederatedAlgorithm, RoundSpec, ServerDP,
+from fedpeft_jax.federated.engine import (WEIGHTINGS, FederatedAlgorithm, RoundSpec, ServerDP,
                                           auto_clients_per_chunk, build_algorithm, compiled_round_bytes,
                                           device_bytes_limit, layout_clients,
                                           make_evaluate, make_mesh, place_eval_set, replicate)
@@ -14,6 +14,7 @@ from fedpeft_jax.federated.server import (SERVER_OPTIMIZERS, ServerState, init_s
                                           make_server_optimizer)
 
 __all__ = [
+    "WIRE_DTYPES", "WEIGHTINGS",
     "FEATURE_CACHE_MODES", "InputSpec", "build_cache", "choose_input", "CLIENT_OPTIMIZERS", "ClientDP", "ClientSpec", "make_client_optimizer", "make_client_update",
     "masked_cross_entropy", "CommCost", "comm_cost", "FederatedAlgorithm", "RoundSpec",
     "ServerDP", "auto_clients_per_chunk", "build_algorithm", "compiled_round_bytes",

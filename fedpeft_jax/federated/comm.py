@@ -7,6 +7,9 @@ from typing import Any, Optional
 
 from fedpeft_jax.peft.partition import count, nbytes
 
+# config.federated.wire_dtype: the dtype parameters travel in.
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclasses.dataclass(frozen=True)
 class CommCost:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
@@ -28,47 +29,11 @@ from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
                                    device_bytes_limit, make_client_optimizer, make_evaluate,
                                    make_mesh, make_server_optimizer, place_eval_set, plan_round,
                                    replicate, resolve_clients_per_round)
-from fedpeft_jax.models import ViT
+from fedpeft_jax.models.factory import build_model, init_params
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
 
 PyTree = Any
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
-  """config.model.dtype -> a JAX dtype; 'auto' is bfloat16 on GPU/TPU and float32 on the CPU
-  (whose XLA bf16 kernels are slower than its f32 ones)."""
-  if name == "auto":
-    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
-  return DTYPES[name]
-
-
-def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
-  """Floating leaves of `tree` in `dtype` (the frozen backbone in the compute dtype)."""
-  return jax.tree_util.tree_map(
-      lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
-      else x, tree)
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
-  m = config.model
-  return ViT(
-      variant=None if m.hidden_size else m.variant,
-      num_classes=num_classes,
-      image_size=m.image_size,
-      hidden_size=m.hidden_size or None,
-      depth=m.depth or None,
-      num_heads=m.num_heads or None,
-      mlp_dim=m.mlp_dim or None,
-      patch_size=m.patch_size or None,
-      pool=m.pool,
-      representation_size=m.representation_size or None,
-      dropout=m.dropout,
-      attention_dropout=m.attention_dropout,
-      dtype=compute_dtype(m.dtype),
-      peft=config.peft,
-  )
 
 
 def load_data(config: ml_collections.ConfigDict):
@@ -87,22 +52,6 @@ def load_data(config: ml_collections.ConfigDict):
                             method=d.partition, alpha=d.alpha, min_size=d.min_size,
                             seed=config.seed, shards_per_client=d.shards_per_client)
   return dataset, part
-
-
-def init_params(config: ml_collections.ConfigDict, model: ViT) -> dict:
-  """Random init (from scratch) or the pre-trained backbone with fresh PEFT leaves and head."""
-  size = config.model.image_size
-  rng = jax.random.PRNGKey(config.seed)
-  if config.model.pretrained:
-    from fedpeft_jax.models.checkpoints import CheckpointError, load_pretrained
-    try:
-      return load_pretrained(config.model.pretrained, model, rng=rng,
-                             cache_dir=config.model.cache_dir or None)
-    except CheckpointError as e:
-      raise CheckpointError(f"config.model.pretrained ({config.model.pretrained!r}) does not "
-                            f"fit the model of config.model: {e}") from e
-  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(rng)["params"]
-  return jax.tree_util.tree_map(np.asarray, params)
 
 
 class _Privacy:
@@ -223,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   fed = config.federated
   dataset, part = load_data(config)
   model = build_model(config, dataset.num_classes)
-  params = init_params(config, model)
+  params = init_params(config, model, jax.random.PRNGKey(config.seed))
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
   cost = comm_cost(trainable, params, dtype=jnp.dtype(fed.wire_dtype))
@@ -267,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                     fed.server_b1, fed.server_b2, fed.server_eps)
   mesh = make_mesh()
   # The frozen backbone lives on device once, in the compute dtype (no cast per step).
-  frozen_dev = replicate(cast_floating(frozen, model.dtype), mesh)
+  frozen_dev = replicate(optax.tree.cast(frozen, model.dtype), mesh)
   host_data = fdata.client_data(dataset, part, device=jax.local_devices(backend="cpu")[0])
   test_examples = np.asarray(dataset.test_images)
   if inputs.kind != "images":

@@ -1,0 +1,65 @@
+"""A ViT and its initial parameters from an experiment config (`config.model`, `config.peft`).
+
+Shared by federated runs (`fedpeft_jax.runner`) and central pre-training
+(`fedpeft_jax.pretrain`), so both build the same architecture from the same fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedpeft_jax.models.checkpoints import CheckpointError, load_pretrained
+from fedpeft_jax.models.vit import ViT
+
+# config.model.dtype -> the compute dtype ("auto" is resolved by `compute_dtype`).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MODEL_DTYPES = ("auto",) + tuple(DTYPES)
+
+
+def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
+  """config.model.dtype -> a JAX dtype; 'auto' is bfloat16 on GPU/TPU and float32 on the CPU
+  (whose XLA bf16 kernels are slower than its f32 ones)."""
+  if name == "auto":
+    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return DTYPES[name]
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
+  """The ViT of `config.model` with the PEFT modules of `config.peft`."""
+  m = config.model
+  return ViT(
+      variant=None if m.hidden_size else m.variant,
+      num_classes=num_classes,
+      image_size=m.image_size,
+      hidden_size=m.hidden_size or None,
+      depth=m.depth or None,
+      num_heads=m.num_heads or None,
+      mlp_dim=m.mlp_dim or None,
+      patch_size=m.patch_size or None,
+      pool=m.pool,
+      representation_size=m.representation_size or None,
+      dropout=m.dropout,
+      attention_dropout=m.attention_dropout,
+      dtype=compute_dtype(m.dtype),
+      peft=config.peft,
+  )
+
+
+def init_params(config: ml_collections.ConfigDict, model: ViT, key: jax.Array) -> dict:
+  """Random init (from scratch) or the pre-trained backbone with fresh PEFT leaves and head;
+  `key` draws every freshly initialised leaf."""
+  size = config.model.image_size
+  if config.model.pretrained:
+    try:
+      return load_pretrained(config.model.pretrained, model, rng=key,
+                             cache_dir=config.model.cache_dir or None)
+    except CheckpointError as e:
+      raise CheckpointError(f"config.model.pretrained ({config.model.pretrained!r}) does not "
+                            f"fit the model of config.model: {e}") from e
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(key)["params"]
+  return jax.tree_util.tree_map(np.asarray, params)
