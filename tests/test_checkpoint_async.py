@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedpeft_jax.federated.server import ServerState
+from fedpeft_jax.federated.state import ServerState
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,8 +10,8 @@ from fedpeft_jax.federated.engine import (WEIGHTINGS, FederatedAlgorithm, RoundS
                                           device_bytes_limit, layout_clients,
                                           make_evaluate, make_mesh, place_eval_set, replicate)
 from fedpeft_jax.federated.sampling import RoundPlan, plan_round, resolve_clients_per_round
-from fedpeft_jax.federated.server import (SERVER_OPTIMIZERS, ServerState, init_server_state,
-                                          make_server_optimizer)
+from fedpeft_jax.federated.server import SERVER_OPTIMIZERS, make_server_optimizer
+from fedpeft_jax.federated.state import ServerState, apply_server_update, init_server_state
 
 __all__ = [
     "WIRE_DTYPES", "WEIGHTINGS",
@@ -20,5 +20,5 @@ __all__ = [
     "ServerDP", "auto_clients_per_chunk", "build_algorithm", "compiled_round_bytes",
     "device_bytes_limit", "layout_clients", "make_evaluate",
     "make_mesh", "place_eval_set", "replicate", "RoundPlan", "plan_round", "resolve_clients_per_round",
-    "SERVER_OPTIMIZERS", "ServerState", "init_server_state", "make_server_optimizer",
+    "SERVER_OPTIMIZERS", "ServerState", "apply_server_update", "init_server_state", "make_server_optimizer",
 ]

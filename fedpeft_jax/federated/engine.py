@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import features
-from fedpeft_jax.federated import server as server_lib
+from fedpeft_jax.federated import state as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update, tree_where
 from fedpeft_jax.federated.sampling import RoundPlan
 

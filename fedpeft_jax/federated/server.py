@@ -1,4 +1,4 @@
-"""Server state and server optimizers (FedOpt: Reddi et al., ICLR 2021).
+"""Server optimizers (FedOpt: Reddi et al., ICLR 2021).
 
 The server treats the negated weighted-mean client update as a pseudo-gradient and
 hands it to an optax optimizer; FedAvg is SGD with learning rate 1.
@@ -8,23 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
-from flax import struct
 
 PyTree = Any
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-
-
-@struct.dataclass
-class ServerState:
-  """Everything that changes across rounds; one pytree, ready for checkpointing."""
-  trainable: PyTree
-  opt_state: PyTree
-  round: jax.Array  # int32: rounds completed
-  rng: jax.Array  # uint32[2] raw PRNG key data, so it serialises as a plain array
-  clip_norm: jax.Array  # float32: current client-update clip norm (adaptive DP-FedAvg)
 
 
 def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.9,
@@ -50,22 +37,3 @@ def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float
     return optax.adagrad(learning_rate, initial_accumulator_value=eps**2, eps=eps)
   raise ValueError(f"federated.server_optimizer: unknown {name!r}; allowed: "
                    f"{', '.join(SERVER_OPTIMIZERS)}")
-
-
-def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation, seed: int,
-                      clip_norm: float = 0.0) -> ServerState:
-  return ServerState(
-      trainable=trainable,
-      opt_state=server_tx.init(trainable),
-      round=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(jax.random.PRNGKey(seed)),
-      clip_norm=jnp.asarray(clip_norm, jnp.float32),
-  )
-
-
-def apply_server_update(state: ServerState, mean_update: PyTree,
-                        server_tx: optax.GradientTransformation) -> tuple[PyTree, PyTree]:
-  """New (trainable, opt_state) from the clients' mean update (new - old params)."""
-  pseudo_grad = jax.tree_util.tree_map(lambda u: -u, mean_update)
-  updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.trainable)
-  return optax.apply_updates(state.trainable, updates), opt_state

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedpeft_jax.federated.server import ServerState
+from fedpeft_jax.federated.state import ServerState
 
 
 def _host_snapshot(state: ServerState) -> ServerState:
