@@ -17,7 +17,7 @@ The argument is comma-separated `key=value` pairs; the first two items may be ba
   train_size     subsample the training set (0 = the dataset's study default; the
                  data-scarcity analysis: PCam 1000/1500/2000, CIFAR-100 1k/5k/10k)
 
-What every preset sets (PAPER_NOTES.md):
+What every preset sets (docs/study.md):
   * ViT-B/16 at 224x224 from the ImageNet-21k release ('vit_b16_in21k'), class-token
     pooling, no pre-logits layer (the study's 102,912-bias count has none), a new head.
   * 50 rounds, 10 local epochs, batch 64; SGD momentum 0.9, Nesterov, weight decay 1e-4,

@@ -91,7 +91,7 @@ def test_vit_b16_trainable_counts(cfg, expected):
 
 
 def test_paper_transfer_sizes_fp32():
-  # PAPER_NOTES: bias 179,812 params ~ 0.69 MB per one-way transfer, prompt 169,060 ~ 0.65 MB.
+  # docs/study.md: bias 179,812 params ~ 0.69 MB per one-way transfer, prompt 169,060 ~ 0.65 MB.
   for cfg, n in ((peft.method_config("bias"), 179_812), (peft.method_config("prompt"), 169_060)):
     shapes = _b16_shapes(cfg)
     trainable, _ = peft.split(shapes, peft.trainable_mask(shapes, cfg))

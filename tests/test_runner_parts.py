@@ -32,7 +32,7 @@ default = load_preset("default")
 # ---------------------------------------------------------------------------
 # Presets
 
-STUDY_LR = {  # PAPER_NOTES.md; lora/ssf are our choice (not in the study)
+STUDY_LR = {  # docs/study.md; lora/ssf are our choice (not in the study)
     ("cifar100", "full"): 1e-3, ("cifar100", "head"): 5e-3, ("cifar100", "bias"): 1e-2,
     ("cifar100", "adapter"): 5e-3, ("cifar100", "prompt"): 1e-2, ("cifar100", "scratch"): 1e-2,
     ("resisc45", "bias"): 5e-3, ("resisc45", "full"): 1e-3, ("patch_camelyon", "bias"): 1e-2,

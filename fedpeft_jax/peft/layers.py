@@ -58,7 +58,7 @@ class Adapter(nn.Module):
   """Bottleneck adapter returning up(act(down(x))); up is zero so it starts as a no-op."""
   bottleneck: int
   activation: str = "gelu"
-  zero_init_down: bool = False  # the study authors' degenerate init (see PAPER_NOTES.md)
+  zero_init_down: bool = False  # the study authors' degenerate init (docs/study.md, Adapter)
   dtype: Dtype = jnp.float32
 
   @nn.compact
