@@ -4,12 +4,12 @@ from fedpeft_jax.models.checkpoints import (REGISTRY, CheckpointError, Checkpoin
                                             convert_checkpoint, default_cache_dir, download,
                                             list_checkpoints, load_pretrained, read_checkpoint,
                                             register_checkpoint, resample_posemb)
-from fedpeft_jax.models.factory import (DTYPES, MODEL_DTYPES, build_model, compute_dtype,
-                                        init_params)
+from fedpeft_jax.models.factory import (DTYPES, MODEL_DTYPES, base_param_shapes, build_model,
+                                        compute_dtype, init_params)
 from fedpeft_jax.models.vit import POOLS, VARIANTS, ViT, parse_variant
 
 __all__ = [
-    "DTYPES", "MODEL_DTYPES", "build_model", "compute_dtype", "init_params", "POOLS",
+    "DTYPES", "MODEL_DTYPES", "base_param_shapes", "build_model", "compute_dtype", "init_params", "POOLS",
     "VARIANTS", "ViT", "parse_variant", "REGISTRY", "CheckpointError", "CheckpointInfo",
     "convert_checkpoint", "default_cache_dir", "download", "list_checkpoints", "load_pretrained",
     "read_checkpoint", "register_checkpoint", "resample_posemb",

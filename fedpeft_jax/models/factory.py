@@ -29,8 +29,10 @@ def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
   return DTYPES[name]
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
-  """The ViT of `config.model` with the PEFT modules of `config.peft`."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                with_peft: bool = True) -> ViT:
+  """The ViT of `config.model` with the PEFT modules of `config.peft` (none with
+  `with_peft=False`: the backbone and head that full fine-tuning trains)."""
   m = config.model
   return ViT(
       variant=None if m.hidden_size else m.variant,
@@ -46,7 +48,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
       dropout=m.dropout,
       attention_dropout=m.attention_dropout,
       dtype=compute_dtype(m.dtype),
-      peft=config.peft,
+      peft=config.peft if with_peft else None,
   )
 
 
@@ -63,3 +65,12 @@ def init_params(config: ml_collections.ConfigDict, model: ViT, key: jax.Array) -
                             f"fit the model of config.model: {e}") from e
   params = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(key)["params"]
   return jax.tree_util.tree_map(np.asarray, params)
+
+
+def base_param_shapes(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+  """Shapes of the same model without PEFT modules (backbone + head): what one transfer
+  of full fine-tuning moves, the study's communication baseline."""
+  model = build_model(config, num_classes, with_peft=False)
+  size = config.model.image_size
+  return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, size, size, 3))),
+                        jax.random.PRNGKey(0))["params"]
