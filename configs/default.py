@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.representation_size = 0  # > 0: pre-logits Dense+tanh of this size.
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
-  c.model.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'.
+  c.model.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16', 'float16'.
   c.model.pretrained = ""  # path, URL or registry name (e.g. 'vit_b16_in21k'); '' = from scratch.
   c.model.cache_dir = ""  # download cache for URLs and registry names ('' = ~/.cache/fedpeft_jax).
 
@@ -65,9 +65,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.server_optimizer = "fedavg"  # 'fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad'.
   c.federated.server_lr = 1.0
   c.federated.server_momentum = 0.9  # fedavgm.
-  c.federated.server_b1 = 0.9  # fedadam / fedyogi.
-  c.federated.server_b2 = 0.99
-  c.federated.server_eps = 1e-3  # Reddi et al.'s tau.
+  c.federated.server_b1 = 0.9  # fedadam / fedyogi / fedadagrad momentum (0 = none).
+  c.federated.server_b2 = 0.99  # fedadam / fedyogi.
+  c.federated.server_eps = 1e-3  # Reddi et al.'s tau (also v_{-1} = tau**2).
+  # fedadam / fedyogi: False = Reddi et al.'s Algorithm 2 as published; True = Adam's
+  # bias correction (moments from zero, divided by 1 - beta**t; fedadam = optax.adam).
+  c.federated.server_bias_correction = False
   c.federated.weighting = "examples"  # 'examples' (weighted by client size) or 'uniform'.
   c.federated.dropout = 0.0  # probability that a sampled client fails to report.
   c.federated.max_update_norm = 0.0  # > 0: clip each client update at the server (robustness).

@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 import pytest
 
+from fedpeft_jax.data import AUGMENTS, METHODS
+from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
+from fedpeft_jax.models import MODEL_DTYPES, POOLS
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.config_files import repo_config
 from fedpeft_jax.runner.validate import ConfigError, parse_clients_per_chunk, validate_config
@@ -193,6 +196,8 @@ INVALID = [  # (name, mutation of the tiny config, field the error must name)
     ("eval every", _set("federated.eval_every", 0), "config.federated.eval_every"),
     ("checkpoint every", _set("checkpoint_every", -1), "config.checkpoint_every"),
     ("seed", _set("seed", -1), "config.seed"),
+    ("server bias correction", _set("federated.server_bias_correction", None),
+     "config.federated.server_bias_correction"),
     ("mechanism", _set("privacy.mechanism", "laplace"), "config.privacy.mechanism"),
     ("delta", _set("privacy.delta", 2.0), "config.privacy.delta"),
     ("missing section", _del("federated"), "config.federated"),
@@ -224,6 +229,27 @@ def test_documented_messages():
   c.federated.client_optimizer = "rmsprop"
   with pytest.raises(ConfigError, match="allowed: sgd, adam, adamw"):
     validate_config(c)
+
+
+def test_allowed_values_come_from_their_modules():
+  """Every value the implementing module accepts validates, and the error lists them all."""
+  owners = [("model.dtype", MODEL_DTYPES), ("model.pool", POOLS),
+            ("data.augment", ("auto",) + tuple(AUGMENTS)), ("data.partition", METHODS),
+            ("federated.client_optimizer", CLIENT_OPTIMIZERS),
+            ("federated.server_optimizer", SERVER_OPTIMIZERS),
+            ("federated.weighting", WEIGHTINGS), ("federated.wire_dtype", WIRE_DTYPES)]
+  for field, allowed in owners:
+    for value in allowed:
+      c = tiny.get_config("")
+      _set(field, value)(c)
+      validate_config(c)
+    c = tiny.get_config("")
+    _set(field, "nope")(c)
+    with pytest.raises(ConfigError, match="allowed: " + ", ".join(allowed) + "$"):
+      validate_config(c)
+  c = tiny.get_config("")
+  c.federated.server_bias_correction = True
+  validate_config(c)
 
 
 def test_valid_edge_cases():

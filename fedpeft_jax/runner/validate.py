@@ -2,8 +2,9 @@
 
 Why a separate pass: a misconfigured run should fail in a second, before data loading,
 compilation or a half-written workdir, with a message that says which field is wrong
-and what it may be. Nothing here runs JAX; the allowed values come from the modules
-that implement them (imported lazily, with fallbacks while those modules are absent).
+and what it may be. Nothing here runs JAX. The allowed values are imported from the
+modules that implement them, so a new dtype, pool, optimizer or dataset is accepted here
+as soon as it exists there, and never before.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import os
 import re
 from typing import Any, Callable, Iterable, Optional
 
+from fedpeft_jax.data import AUGMENTS, list_datasets
+from fedpeft_jax.data import METHODS as PARTITION_METHODS
+from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
+from fedpeft_jax.models import MODEL_DTYPES, POOLS, REGISTRY, VARIANTS, parse_variant
+from fedpeft_jax.peft.config import default_config as default_peft_config
+from fedpeft_jax.peft.config import validate as validate_peft
+from fedpeft_jax.privacy.config import default_privacy_config, validate_privacy
 
 SECTIONS = ("model", "peft", "data", "federated", "privacy")
-DTYPES = ("auto", "float32", "bfloat16")
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
-POOLS = ("token", "gap")
-WEIGHTINGS = ("examples", "uniform")
-AUGMENTS = ("auto", "crop_flip", "flip", "none")
-# Registry names of pre-trained checkpoints, used only if fedpeft_jax.models exposes none.
-KNOWN_PRETRAINED = ("vit_b16_in21k",)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:\d+\.\d+\.\d+)?$")
 
@@ -128,34 +129,12 @@ def parse_clients_per_chunk(value: Any) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------
-# Allowed values from the implementing modules (fallbacks while they are absent)
-
-
-def _optimizers() -> tuple[tuple[str, ...], tuple[str, ...]]:
-  try:
-    from fedpeft_jax.federated.client import CLIENT_OPTIMIZERS
-    from fedpeft_jax.federated.server import SERVER_OPTIMIZERS
-    return tuple(CLIENT_OPTIMIZERS), tuple(SERVER_OPTIMIZERS)
-  except ImportError:
-    return ("sgd", "adam", "adamw"), ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-
-
-def _partition_methods() -> tuple[str, ...]:
-  try:
-    from fedpeft_jax.data.partitioning import METHODS
-    return tuple(METHODS)
-  except ImportError:
-    return ("iid", "dirichlet", "shards")
+# Allowed values beyond the implementing modules' constants
 
 
 def known_datasets() -> tuple[str, ...]:
   """Names fedpeft_jax.data loads without further checks (local sets + curated TFDS)."""
-  try:
-    from fedpeft_jax.data.datasets import list_datasets
-    return tuple(list_datasets())
-  except ImportError:
-    return ("digits", "fashion_mnist", "synthetic", "cifar10", "cifar100", "resisc45",
-            "patch_camelyon")
+  return tuple(list_datasets())
 
 
 def _tfds_roots(data_dir: str) -> list[str]:
@@ -171,17 +150,28 @@ def _prepared_tfds(name: str, data_dir: str) -> bool:
 
 
 def _registry() -> dict[str, dict[str, Any]]:
-  """Registry name -> the ViT kwargs its backbone was trained with (may be empty)."""
-  try:
-    from fedpeft_jax.models.checkpoints import REGISTRY
-  except ImportError:
-    return {name: {} for name in KNOWN_PRETRAINED}
-  return {name: dict(getattr(info, "model_kwargs", {}) or {}) for name, info in REGISTRY.items()}
+  """Registry name -> the ViT kwargs its backbone was trained with (may be empty).
+
+  Read at call time, not import time: register_checkpoint may add names after import.
+  """
+  return {name: dict(info.model_kwargs or {}) for name, info in REGISTRY.items()}
 
 
 def known_pretrained() -> tuple[str, ...]:
-  """Registry names of pre-trained checkpoints (fedpeft_jax.models.checkpoints.REGISTRY)."""
+  """Registry names of pre-trained checkpoints (fedpeft_jax.models.REGISTRY)."""
   return tuple(sorted(_registry()))
+
+
+def _variant_sizes(variant: Any) -> Optional[dict[str, int]]:
+  """'B/16' -> the ViT sizes it stands for; None when it is not a variant name."""
+  if not isinstance(variant, str):
+    return None
+  try:
+    size, patch = parse_variant(variant)
+  except ValueError:
+    return None
+  width, depth, mlp, heads = VARIANTS[size]
+  return dict(hidden_size=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -205,16 +195,12 @@ def _validate_top(config: Any) -> None:
 
 def _validate_model(config: Any) -> dict[str, int]:
   """Checks config.model; returns the resolved sizes (hidden_size, depth, ...)."""
-  from fedpeft_jax.models.vit import VARIANTS
   sizes = {}
   for field in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size"):
     sizes[field] = _int(config, f"model.{field}", 0)
   variant = _get(config, "model.variant")
-  m = re.fullmatch(r"(Ti|S|M|B|L|H)/(\d+)", variant) if isinstance(variant, str) else None
-  if m:
-    width, depth, mlp, heads = VARIANTS[m.group(1)]
-    base = dict(hidden_size=width, depth=depth, num_heads=heads, mlp_dim=mlp,
-                patch_size=int(m.group(2)))
+  base = _variant_sizes(variant)
+  if base:
     sizes = {k: v or base[k] for k, v in sizes.items()}
   elif not all(sizes.values()):
     missing = [k for k, v in sizes.items() if not v]
@@ -235,7 +221,7 @@ def _validate_model(config: Any) -> dict[str, int]:
   _int(config, "model.representation_size", 0)
   _num(config, "model.dropout", 0.0, 1.0, high_open=True)
   _num(config, "model.attention_dropout", 0.0, 1.0, high_open=True)
-  _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.dtype", MODEL_DTYPES)
   pretrained = _get(config, "model.pretrained")
   if not isinstance(pretrained, str):
     _fail("model.pretrained", f"must be a path, URL, registry name or '', got {pretrained!r}")
@@ -253,13 +239,9 @@ def _validate_model(config: Any) -> dict[str, int]:
 def _check_fits(name: str, kwargs: dict[str, Any], sizes: dict[str, int], rep: int) -> None:
   """A registered checkpoint must match the model's architecture (the resolution may
   differ: position embeddings are resampled)."""
-  from fedpeft_jax.models.vit import VARIANTS
-  m = re.fullmatch(r"(Ti|S|M|B|L|H)/(\d+)", str(kwargs.get("variant", "")))
-  if not m:
+  want = _variant_sizes(kwargs.get("variant"))
+  if not want:
     return
-  width, depth, mlp, heads = VARIANTS[m.group(1)]
-  want = dict(hidden_size=width, depth=depth, num_heads=heads, mlp_dim=mlp,
-              patch_size=int(m.group(2)))
   diff = [f"{k} {sizes[k]} vs {v}" for k, v in want.items() if sizes[k] != v]
   if diff:
     _fail("model.pretrained", f"{name!r} is a ViT-{kwargs['variant']} checkpoint and does not "
@@ -272,10 +254,9 @@ def _check_fits(name: str, kwargs: dict[str, Any], sizes: dict[str, int], rep: i
 
 
 def _validate_peft(config: Any, depth: int) -> None:
-  from fedpeft_jax.peft.config import default_config, validate
   peft = _get(config, "peft")
-  _check_fields(peft, default_config(), "peft")
-  _wrap("peft", lambda: validate(peft))
+  _check_fields(peft, default_peft_config(), "peft")
+  _wrap("peft", lambda: validate_peft(peft))
   k = peft.get("last_blocks", 0)
   if k > depth:
     _fail("peft.last_blocks", f"({k}) exceeds the number of encoder blocks of the model "
@@ -306,7 +287,7 @@ def _validate_data(config: Any) -> None:
       _fail("data.dataset", f"is {name!r}; known: {', '.join(known)}. Any other TFDS "
             "image-classification dataset works once prepared under config.data.data_dir "
             "(python -m fedpeft_jax.data.prepare --dataset=NAME --data_dir=DIR)")
-  method = _choice(config, "data.partition", _partition_methods())
+  method = _choice(config, "data.partition", PARTITION_METHODS)
   if method == "dirichlet":
     _num(config, "data.alpha", 0.0, low_open=True)
   min_size = _int(config, "data.min_size", 0)
@@ -321,7 +302,7 @@ def _validate_data(config: Any) -> None:
             + (f" holding at least config.data.min_size ({min_size}) examples each"
                if method == "dirichlet" else "") + f"; need >= {need}")
   _bool(config, "data.sample_with_replacement")
-  _choice(config, "data.augment", AUGMENTS)
+  _choice(config, "data.augment", ("auto",) + tuple(AUGMENTS))
   _int(config, "data.resolution", 1)
   _int(config, "data.host_resolution", 0)
 
@@ -341,20 +322,20 @@ def _validate_federated(config: Any) -> None:
   elif not _is_int(epochs) or epochs < 0:
     _fail(f + "local_epochs", f"must be an integer >= 0, got {epochs!r}")
   _int(config, f + "batch_size", 1)
-  client_opts, server_opts = _optimizers()
-  _choice(config, f + "client_optimizer", client_opts)
+  _choice(config, f + "client_optimizer", CLIENT_OPTIMIZERS)
   _num(config, f + "client_lr", 0.0, low_open=True)
   _num(config, f + "client_momentum", 0.0, 1.0, high_open=True)
   _bool(config, f + "client_nesterov")
   _num(config, f + "client_weight_decay", 0.0)
   _num(config, f + "label_smoothing", 0.0, 1.0, high_open=True)
   _num(config, f + "fedprox_mu", 0.0)
-  _choice(config, f + "server_optimizer", server_opts)
+  _choice(config, f + "server_optimizer", SERVER_OPTIMIZERS)
   _num(config, f + "server_lr", 0.0, low_open=True)
   _num(config, f + "server_momentum", 0.0, 1.0, high_open=True)
   _num(config, f + "server_b1", 0.0, 1.0, high_open=True)
   _num(config, f + "server_b2", 0.0, 1.0, high_open=True)
   _num(config, f + "server_eps", 0.0, low_open=True)
+  _bool(config, f + "server_bias_correction")
   _choice(config, f + "weighting", WEIGHTINGS)
   _num(config, f + "dropout", 0.0, 1.0, high_open=True)
   _num(config, f + "max_update_norm", 0.0)
@@ -367,11 +348,6 @@ def _validate_federated(config: Any) -> None:
 
 def _validate_privacy(config: Any) -> None:
   privacy = _get(config, "privacy")
-  try:
-    from fedpeft_jax.privacy.config import default_privacy_config, validate_privacy
-  except ImportError:
-    _choice(config, "privacy.mechanism", ("none",))
-    return
   _check_fields(privacy, default_privacy_config(), "privacy")
   _wrap("privacy", lambda: validate_privacy(privacy))
 
