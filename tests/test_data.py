@@ -135,6 +135,105 @@ def test_load_dataset_bad_inputs():
     assert n in names
 
 
+# ----------------------------------------------------------------------------- class subsets
+
+
+def _rederive(x, y, ids):
+  """NumPy reference for a class subset: the kept examples in order, labels mapped to 0..k-1."""
+  keep = np.isin(y, ids)
+  new = np.searchsorted(np.sort(ids), y[keep])  # rank among the sorted ids ...
+  new = np.argsort(ids)[new]  # ... -> position in the given order
+  return x[keep], new.astype(np.int32)
+
+
+def test_parse_classes():
+  assert D.parse_classes(None) is None and D.parse_classes("") is None
+  assert D.parse_classes("   ") is None
+  assert D.parse_classes("5,6,7,8,9") == (5, 6, 7, 8, 9)
+  assert D.parse_classes(" 7, 5 ") == (7, 5)  # order is kept: 7 -> 0, 5 -> 1
+  assert D.parse_classes((3, 1)) == (3, 1) and D.parse_classes([0]) == (0,)
+  assert D.parse_classes(np.array([2, 0])) == (2, 0)
+  for bad in ("5,x", "5,,6", "5,6,", "1.5", "-1", "3,3", (), [1.5], [True], 5, b"1,2"):
+    with pytest.raises(ValueError, match="data.classes"):
+      D.parse_classes(bad)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("ids", [(5, 6, 7, 8, 9), (0, 1, 2, 3, 4), (9, 2, 5)])
+def test_classes_fashion_mnist_against_numpy(ids):
+  full = D.load_dataset("fashion_mnist")
+  ds = D.load_dataset("fashion_mnist", classes=",".join(map(str, ids)))
+  assert ds.num_classes == len(ids) and ds.info["classes"] == list(ids)
+  assert ds.class_names == tuple(full.class_names[c] for c in ids)
+  for split, per_class in (("train", 6000), ("test", 1000)):
+    x, y = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+    fx, fy = getattr(full, f"{split}_images"), getattr(full, f"{split}_labels")
+    rx, ry = _rederive(fx, fy, ids)
+    np.testing.assert_array_equal(x, rx)
+    np.testing.assert_array_equal(y, ry)
+    assert y.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(y, minlength=len(ids)), [per_class] * len(ids))
+    # Relabelled labels are the original ones mapped: ids[new] == original.
+    np.testing.assert_array_equal(np.asarray(ids)[y], fy[np.isin(fy, ids)])
+  p = D.partition(ds.train_labels, 8, alpha=0.5, seed=0)
+  assert p.num_classes == len(ids) and p.num_examples == len(ids) * 6000
+
+
+@needs_fmnist
+def test_classes_then_train_size_fashion_mnist():
+  full = D.load_dataset("fashion_mnist")
+  sub = D.load_dataset("fashion_mnist", classes=(5, 6, 7, 8, 9), train_size=1000, seed=3)
+  assert sub.num_train == 1000 and sub.num_test == 5000 and sub.num_classes == 5
+  rx, ry = _rederive(full.train_images, full.train_labels, (5, 6, 7, 8, 9))
+  sel = D.subsample_indices(len(ry), 1000, False, 3)  # train_size counts kept examples
+  np.testing.assert_array_equal(sub.train_images, rx[sel])
+  np.testing.assert_array_equal(sub.train_labels, ry[sel])
+  assert sub.info["train_size"] == 1000 and sub.info["classes"] == [5, 6, 7, 8, 9]
+
+
+def test_classes_digits_against_numpy():
+  full = D.load_dataset("digits")
+  ids = (7, 3, 0)
+  ds = D.load_dataset("digits", classes=list(ids))
+  assert ds.num_classes == 3 and ds.class_names == ("7", "3", "0")
+  for split in ("train", "test"):
+    fx, fy = getattr(full, f"{split}_images"), getattr(full, f"{split}_labels")
+    rx, ry = _rederive(fx, fy, ids)
+    np.testing.assert_array_equal(getattr(ds, f"{split}_images"), rx)
+    np.testing.assert_array_equal(getattr(ds, f"{split}_labels"), ry)
+    np.testing.assert_array_equal(np.bincount(getattr(ds, f"{split}_labels"), minlength=3),
+                                  np.bincount(fy, minlength=10)[list(ids)])
+  same = D.load_dataset("digits", classes="0,1,2,3,4,5,6,7,8,9")  # all, in order: no copy
+  np.testing.assert_array_equal(same.train_labels, full.train_labels)
+  assert same.num_classes == 10 and same.info["classes"] == list(range(10))
+  assert "classes" not in D.load_dataset("digits", classes="").info
+
+
+def test_classes_bad_ids_and_empty_selection():
+  with pytest.raises(ValueError, match=r"data\.classes.*\[10\].*0\.\.9"):
+    D.load_dataset("digits", classes="5,10")
+  with pytest.raises(ValueError, match="data.classes"):
+    D.load_dataset("digits", classes="5,5")
+  x = np.zeros((4, 2, 2, 1), np.uint8)
+  ds = D.Dataset("toy", x, np.array([0, 0, 1, 1], np.int32), x[:2], np.array([2, 1], np.int32),
+                 3)
+  with pytest.raises(ValueError, match="no example"):
+    D.select_classes(ds, (2,))
+  kept = D.select_classes(ds, (2, 1))  # class 2 only in test: allowed
+  np.testing.assert_array_equal(kept.train_labels, [1, 1])
+  np.testing.assert_array_equal(kept.test_labels, [0, 1])
+  assert kept.class_names is None
+
+
+def test_import_data_does_not_load_tensorflow():
+  code = ("import sys, fedpeft_jax.data; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow', 'tensorflow_datasets')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  assert out.strip() == "[]"
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 
@@ -226,6 +325,18 @@ def test_tfds_real_array_record(tiny_dir, tmp_path):
     D.load_dataset("fedpeft_tiny_images", data_dir=tiny_dir, train_split="valid")
   with pytest.raises(ValueError, match="label_key='fine'"):
     D.load_dataset("fedpeft_tiny_images", data_dir=tiny_dir, label_key="fine")
+  # classes on a TFDS source: subsampling follows the class filter, labels follow the ids.
+  sub = D.load_dataset("fedpeft_tiny_images", data_dir=tiny_dir, classes="4,1", train_size=10,
+                       seed=1)
+  assert sub.num_classes == 2 and sub.num_train == 10 and sub.info["classes"] == [4, 1]
+  original = (sub.train_images[:, 0, 0, 0] // 5) % 5  # the example id encodes its label
+  np.testing.assert_array_equal(np.array([4, 1])[sub.train_labels], original)
+  assert len(np.unique(sub.train_images[:, 0, 0, 0])) == 10
+  test_orig = ((sub.test_images[:, 0, 0, 0] - 1) // 5) % 5
+  np.testing.assert_array_equal(np.array([4, 1])[sub.test_labels], test_orig)
+  assert sorted(test_orig.tolist()) == [1, 1, 1, 4, 4]  # test ids 0..11, label id % 5
+  with pytest.raises(ValueError, match=r"0\.\.4"):
+    D.load_dataset("fedpeft_tiny_images", data_dir=tiny_dir, classes=(5,))
 
 
 def test_prepare_cli():

@@ -3,8 +3,8 @@
 from fedpeft_jax.data.client_data import (ClientData, client_data, eval_schedule,
                                           local_schedule, num_local_steps)
 from fedpeft_jax.data.datasets import (AUGMENTS, TFDS_DATASETS, Dataset, DatasetNotPreparedError,
-                                       list_datasets, load_dataset, prepare_command,
-                                       subsample_indices)
+                                       list_datasets, load_dataset, parse_classes,
+                                       prepare_command, select_classes, subsample_indices)
 from fedpeft_jax.data.idx import load_fashion_mnist, read_idx
 from fedpeft_jax.data.partitioning import METHODS, Partition, partition
 from fedpeft_jax.data.preprocess import preprocess
@@ -12,6 +12,7 @@ from fedpeft_jax.data.preprocess import preprocess
 __all__ = [
     "ClientData", "client_data", "eval_schedule", "local_schedule", "num_local_steps",
     "AUGMENTS", "TFDS_DATASETS", "Dataset", "DatasetNotPreparedError", "list_datasets",
-    "load_dataset", "prepare_command", "subsample_indices", "load_fashion_mnist", "read_idx",
+    "load_dataset", "parse_classes", "prepare_command", "select_classes", "subsample_indices",
+    "load_fashion_mnist", "read_idx",
     "METHODS", "Partition", "partition", "preprocess",
 ]

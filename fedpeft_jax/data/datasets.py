@@ -9,18 +9,23 @@ on device (`preprocess`), never here, except for TFDS datasets whose images vary
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from absl import logging
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from fedpeft_jax.data import idx
 
 AUGMENTS = ("none", "flip", "crop_flip")
+ClassesArg = Union[None, str, Sequence[int]]  # load_dataset(classes=...): see parse_classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +125,27 @@ def list_datasets(all_tfds: bool = False) -> list[str]:
   classification one with `image`/`label` features loads too)."""
   names = list(LOCAL_DATASETS) + list(TFDS_DATASETS)
   if all_tfds:
-    import tensorflow_datasets as tfds
-    names += [n for n in tfds.list_builders(with_community_datasets=False) if n not in names]
+    names += [n for n in tfds_module().list_builders(with_community_datasets=False)
+              if n not in names]
   return names
 
 
+def tfds_module() -> Any:
+  """The `tensorflow_datasets` module, imported on first use (TFDS datasets and preparing)."""
+  import tensorflow_datasets  # lazy: only TFDS needs it; a slow import that can load TensorFlow
+  return tensorflow_datasets
+
+
 def load_dataset(name: str, data_dir: Optional[str] = None, train_size: Optional[int] = None,
-                 sample_with_replacement: bool = False, seed: int = 0, **kw: Any) -> Dataset:
+                 sample_with_replacement: bool = False, seed: int = 0,
+                 classes: ClassesArg = None, **kw: Any) -> Dataset:
   """Load `name` as a `Dataset`.
 
+  classes: keep only these original class ids, in train and test, relabelled 0..len-1 in the
+  given order (`select_classes`); None or "" = every class; a string such as "5,6,7,8,9" is
+  parsed with `parse_classes`. Applied before `train_size`, so train_size counts examples of
+  the kept classes. For TFDS datasets that means decoding the whole train split once
+  (`cache_dir` makes reloads fast); `test_size` is still drawn from the full test split.
   train_size: keep this many training examples (the study: PCam 20,000; data scarcity
   1k/5k/10k), drawn with `seed`, without replacement unless `sample_with_replacement` (what
   the authors' code did). Extra keywords per source:
@@ -141,6 +158,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, train_size: Optional
   """
   if not isinstance(name, str) or not name:
     raise ValueError(f"name must be a dataset name such as {list_datasets()}, got {name!r}")
+  class_ids = parse_classes(classes)
   augment = kw.pop("augment", None)
   if name == "digits":
     ds = _digits(**_only(kw, name, ("resolution",)))
@@ -153,9 +171,16 @@ def load_dataset(name: str, data_dir: Optional[str] = None, train_size: Optional
     ds = _synthetic(seed, **_only(kw, name, ("num_classes", "num_train", "num_test",
                                                "resolution", "channels", "noise")))
   else:
-    return _tfds(name, data_dir, train_size, sample_with_replacement, seed, augment,
-                 **_only(kw, name, ("train_split", "test_split", "image_key", "label_key",
-                                    "resolution", "test_size", "cache_dir")))
+    # Without a class filter the TFDS reader subsamples before decoding (only the kept
+    # records are decoded); with one, subsampling has to wait until the labels are known.
+    ds = _load_tfds(name, data_dir, train_size if class_ids is None else None,
+                    sample_with_replacement, seed, augment,
+                    **_only(kw, name, ("train_split", "test_split", "image_key", "label_key",
+                                       "resolution", "test_size", "cache_dir")))
+    if class_ids is None:
+      return ds
+  if class_ids is not None:
+    ds = select_classes(ds, class_ids)
   sel = subsample_indices(ds.num_train, train_size, sample_with_replacement, seed)
   changes: dict[str, Any] = {}
   if sel is not None:
@@ -165,6 +190,81 @@ def load_dataset(name: str, data_dir: Optional[str] = None, train_size: Optional
   if augment is not None:
     changes["augment"] = augment
   return dataclasses.replace(ds, **changes) if changes else ds
+
+
+def parse_classes(value: ClassesArg) -> Optional[tuple[int, ...]]:
+  """`config.data.classes` -> the class ids `load_dataset(classes=...)` keeps, or None for all.
+
+  Accepts "" / None (every class), a comma-separated string "5,6,7,8,9" (spaces allowed), or a
+  sequence of ints. Why a string in the config: a ConfigDict field keeps the type of its
+  default, and a string is what `--config.data.classes=5,6,7,8,9` gives on the command line.
+  Checks what it can without the dataset (ints, >= 0, no repeats, at least one); the upper
+  bound is checked against the dataset by `select_classes`. Errors are ValueErrors naming
+  data.classes.
+  """
+  if value is None:
+    return None
+  if isinstance(value, str):
+    text = value.strip()
+    if not text:
+      return None
+    items = [t.strip() for t in text.split(",")]
+    try:
+      ids = tuple(int(t) for t in items)
+    except ValueError:
+      raise ValueError(f"data.classes={value!r}: expected comma-separated class ids such as "
+                       "'5,6,7,8,9' ('' for every class)") from None
+  elif isinstance(value, (collections.abc.Sequence, np.ndarray)) and not isinstance(value, bytes):
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+           for v in value):
+      raise ValueError(f"data.classes={value!r}: class ids must be ints")
+    ids = tuple(int(v) for v in value)
+  else:
+    raise ValueError(f"data.classes={value!r}: expected None, a string such as '5,6,7,8,9' or "
+                     "a sequence of ints")
+  if not ids:
+    raise ValueError(f"data.classes={value!r}: selects no class; use '' (None) for every class")
+  negative = [c for c in ids if c < 0]
+  if negative:
+    raise ValueError(f"data.classes={value!r}: class ids must be >= 0, got {negative}")
+  repeated = sorted({c for c in ids if ids.count(c) > 1})
+  if repeated:
+    raise ValueError(f"data.classes={value!r}: class ids {repeated} repeat")
+  return ids
+
+
+def select_classes(ds: Dataset, classes: ClassesArg) -> Dataset:
+  """Keep only `classes` (original ids) in train and test, relabelled 0..len-1 in that order.
+
+  Why: a transfer study splits one label set into a source task and a target task (e.g.
+  pre-train on Fashion-MNIST classes 0-4, fine-tune federated on 5-9); the target then needs
+  dense labels so its new head has len(classes) outputs. Example order within each split is
+  kept. num_classes, class_names and info["classes"] (the original ids) follow.
+  """
+  ids = parse_classes(classes)
+  if ids is None:
+    return ds
+  bad = [c for c in ids if c >= ds.num_classes]
+  if bad:
+    raise ValueError(f"data.classes={','.join(map(str, ids))}: class ids {bad} are outside "
+                     f"the valid range 0..{ds.num_classes - 1} of {ds.name} "
+                     f"({ds.num_classes} classes)")
+  info = {**ds.info, "classes": list(ids)}
+  if ids == tuple(range(ds.num_classes)):  # every class in its own order: nothing to copy
+    return dataclasses.replace(ds, info=info)
+  relabel = np.full(ds.num_classes, -1, np.int32)
+  relabel[list(ids)] = np.arange(len(ids), dtype=np.int32)
+  arrays: dict[str, np.ndarray] = {}
+  for split in ("train", "test"):
+    y = relabel[getattr(ds, f"{split}_labels")]
+    keep = np.flatnonzero(y >= 0)
+    arrays[f"{split}_images"] = getattr(ds, f"{split}_images")[keep]
+    arrays[f"{split}_labels"] = y[keep]
+  if not len(arrays["train_labels"]):
+    raise ValueError(f"data.classes={','.join(map(str, ids))}: {ds.name}'s training set has no "
+                     "example of these classes")
+  names = tuple(ds.class_names[c] for c in ids) if ds.class_names else None
+  return dataclasses.replace(ds, **arrays, num_classes=len(ids), class_names=names, info=info)
 
 
 def _only(kw: dict[str, Any], name: str, allowed: Sequence[str]) -> dict[str, Any]:
@@ -192,16 +292,15 @@ def subsample_indices(n: int, size: Optional[int], replace: bool, seed: int
 
 def _resize(images: np.ndarray, resolution: int) -> np.ndarray:
   """Bilinear (antialiased when shrinking) resize of uint8 [N,h,w,C] on the host."""
-  from PIL import Image
   if images.shape[1:3] == (resolution, resolution):
     return images
   out = np.empty((len(images), resolution, resolution, images.shape[-1]), np.uint8)
   for i, im in enumerate(images):
-    out[i] = _resize_one(im, resolution, Image)
+    out[i] = _resize_one(im, resolution)
   return out
 
 
-def _resize_one(im: np.ndarray, resolution: int, Image: Any) -> np.ndarray:
+def _resize_one(im: np.ndarray, resolution: int) -> np.ndarray:
   c = im.shape[-1]
   pil = Image.fromarray(im[..., 0] if c == 1 else im)
   r = np.asarray(pil.resize((resolution, resolution), Image.Resampling.BILINEAR))
@@ -211,8 +310,6 @@ def _resize_one(im: np.ndarray, resolution: int, Image: Any) -> np.ndarray:
 def _digits(resolution: int = 32) -> Dataset:
   """scikit-learn digits, 8x8 values 0..16 -> uint8, upsampled; a fixed stratified 80/20
   split (random_state 0, independent of `seed`) so results stay comparable across runs."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
   if not isinstance(resolution, int) or resolution < 8:
     raise ValueError(f"resolution must be an int >= 8 for digits, got {resolution!r}")
   d = load_digits()
@@ -261,12 +358,13 @@ def _split_names(split: str) -> list[str]:
   return [re.sub(r"\[.*\]$", "", s.strip()) for s in split.split("+")]
 
 
-def _tfds(name: str, data_dir: Optional[str], train_size: Optional[int], replace: bool,
-          seed: int, augment: Optional[str], train_split: Optional[str] = None,
-          test_split: Optional[str] = None, image_key: str = "image", label_key: str = "label",
-          resolution: Optional[int] = None, test_size: Optional[int] = None,
-          cache_dir: Optional[str] = None) -> Dataset:
-  import tensorflow_datasets as tfds
+def _load_tfds(name: str, data_dir: Optional[str], train_size: Optional[int], replace: bool,
+               seed: int, augment: Optional[str], train_split: Optional[str] = None,
+               test_split: Optional[str] = None, image_key: str = "image",
+               label_key: str = "label", resolution: Optional[int] = None,
+               test_size: Optional[int] = None, cache_dir: Optional[str] = None) -> Dataset:
+  """A TFDS dataset through `tfds.data_source` (random access, no TensorFlow at read time)."""
+  tfds = tfds_module()
   data_dir = os.path.expanduser(data_dir) if data_dir else None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -377,7 +475,6 @@ def read_source(src: Any, sel: Optional[np.ndarray], image_key: str = "image",
 
   `sel` may repeat indices (sampling with replacement): each distinct record is decoded once.
   """
-  from PIL import Image
   if sel is None:
     uniq, inverse = np.arange(len(src)), None
   else:
@@ -396,7 +493,7 @@ def read_source(src: Any, sel: Optional[np.ndarray], image_key: str = "image",
       if im.ndim == 2:
         im = im[..., None]
       if resolution is not None:
-        im = _resize_one(im, resolution, Image)
+        im = _resize_one(im, resolution)
       if images is None:
         images = np.empty((n,) + im.shape, np.uint8)
       elif im.shape != images.shape[1:]:

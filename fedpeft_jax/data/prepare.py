@@ -39,7 +39,7 @@ def prepare_tfds(name: str, data_dir: Optional[str] = None,
         "prepared data does not). Install the optional extra: pip install "
         "'fedpeft_jax[prepare]' (or pip install tensorflow-cpu), then rerun:\n  "
         + datasets.prepare_command(name, data_dir or "<data_dir>"))
-  import tensorflow_datasets as tfds
+  tfds = datasets.tfds_module()
   builder = tfds.builder(name, data_dir=data_dir)
   if manual_dir is None and getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
     raise RuntimeError(f"{name} needs a manual download first, then --manual_dir=...:\n"
@@ -71,7 +71,7 @@ def main(argv: Sequence[str]) -> None:
     print("prepared", prepare_tfds(FLAGS.dataset, data_dir, FLAGS.manual_dir))
   except RuntimeError as e:  # missing TensorFlow / manual download: a message, not a traceback
     raise SystemExit(f"error: {e}") from None
-  import tensorflow_datasets as tfds  # check it reads back the way runs read it
+  tfds = datasets.tfds_module()  # check it reads back the way runs read it
   for split, n in tfds.builder(FLAGS.dataset, data_dir=data_dir).info.splits.items():
     src = tfds.data_source(FLAGS.dataset, split=split, data_dir=data_dir, download=False)
     ex = src[0]
