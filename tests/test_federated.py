@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import optax
 import pytest
 
 from fedpeft_jax import peft
+from fedpeft_jax import rng as rng_lib
 import fedpeft_jax.data as fdata
-from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost,
+from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost, to_wire,
                                    make_client_update, make_server_optimizer, plan_round)
-from fedpeft_jax.federated.engine import make_evaluate
+from fedpeft_jax.federated.evaluation import make_evaluate
 from fedpeft_jax.models import ViT, compute_dtype
 
 NUM_CLASSES = 4
@@ -97,7 +99,7 @@ def test_weighted_fedavg_equals_numpy_mean_of_independent_clients():
   new_state, _ = algo.apply(state, frozen, data, plan_round(3, 0, 3, 3))
   # Independently: each client alone (same per-client key rule), then a NumPy mean.
   client_update = jax.jit(make_client_update(model, client_tx, cspec, NUM_CLASSES))
-  round_key = jax.random.fold_in(jax.random.PRNGKey(3), 0)
+  round_key = jax.random.fold_in(jnp.asarray(rng_lib.stream_key_data(3, "train")), 0)
   updates = []
   for c in range(3):
     out = client_update(trainable, frozen, data, jnp.int32(c), jax.random.fold_in(round_key, c))
@@ -124,32 +126,6 @@ def test_chunk_layouts_agree(chunk):
     np.testing.assert_allclose(results[0][k], results[1][k], atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("server", ["fedadam", "fedyogi", "fedavgm", "fedadagrad"])
-def test_server_optimizers_equal_optax_on_numpy_mean(server):
-  sizes = (4, 8)
-  model, params, trainable, frozen, data, algo, cspec, client_tx, server_tx = setup(
-      sizes=sizes, server=server, server_lr=0.05)
-  state = algo.init(trainable, seed=0)
-  new_state, _ = algo.apply(state, frozen, data, plan_round(0, 0, 2, 2))
-  client_update = jax.jit(make_client_update(model, client_tx, cspec, NUM_CLASSES))
-  round_key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
-  outs = [flat(client_update(trainable, frozen, data, jnp.int32(c),
-                             jax.random.fold_in(round_key, c))["update"]) for c in range(2)]
-  w = np.asarray(sizes, np.float64) / sum(sizes)
-  mean = peft.unflatten({k: jnp.asarray(sum(wi * o[k] for wi, o in zip(w, outs)), jnp.float32)
-                         for k in outs[0]})
-  ref_tx = {"fedadam": optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3),
-            "fedyogi": optax.yogi(0.05, b1=0.9, b2=0.99, eps=1e-3),
-            "fedavgm": optax.sgd(0.05, momentum=0.9),
-            "fedadagrad": optax.adagrad(0.05, initial_accumulator_value=1e-6, eps=1e-3)}[server]
-  opt_state = ref_tx.init(trainable)
-  upd, _ = ref_tx.update(jax.tree_util.tree_map(lambda u: -u, mean), opt_state, trainable)
-  want = flat(optax.apply_updates(trainable, upd))
-  got = flat(new_state.trainable)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-5, err_msg=k)
-
-
 def test_frozen_untouched_trainable_moves_over_rounds():
   model, params, trainable, frozen, data, algo, *_ = setup(method="lora", sizes=(6, 6))
   state = algo.init(trainable, seed=0)
@@ -167,8 +143,7 @@ def test_frozen_untouched_trainable_moves_over_rounds():
   assert moved > 0
 
 
-@pytest.mark.parametrize("max_update_norm", [0.0, 10.0])
-def test_nan_client_excluded_and_weights_renormalise(max_update_norm):
+def test_nan_client_excluded_and_weights_renormalise(max_update_norm=0.0):
   sizes = (6, 10, 4)
   model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
   base = make_client_update(model, client_tx, cspec, NUM_CLASSES)
@@ -221,18 +196,181 @@ def test_same_seed_bitwise_identical():
   assert outs[0][1] == outs[1][1]
 
 
+def vit_param_count(width: int, depth: int, mlp: int, patch: int, image: int, classes: int,
+                    channels: int = 3) -> int:
+  """Parameters of a ViT with a class token (Dosovitskiy et al. 2021), counted by hand:
+  patch embedding, class token, position embeddings, per block two LayerNorms, q/k/v/out
+  projections and the MLP, the final LayerNorm and the head."""
+  tokens = (image // patch) ** 2 + 1
+  block = 2 * 2 * width + 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width)
+  return (patch * patch * channels * width + width + width + tokens * width + depth * block
+          + 2 * width + width * classes + classes)
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["full", "head", "bias", "prompt", "adapter", "lora", "ssf"])
-def test_communication_bytes(method):
+def test_communication_bytes_are_those_of_the_arrays_sent(method, wire):
   model, params = tiny_model(method)
   trainable, _ = peft.split(params, peft.trainable_mask(params, model.peft))
-  cost = comm_cost(trainable, params)
-  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainable))
-  assert cost.trainable_bytes == n * 4
+  plain = ViT(variant=None, hidden_size=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
+              image_size=IMAGE, num_classes=NUM_CLASSES)
+  base = jax.eval_shape(lambda k: plain.init(k, jnp.zeros((1, IMAGE, IMAGE, 3))),
+                        jax.random.PRNGKey(0))["params"]
+  cost = comm_cost(trainable, params, base, wire)
+  sent = to_wire(trainable, wire)  # the payload the engine sends
+  assert cost.trainable_bytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(sent))
   b = cost.round_bytes(num_sampled=8, num_reporting=6)
-  assert b["bytes_down"] == n * 4 * 8 and b["bytes_up"] == n * 4 * 6
-  total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  assert b["bytes_full_equivalent"] == total * 4 * 14
-  assert comm_cost(trainable, params, dtype=jnp.bfloat16).trainable_bytes == n * 2
+  assert b["bytes_down"] == cost.trainable_bytes * 8 and b["bytes_up"] == cost.trainable_bytes * 6
+  # Full fine-tuning of the same model without PEFT modules: backbone + head, by hand.
+  itemsize = 2 if wire == "bfloat16" else 4
+  full = vit_param_count(16, 1, 32, 4, IMAGE, NUM_CLASSES) * itemsize
+  assert cost.full_bytes == full
+  assert b["bytes_full_equivalent"] == full * 14
+  if method in ("prompt", "adapter", "lora", "ssf"):  # their modules are not in the baseline
+    assert peft.count(params) * itemsize > full
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+  """float32 -> nearest bfloat16 (ties to even), returned as float32: bit arithmetic."""
+  bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+  bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+  return bits.astype(np.uint32).view(np.float32)
+
+
+def affine_client(trainable, frozen, data, client_id, key, active=True):
+  """A client rule whose update is a known function of the model it received."""
+  c = (client_id + 1).astype(jnp.float32)
+  update = jax.tree_util.tree_map(lambda x: 0.37 * x + 0.01 * c, trainable)
+  n = data.sizes[client_id].astype(jnp.float32)
+  return {"update": update, "num_examples": jnp.where(active, n, 0.0),
+          "loss": jnp.zeros((), jnp.float32), "steps": jnp.where(active, 1, 0),
+          "poisson_dropped": jnp.zeros((), jnp.int32)}
+
+
+def test_bfloat16_wire_rounds_model_and_updates_like_numpy():
+  sizes = (6, 10, 4)
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  results = {}
+  for wire in ("float32", "bfloat16"):
+    algo = build_algorithm(model, client_tx, server_tx, cspec,
+                           RoundSpec(1, 1, wire_dtype=wire), NUM_CLASSES,
+                           client_update=affine_client)
+    state, _ = algo.apply(algo.init(trainable, seed=0), frozen, data, plan_round(0, 0, 3, 3))
+    results[wire] = flat(state.trainable)
+  w = np.asarray(sizes, np.float64) / sum(sizes)
+  for k, x in flat(trainable).items():
+    x = x.astype(np.float32)
+    received = bf16_round(x)  # the model the clients start from
+    sent = [bf16_round(np.float32(0.37) * received + np.float32(0.01 * (i + 1)))
+            for i in range(3)]
+    want = x + sum(wi * u for wi, u in zip(w, sent))  # server keeps float32 master weights
+    np.testing.assert_allclose(results["bfloat16"][k], want, rtol=2e-6, atol=1e-7, err_msg=k)
+    exact = x + sum(wi * (0.37 * x + 0.01 * (i + 1)) for i, wi in enumerate(w))
+    np.testing.assert_allclose(results["float32"][k], exact, rtol=2e-6, atol=1e-7, err_msg=k)
+  assert any(not np.allclose(results["bfloat16"][k], results["float32"][k], rtol=1e-4, atol=0)
+             for k in results["float32"])
+
+
+def test_max_update_norm_clips_each_update_like_numpy():
+  sizes = (6, 10, 4)
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  bound = 0.05
+  algo = build_algorithm(model, client_tx, server_tx, cspec,
+                         RoundSpec(1, 1, max_update_norm=bound), NUM_CLASSES,
+                         client_update=affine_client)
+  state, _ = algo.apply(algo.init(trainable, seed=0), frozen, data, plan_round(0, 0, 3, 3))
+  x = flat(trainable)
+  updates = [{k: 0.37 * v + 0.01 * (i + 1) for k, v in x.items()} for i in range(3)]
+  norms = [math.sqrt(sum(float(np.sum(np.square(u[k], dtype=np.float64))) for k in u))
+           for u in updates]
+  assert min(norms) > 2 * bound  # the bound binds for every client
+  w = np.asarray(sizes, np.float64) / sum(sizes)
+  for k in x:
+    want = x[k] + sum(wi * u[k] * bound / n for wi, u, n in zip(w, updates, norms))
+    np.testing.assert_allclose(flat(state.trainable)[k], want, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_uniform_weighting_counts_only_clients_with_data():
+  sizes = (5, 0, 7)
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  algo = build_algorithm(model, client_tx, server_tx, cspec,
+                         RoundSpec(1, 1, weighting="uniform"), NUM_CLASSES,
+                         client_update=affine_client)
+  state, _ = algo.apply(algo.init(trainable, seed=0), frozen, data, plan_round(0, 0, 3, 3))
+  for k, x in flat(trainable).items():
+    want = x + 0.5 * sum(0.37 * x + 0.01 * (i + 1) for i in (0, 2))  # client 1 has no data
+    np.testing.assert_allclose(flat(state.trainable)[k], want, rtol=2e-6, atol=1e-7, err_msg=k)
+
+
+def scaled_client(scales):
+  """Every client sends the all-ones update times its own scale (known norms)."""
+  def client_update(trainable, frozen, data, client_id, key, active=True):
+    s = jnp.asarray(scales, jnp.float32)[client_id]
+    update = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, s, x.dtype), trainable)
+    return {"update": update, "num_examples": jnp.where(active, 1.0, 0.0),
+            "loss": jnp.zeros((), jnp.float32), "steps": jnp.where(active, 1, 0),
+            "poisson_dropped": jnp.zeros((), jnp.int32)}
+  return client_update
+
+
+def test_dp_fedavg_round_clips_and_adapts_like_numpy():
+  from fedpeft_jax.federated import ServerDP
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=(3, 3, 3))
+  dim = peft.count(trainable)
+  scales = np.array([0.5, 1.0, 1.5]) / math.sqrt(dim)  # update norms 0.5, 1.0, 1.5
+  dp = ServerDP(True, noise_multiplier=0.0, expected_clients=3, adaptive=True,
+                target_quantile=0.5, clip_lr=0.2, count_noise_std=0.0)
+  algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1, dp=dp), NUM_CLASSES,
+                         client_update=scaled_client(scales))
+  state, metrics = algo.apply(algo.init(trainable, seed=0, clip_norm=1.0), frozen, data,
+                              plan_round(0, 0, 3, 3))
+  clipped = scales * np.minimum(1.0, 1.0 / np.array([0.5, 1.0, 1.5]))
+  for k, x in flat(trainable).items():
+    np.testing.assert_allclose(flat(state.trainable)[k], x + clipped.sum() / 3, rtol=1e-5,
+                               atol=1e-7, err_msg=k)
+  # Andrew et al.: 2 of 3 clients within C; C <- C exp(-lr (2/3 - 1/2)).
+  np.testing.assert_allclose(float(state.clip_norm), math.exp(-0.2 * (2 / 3 - 0.5)), rtol=1e-6)
+  assert float(metrics["unclipped_fraction"]) == pytest.approx(2 / 3)
+
+
+def test_dp_fedavg_noisy_fraction_is_clamped_to_unit_interval():
+  from fedpeft_jax.federated import ServerDP
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=(3, 3, 3))
+  dp = ServerDP(True, noise_multiplier=0.5, expected_clients=3, adaptive=True,
+                target_quantile=0.5, clip_lr=0.2, count_noise_std=1e4)
+  algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1, dp=dp), NUM_CLASSES,
+                         client_update=scaled_client([0.1, 0.1, 0.1]))
+  clips = []
+  for seed in range(6):
+    key = np.asarray(jax.random.key_data(jax.random.PRNGKey(100 + seed)))
+    state, _ = algo.apply(algo.init(trainable, seed=0, clip_norm=1.0, dp_key=key), frozen, data,
+                          plan_round(0, 0, 3, 3))
+    clips.append(float(state.clip_norm))
+  # The noised fraction lies in [0, 1], so C moves by at most exp(+-lr/2) from 1.
+  lo, hi = math.exp(-0.2 * 0.5), math.exp(0.2 * 0.5)
+  assert all(lo - 1e-6 <= c <= hi + 1e-6 for c in clips), clips
+  assert any(abs(c - lo) < 1e-6 for c in clips) and any(abs(c - hi) < 1e-6 for c in clips)
+
+
+def test_dp_noise_comes_from_the_secret_stream():
+  from fedpeft_jax.federated import ServerDP
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=(3, 3, 3))
+  dp = ServerDP(True, noise_multiplier=1.0, expected_clients=3)
+  algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1, dp=dp), NUM_CLASSES,
+                         client_update=scaled_client([0.1, 0.1, 0.1]))
+
+  def run(dp_key=None):
+    state = algo.init(trainable, seed=0, clip_norm=1.0, dp_key=dp_key)
+    key = np.asarray(state.dp_rng)
+    state, _ = algo.apply(state, frozen, data, plan_round(0, 0, 3, 3))
+    return key, flat(state.trainable)
+
+  (k1, a), (k2, b) = run(), run()  # same seed, keys from the OS
+  assert not np.array_equal(k1, k2)
+  assert any(not np.array_equal(a[k], b[k]) for k in a)
+  _, c = run(k1)  # the same dp key (as restored from a checkpoint) repeats the round exactly
+  assert all(np.array_equal(a[k], c[k]) for k in a)
+  assert not np.array_equal(k1, rng_lib.stream_key_data(0, "dp"))
 
 
 def test_evaluate_matches_direct_computation():
@@ -253,7 +391,7 @@ MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from tests.test_federated import setup, flat, plan_round
     from fedpeft_jax.federated import RoundSpec, build_algorithm
-    from fedpeft_jax.federated.engine import make_mesh, replicate
+    from fedpeft_jax.federated.mesh import make_mesh, replicate
     results = []
     for devices, chunk in ((1, 1), (4, 1), (2, 2)):
       model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(5, 7, 3, 6, 4))
@@ -293,7 +431,7 @@ def test_auto_clients_per_chunk_from_xla_memory_analysis():
   """The chunk is the largest whose compiled round (XLA's own estimate, here from the CPU
   compiler) fits in the memory fraction of the device limit."""
   from fedpeft_jax.federated import auto_clients_per_chunk, compiled_round_bytes
-  from fedpeft_jax.federated.engine import MEMORY_FRACTION
+  from fedpeft_jax.federated import MEMORY_FRACTION
   sizes = (8,) * 4
   measured = {}
 

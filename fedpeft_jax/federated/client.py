@@ -69,10 +69,6 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   return jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def tree_where(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation,
                        spec: ClientSpec, num_classes: int) -> Callable[..., dict]:
   """Returns client_update(trainable, frozen, data, client_id, key, active=True) -> dict.
@@ -96,8 +92,11 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
     return loss
 
   def example_loss(trainable, batch, frozen, key, anchor):
-    images, labels = batch
-    return loss_fn(trainable, frozen, images, labels, jnp.ones(labels.shape, bool), key, anchor)
+    # One example (a batch of one) with its own dropout key: its position in the batch is
+    # folded in, so every example of a DP-SGD batch draws its own masks, as in a batch step.
+    images, labels, position = batch
+    return loss_fn(trainable, frozen, images, labels, jnp.ones(labels.shape, bool),
+                   jax.random.fold_in(key, position[0]), anchor)
 
   def gradients(trainable, frozen, images, labels, mask, key, anchor, size):
     k_model, k_noise = jax.random.split(key)
@@ -105,7 +104,8 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       # The sum is divided by the expected batch: q * n_i = min(B, n_i) under Poisson.
       expected = (jnp.minimum(spec.batch_size, size).astype(jnp.float32) if dp.poisson
                   else float(spec.batch_size))
-      grads, stats = mechanisms.dp_sgd_grad(example_loss, trainable, (images, labels), mask,
+      batch = (images, labels, jnp.arange(labels.shape[0]))
+      grads, stats = mechanisms.dp_sgd_grad(example_loss, trainable, batch, mask,
                                             k_noise, dp.clip_norm, dp.noise_std, expected,
                                             frozen, k_model, anchor,
                                             chunk_size=dp.per_example_chunk)
@@ -159,7 +159,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
     init = (jnp.zeros((), jnp.int32), trainable, client_tx.init(trainable),
             jnp.zeros((), jnp.float32))
     _, final, _, loss_sum = jax.lax.while_loop(lambda c: c[0] < real_steps, body, init)
-    update = jax.tree_util.tree_map(lambda new, old: new - old, final, trainable)
+    update = optax.tree.sub(final, trainable)
     return {
         "update": update,
         "num_examples": jnp.where(active, size, 0).astype(jnp.float32),

@@ -1,23 +1,58 @@
-"""Exact communication accounting: what each round moves, in the dtype actually sent."""
+"""What a round sends, and its exact size: the wire format of parameters and updates.
+
+The server keeps float32 master weights. What crosses the wire is `to_wire(tree)`: the
+server model that clients start from, and every client's update, rounded to
+`federated.wire_dtype`. The engine trains and aggregates the values `on_wire` gives back
+(rounded, then widened to the compute dtype), so a bfloat16 run really is one whose clients
+see and send bfloat16 numbers; the byte counts are the sizes of the arrays `to_wire` makes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
-from fedpeft_jax.peft.partition import count, nbytes
+import jax
+import jax.numpy as jnp
+import numpy as np
 
+from fedpeft_jax.peft.partition import count
+
+PyTree = Any
 # config.federated.wire_dtype: the dtype parameters travel in.
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def to_wire(tree: PyTree, wire_dtype: Any) -> PyTree:
+  """The payload: every floating leaf rounded (to nearest even) to `wire_dtype`."""
+  dtype = jnp.dtype(wire_dtype)
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def on_wire(tree: PyTree, wire_dtype: Any) -> PyTree:
+  """`tree` as the receiver holds it: rounded to the wire dtype, back in its own dtype.
+  An identity (no XLA op) when the wire dtype is the tree's own."""
+  return jax.tree_util.tree_map(lambda sent, x: sent.astype(x.dtype),
+                                to_wire(tree, wire_dtype), tree)
+
+
+def payload_bytes(tree: PyTree, wire_dtype: Any) -> int:
+  """Bytes of the arrays `to_wire(tree)` makes (shapes only: `tree` may be abstract)."""
+  sent = jax.eval_shape(lambda t: to_wire(t, wire_dtype), tree)
+  return int(sum(np.prod(x.shape, dtype=np.int64) * x.dtype.itemsize
+                 for x in jax.tree_util.tree_leaves(sent)))
+
+
 @dataclasses.dataclass(frozen=True)
 class CommCost:
-  """Bytes of one transfer of the trainable subtree and of the full model."""
+  """Bytes of one transfer of the trainable subtree and of full fine-tuning's."""
   trainable_params: int
   total_params: int
   trainable_bytes: int  # one one-way transfer of the trainable subtree
-  full_bytes: int  # the same transfer for full fine-tuning (every parameter)
+  # The same transfer for full fine-tuning of the same model without PEFT modules
+  # (backbone + head): what the study compares against.
+  full_bytes: int
 
   def round_bytes(self, num_sampled: int, num_reporting: int) -> dict[str, int]:
     """Download to every sampled client, upload from every client that reported."""
@@ -27,7 +62,10 @@ class CommCost:
     return {"bytes_down": down, "bytes_up": up, "bytes_full_equivalent": full}
 
 
-def comm_cost(trainable: Any, all_params: Any, dtype: Optional[Any] = None) -> CommCost:
-  """`dtype`: the wire dtype (None: each leaf's own dtype)."""
+def comm_cost(trainable: PyTree, all_params: PyTree, base_params: PyTree,
+              wire_dtype: Any) -> CommCost:
+  """Costs of sending `trainable` and of sending `base_params` (the model without PEFT
+  modules; shapes suffice, e.g. from `jax.eval_shape`) in `wire_dtype`."""
   return CommCost(trainable_params=count(trainable), total_params=count(all_params),
-                  trainable_bytes=nbytes(trainable, dtype), full_bytes=nbytes(all_params, dtype))
+                  trainable_bytes=payload_bytes(trainable, wire_dtype),
+                  full_bytes=payload_bytes(base_params, wire_dtype))

@@ -50,10 +50,16 @@ def plan_round(seed: int, round_index: int, num_clients: int, clients_per_round:
   `poisson=True` instead takes every client independently with probability
   clients_per_round / num_clients (a random number per round): the sampling that
   client-level DP accounting (DP-FedAvg) assumes.
+
+  `seed` (any integer >= 0, all its bits used): a run passes its `sampling` stream's
+  seed (`fedpeft_jax.rng.stream_seed`), or under DP-FedAvg its secret `dp` stream's
+  (`rng.key_seed` of the key), since who takes part is what client-level DP hides.
   """
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"federated.dropout must be in [0, 1), got {dropout}")
-  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(round_index), 0x5A3])
+  if int(seed) < 0:
+    raise ValueError(f"plan_round: seed must be >= 0, got {seed}")
+  rng = np.random.default_rng([int(seed), int(round_index), 0x5A3])
   if poisson:
     sampled = np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)
   elif clients_per_round == num_clients:

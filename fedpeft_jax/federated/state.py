@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -22,17 +23,24 @@ class ServerState:
   trainable: PyTree
   opt_state: PyTree
   round: jax.Array  # int32: rounds completed
-  rng: jax.Array  # uint32[2] raw PRNG key data, so it serialises as a plain array
+  rng: jax.Array  # uint32 raw key data of the `train` stream (serialises as a plain array)
+  # uint32 raw key data of the `dp` stream: the noise and the Poisson sampling of clients and
+  # examples. Drawn from the OS and kept only here (checkpointed, never logged), so resume is
+  # exact while nobody holding the config can regenerate the noise (see fedpeft_jax.rng).
+  dp_rng: jax.Array
   clip_norm: jax.Array  # float32: current client-update clip norm (adaptive DP-FedAvg)
 
 
-def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation, seed: int,
-                      clip_norm: float = 0.0) -> ServerState:
+def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation,
+                      rng: np.ndarray, dp_rng: np.ndarray, clip_norm: float = 0.0
+                      ) -> ServerState:
+  """Round 0's state; `rng` and `dp_rng` are raw key data of the train and dp streams."""
   return ServerState(
       trainable=trainable,
       opt_state=server_tx.init(trainable),
       round=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(jax.random.PRNGKey(seed)),
+      rng=jnp.asarray(rng, jnp.uint32),
+      dp_rng=jnp.asarray(dp_rng, jnp.uint32),
       clip_norm=jnp.asarray(clip_norm, jnp.float32),
   )
 
@@ -40,6 +48,6 @@ def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation
 def apply_server_update(state: ServerState, mean_update: PyTree,
                         server_tx: optax.GradientTransformation) -> tuple[PyTree, PyTree]:
   """New (trainable, opt_state) from the clients' mean update (new - old params)."""
-  pseudo_grad = jax.tree_util.tree_map(lambda u: -u, mean_update)
+  pseudo_grad = optax.tree.scale(-1.0, mean_update)
   updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.trainable)
   return optax.apply_updates(state.trainable, updates), opt_state

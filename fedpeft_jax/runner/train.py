@@ -1,9 +1,11 @@
 """Run one federated experiment from a config: data, model, rounds, outputs, resume.
 
-Everything a run produces derives from (config, seed): client sampling from (seed, round),
-client randomness from the server state's key folded with (round, client id). A run
-killed at any moment and resumed from its latest checkpoint therefore ends with the same
-params and metrics as an uninterrupted one.
+Everything a run produces derives from (config, seed), through the named streams of
+`fedpeft_jax.rng`: init, data, client sampling from (stream, round), client randomness from
+the server state's key folded with (round, client id). The exception is DP: its stream
+comes from the OS and lives only in the checkpointed server state. A run killed at any
+moment and resumed from its latest checkpoint therefore ends with the same params and
+metrics as an uninterrupted one, and two DP runs of one config draw different noise.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
                                    auto_clients_per_chunk, build_algorithm, build_cache,
                                    choose_input, comm_cost, compiled_round_bytes,
                                    device_bytes_limit, make_client_optimizer, make_evaluate,
-                                   make_mesh, make_server_optimizer, place_eval_set, plan_round,
+                                   host_value, make_mesh, make_server_optimizer, place_eval_set,
+                                   plan_round,
                                    replicate, resolve_clients_per_round)
-from fedpeft_jax.models.factory import build_model, init_params
+from fedpeft_jax import rng as rng_lib
+from fedpeft_jax.models.factory import base_param_shapes, build_model, init_params
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
 
@@ -37,20 +41,19 @@ PyTree = Any
 
 
 def load_data(config: ml_collections.ConfigDict):
-  from fedpeft_jax import data as data_lib
   d = config.data
   kw = {}
   if d.dataset in ("digits", "synthetic"):
     kw["resolution"] = d.resolution
   elif d.host_resolution > 0:  # e.g. Resisc45's 256 px -> 224 px: 3.8 GB instead of 5.0 GB
     kw["resolution"] = d.host_resolution
-  dataset = data_lib.load_dataset(d.dataset, data_dir=d.data_dir or None,
-                                  train_size=d.train_size or None,
-                                  sample_with_replacement=d.sample_with_replacement,
-                                  seed=config.seed, **kw)
-  part = data_lib.partition(dataset.train_labels, config.federated.num_clients,
-                            method=d.partition, alpha=d.alpha, min_size=d.min_size,
-                            seed=config.seed, shards_per_client=d.shards_per_client)
+  seed = rng_lib.stream_seed(config.seed, "data")
+  dataset = fdata.load_dataset(d.dataset, data_dir=d.data_dir or None,
+                               train_size=d.train_size or None,
+                               sample_with_replacement=d.sample_with_replacement, seed=seed, **kw)
+  part = fdata.partition(dataset.train_labels, config.federated.num_clients,
+                         method=d.partition, alpha=d.alpha, min_size=d.min_size, seed=seed,
+                         shards_per_client=d.shards_per_client)
   return dataset, part
 
 
@@ -172,10 +175,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   fed = config.federated
   dataset, part = load_data(config)
   model = build_model(config, dataset.num_classes)
-  params = init_params(config, model, jax.random.PRNGKey(config.seed))
+  params = init_params(config, model, jnp.asarray(rng_lib.stream_key_data(config.seed, "init")))
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
-  cost = comm_cost(trainable, params, dtype=jnp.dtype(fed.wire_dtype))
+  cost = comm_cost(trainable, params, base_param_shapes(config, dataset.num_classes),
+                   fed.wire_dtype)
 
   num_devices = len(jax.devices())
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
@@ -213,7 +217,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
                                     fed.client_nesterov, fed.client_weight_decay)
   server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
-                                    fed.server_b1, fed.server_b2, fed.server_eps)
+                                    fed.server_b1, fed.server_b2, fed.server_eps,
+                                    bias_correction=fed.server_bias_correction)
   mesh = make_mesh()
   # The frozen backbone lives on device once, in the compute dtype (no cast per step).
   frozen_dev = replicate(optax.tree.cast(frozen, model.dtype), mesh)
@@ -234,13 +239,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   def build(chunk: int):
     rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
                       max_update_norm=fed.max_update_norm, dp=privacy.server,
-                      min_slots=min_slots)
+                      min_slots=min_slots, wire_dtype=fed.wire_dtype)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh)
 
   def round_bytes(chunk: int) -> Optional[int]:  # XLA's plan for one round at this chunk
     trial = build(chunk)
-    plan = plan_round(config.seed, 0, fed.num_clients, per_round, poisson=poisson_clients)
+    plan = plan_round(rng_lib.stream_seed(config.seed, "sampling"), 0, fed.num_clients,
+                      per_round, poisson=poisson_clients)
     return compiled_round_bytes(trial.lower(trial.init(trainable, seed=config.seed), frozen_dev,
                                             client_data, plan))
 
@@ -261,7 +267,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if primary:
     outputs.atomic_write_json(config_path, resolved)
     outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
-  state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm)
+  # The dp stream's key: from the OS (kept only in the checkpointed state), unless the
+  # config asks for noise derived from its seed (tests and debugging; no guarantee then).
+  reproducible = config.privacy.get("reproducible_noise", False)
+  state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm,
+                    dp_key=rng_lib.stream_key_data(config.seed, "dp") if reproducible else None)
   ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   metrics_log = (outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary
                  else _Discard())
@@ -276,6 +286,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     print(f"Resumed from round {int(state.round)} in {workdir}")
   else:
     metrics_log.truncate_after(0)
+  # Who takes part is what client-level DP hides: under DP-FedAvg clients are drawn from
+  # the secret dp stream (read from the state, so a resumed run draws the same clients).
+  sampling_seed = (rng_lib.key_seed(host_value(state.dp_rng)) if privacy.mechanism == "dp_fedavg"
+                   else rng_lib.stream_seed(config.seed, "sampling"))
   tb = (outputs.TensorBoardLogger(os.path.join(workdir, "tensorboard"),
                                   purge_step=int(state.round) + 1) if primary else _Discard())
 
@@ -332,7 +346,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   # row first, so a checkpoint never gets ahead of metrics.jsonl.
   pending: Optional[dict] = None
   for r in range(int(state.round), fed.rounds):
-    plan = plan_round(config.seed, r, fed.num_clients, per_round, fed.dropout,
+    plan = plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
                       poisson=poisson_clients)
     if privacy.would_exceed(plan.reporting):
       print(f"Stopping before round {r + 1}: it would exceed privacy.max_epsilon "

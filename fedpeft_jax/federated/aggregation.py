@@ -1,0 +1,116 @@
+"""How a round's client updates become the server's mean update: pluggable aggregators.
+
+An `Aggregator` is a pair of pure functions the jitted round calls; the round itself has
+no branch per rule. `contribute` runs per chunk of clients (updates stacked on a leading
+axis) and returns what enters the running sums; `finalize` runs once on the sums.
+
+* `weighted_mean`: FedAvg's mean, weighted by examples or uniform over the clients that
+  trained on data, with optional robustness clipping of each update (`max_update_norm`).
+* `dp_fedavg`: DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping (Andrew et
+  al. 2021). Clipping, noise and the clip-norm update are `fedpeft_jax.privacy.mechanisms`'
+  functions: the one implementation of each, tested there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedpeft_jax.privacy import mechanisms
+
+PyTree = Any
+WEIGHTINGS = ("examples", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerDP:
+  """Client-level DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping."""
+  enabled: bool = False
+  noise_multiplier: float = 0.0  # of the update sum (with adaptive clipping: the value part)
+  expected_clients: int = 1  # the sum is divided by this (clients_per_round)
+  adaptive: bool = False
+  target_quantile: float = 0.5
+  clip_lr: float = 0.2
+  count_noise_std: float = 0.0  # std of the noise on the count of unclipped clients
+
+
+class Contribution(NamedTuple):
+  """A chunk's clients as they enter the round's sums."""
+  updates: PyTree  # [K, ...] the updates to sum (clipped where the rule clips)
+  coefficients: jax.Array  # [K] multiplier of each update in the sum (0 excludes it)
+  weights: jax.Array  # [K] what each adds to the denominator of the weighted mean
+  norms: jax.Array  # [K] each update's global L2 norm before clipping
+
+
+class Aggregator(NamedTuple):
+  """contribute(updates, num_examples, ok, clip_norm) -> Contribution, per chunk;
+  finalize(update_sum, weight_sum, norms, ok, clip_norm, key) -> (mean_update,
+  new_clip_norm, apply, metrics), once per round over all slots (`norms`, `ok`: [slots])."""
+  contribute: Callable[..., Contribution]
+  finalize: Callable[..., tuple[PyTree, jax.Array, jax.Array, dict]]
+
+
+def _clip_each(updates: PyTree, bound: Any) -> tuple[PyTree, jax.Array]:
+  """Each client's update clipped to global norm <= bound; (clipped, pre-clip norms)."""
+  return jax.vmap(mechanisms.clip_update, in_axes=(0, None))(updates, bound)
+
+
+def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> Aggregator:
+  """The mean of the reporting clients' updates weighted by their example counts
+  ('examples') or equally ('uniform'); only clients that trained on data (n_i > 0) count.
+  `max_update_norm` > 0 clips each update to that norm first (robustness, not privacy)."""
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"federated.weighting: {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+
+  def contribute(updates, num_examples, ok, clip_norm):
+    if max_update_norm > 0:
+      updates, norms = _clip_each(updates, max_update_norm)
+    else:
+      norms = jax.vmap(optax.tree.norm)(updates)
+    trained = ok & (num_examples > 0)
+    w = (jnp.where(trained, num_examples, 0.0) if weighting == "examples"
+         else trained.astype(jnp.float32))
+    return Contribution(updates, w, w, norms)
+
+  def finalize(update_sum, weight_sum, norms, ok, clip_norm, key):
+    mean = optax.tree.scale(1.0 / jnp.maximum(weight_sum, 1e-12), update_sum)
+    return mean, clip_norm, weight_sum > 0, {}
+
+  return Aggregator(contribute, finalize)
+
+
+def dp_fedavg(dp: ServerDP, max_update_norm: float = 0.0) -> Aggregator:
+  """DP-FedAvg: each reporting client's update clipped to the current clip norm C, the
+  sum noised with N(0, (z C)^2) and divided by the expected number of clients (a fixed
+  denominator: the realised count would leak who took part). With `dp.adaptive`, C
+  follows the noised fraction of unclipped clients towards `dp.target_quantile`."""
+
+  def contribute(updates, num_examples, ok, clip_norm):
+    if max_update_norm > 0:
+      updates, _ = _clip_each(updates, max_update_norm)
+    clipped, norms = _clip_each(updates, clip_norm)
+    one = ok.astype(jnp.float32)
+    return Contribution(clipped, one, one, norms)
+
+  def finalize(update_sum, weight_sum, norms, ok, clip_norm, key):
+    k_sum, k_count = jax.random.split(key)
+    noisy = mechanisms.noisy_sum(update_sum, k_sum, clip_norm, dp.noise_multiplier)
+    mean = optax.tree.scale(1.0 / dp.expected_clients, noisy)
+    metrics = {"clip_norm": clip_norm,
+               # Not private (no noise): a diagnostic of the simulation.
+               "unclipped_fraction": jnp.sum(ok & (norms <= clip_norm))
+               / jnp.maximum(jnp.sum(ok), 1)}
+    new_clip = clip_norm
+    if dp.adaptive:
+      fraction = mechanisms.noisy_unclipped_fraction(norms, ok, k_count, clip_norm,
+                                                     dp.count_noise_std, dp.expected_clients)
+      new_clip = mechanisms.adaptive_clip_update(clip_norm, fraction, dp.target_quantile,
+                                                 dp.clip_lr)
+      metrics["unclipped_fraction_noisy"] = fraction
+    return mean, new_clip, jnp.asarray(True), metrics
+
+  return Aggregator(contribute, finalize)
