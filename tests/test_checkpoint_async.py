@@ -85,6 +85,7 @@ def _state(value: float) -> ServerState:
                                 "b": jnp.arange(3, dtype=jnp.float32) + value},
                      opt_state=(jnp.full((4, 3), -value, jnp.float32),),
                      round=jnp.int32(value), rng=jnp.array([7, int(value)], jnp.uint32),
+                     dp_rng=jnp.array([9, int(value)], jnp.uint32),
                      clip_norm=jnp.float32(1.0))
 
 
