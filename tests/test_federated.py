@@ -582,3 +582,30 @@ def test_layout_sorts_longest_first_and_spreads_devices():
   assert ids.shape == (2, 2, 2)
   assert ids[0].tolist() == [[11, 12], [10, 0]] and ids[1].tolist() == [[13, 14], [0, 0]]
   assert valid.sum() == 5 and not valid[1, 1].any()
+
+
+def test_dp_sgd_draws_a_dropout_mask_per_example():
+  """A DP-SGD batch of B copies of one example: with a mask per example their clipped
+  gradients differ, so their mean is shorter than the clip norm; one mask shared by the
+  batch (the old behaviour) would give B equal gradients and a mean of norm exactly C."""
+  from fedpeft_jax.federated import ClientDP
+  batch, clip = 8, 1e-4
+  model = ViT(variant=None, hidden_size=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
+              image_size=IMAGE, num_classes=NUM_CLASSES, peft=peft.method_config("bias"),
+              dropout=0.5)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
+  params["head"]["kernel"] = 0.3 * jax.random.normal(jax.random.PRNGKey(1),
+                                                     params["head"]["kernel"].shape)
+  trainable, frozen = peft.split(params, peft.trainable_mask(params, model.peft))
+  image = np.random.default_rng(0).integers(0, 256, (1, IMAGE, IMAGE, 3), dtype=np.uint8)
+  data = fdata.ClientData(images=jnp.asarray(np.repeat(image, batch, 0)),
+                          labels=jnp.zeros((batch,), jnp.int32),
+                          indices=jnp.arange(batch, dtype=jnp.int32)[None],
+                          sizes=jnp.asarray([batch], jnp.int32))
+  cspec = ClientSpec(batch_size=batch, local_epochs=1, max_examples=batch, image_size=IMAGE,
+                     augment="none", dp=ClientDP("dp_sgd", clip_norm=clip, noise_std=0.0))
+  update = jax.jit(make_client_update(model, optax.sgd(1.0), cspec, NUM_CLASSES))(
+      trainable, frozen, data, jnp.int32(0), jax.random.PRNGKey(3))["update"]
+  norm = float(optax.tree.norm(update))  # = |mean of the B clipped gradients|
+  assert norm < 0.9 * clip, norm
+  assert norm > 0.05 * clip  # still one example's gradient, only with different masks
