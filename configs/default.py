@@ -46,6 +46,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.augment = "auto"  # 'auto' (the dataset's study augmentation), 'crop_flip', 'flip', 'none'.
   c.data.resolution = 32  # native resolution of 'digits' and 'synthetic'.
   c.data.host_resolution = 0  # TFDS: > 0 resizes images on the host at load time (memory).
+  # Comma-separated original class ids to keep, relabelled 0..k-1 in this order (e.g.
+  # "5,6,7,8,9": a close-domain target of new classes); "" = every class.
+  c.data.classes = ""
 
   c.federated = ml_collections.ConfigDict()
   c.federated.rounds = 50

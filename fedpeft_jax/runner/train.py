@@ -22,20 +22,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
+from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
                                    auto_clients_per_chunk, build_algorithm, build_cache,
                                    choose_input, comm_cost, compiled_round_bytes,
-                                   device_bytes_limit, make_client_optimizer, make_evaluate,
-                                   host_value, make_mesh, make_server_optimizer, place_eval_set,
-                                   plan_round,
-                                   replicate, resolve_clients_per_round)
-from fedpeft_jax import rng as rng_lib
+                                   device_bytes_limit, host_value, make_client_optimizer,
+                                   make_evaluate, make_mesh, make_server_optimizer,
+                                   place_eval_set, plan_round, replicate,
+                                   resolve_clients_per_round)
 from fedpeft_jax.models.factory import base_param_shapes, build_model, init_params
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
+from fedpeft_jax.runner.validate import parse_clients_per_chunk, validate_config
 
 PyTree = Any
 
@@ -50,7 +52,8 @@ def load_data(config: ml_collections.ConfigDict):
   seed = rng_lib.stream_seed(config.seed, "data")
   dataset = fdata.load_dataset(d.dataset, data_dir=d.data_dir or None,
                                train_size=d.train_size or None,
-                               sample_with_replacement=d.sample_with_replacement, seed=seed, **kw)
+                               sample_with_replacement=d.sample_with_replacement, seed=seed,
+                               classes=d.classes, **kw)
   part = fdata.partition(dataset.train_labels, config.federated.num_clients,
                          method=d.partition, alpha=d.alpha, min_size=d.min_size, seed=seed,
                          shards_per_client=d.shards_per_client)
@@ -154,7 +157,6 @@ class _Privacy:
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         stop_after_round: Optional[int] = None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the summary dict."""
-  from fedpeft_jax.runner.validate import parse_clients_per_chunk, validate_config
   validate_config(config)
   summary_path = os.path.join(workdir, "summary.json")
   resolved = json.loads(config.to_json_best_effort())
@@ -446,5 +448,4 @@ def summary_row(summary: dict) -> dict:
 def _progress(total: int, initial: int, enabled: bool):
   if not enabled:
     return None
-  from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc="rounds", unit="round", dynamic_ncols=True)

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Optional
 
-from fedpeft_jax.data import AUGMENTS, list_datasets
+from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes
 from fedpeft_jax.data import METHODS as PARTITION_METHODS
 from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
@@ -302,6 +302,11 @@ def _validate_data(config: Any) -> None:
             + (f" holding at least config.data.min_size ({min_size}) examples each"
                if method == "dirichlet" else "") + f"; need >= {need}")
   _bool(config, "data.sample_with_replacement")
+  classes = _get(config, "data.classes")
+  if not isinstance(classes, str):
+    _fail("data.classes", f"must be a string of comma-separated class ids ('' = all), got "
+          f"{classes!r}")
+  _wrap("data", lambda: parse_classes(classes))
   _choice(config, "data.augment", ("auto",) + tuple(AUGMENTS))
   _int(config, "data.resolution", 1)
   _int(config, "data.host_resolution", 0)
