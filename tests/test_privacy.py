@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from fedpeft_jax import privacy as P
 
@@ -187,11 +188,16 @@ def test_poisson_batch():
   assert abs(np.mean(counts) - 30) < 4  # E = q * n = 30, s.e. of mean ~ 0.8
   idx, mask, dropped = P.poisson_batch(jax.random.PRNGKey(0), 100, 1.0, 16, pool_size=128)
   assert bool(np.all(mask)) and int(dropped) == 84  # truncation is reported
-  from scipy import stats
   cap = P.poisson_capacity(30, 1e-6, client_size=300)
   assert stats.binom.sf(cap, 300, 0.1) <= 1e-6 < stats.binom.sf(cap - 1, 300, 0.1)
   assert P.poisson_capacity(32, 1e-6) == 62  # Poisson bound, valid for any client size
   assert P.poisson_capacity(32, 1e-6) >= P.poisson_capacity(32, 1e-6, client_size=500)
+  # far tails (run-level capacities), where scipy's isf is no longer accurate
+  for p in (1e-12, 1e-17, 1e-40):
+    cap = P.poisson_capacity(32, p)
+    assert stats.poisson.sf(cap, 32) <= p < stats.poisson.sf(cap - 1, 32)
+    cap = P.poisson_capacity(32, p, client_size=2000)
+    assert stats.binom.sf(cap, 2000, 0.016) <= p < stats.binom.sf(cap - 1, 2000, 0.016)
   # mask over a caller-drawn random subset: K ~ Binomial(n, q), truncated to capacity
   g = jax.jit(jax.vmap(lambda k: P.poisson_batch_mask(k, 300, 0.1, 64)))
   masks, drops = g(jax.random.split(jax.random.PRNGKey(9), 400))
@@ -330,6 +336,11 @@ def test_calibration_round_trip():
       0.1, 3.0, 5, 1e-5, "pld") + 0.1
   with pytest.raises(P.PrivacyBudgetError, match="unreachable"):
     P.calibrate_noise_multiplier(0.01, 1e-5, 1.0, 10000, "rdp", max_noise_multiplier=20.0)
+  # a tiny sampling rate meets a loose target with almost no noise
+  z_low = P.calibrate_noise_multiplier(50.0, 1e-5, 1e-4, 10, "rdp")
+  assert P.dp_sgd_epsilon(1e-4, z_low, 10, 1e-5) <= 50.0
+  assert z_low == P.accounting.MIN_NOISE_MULTIPLIER or P.dp_sgd_epsilon(
+      1e-4, z_low - 1e-3, 10, 1e-5) > 50.0
 
 
 def test_ledger_serialisation_and_budget():
@@ -349,12 +360,16 @@ def test_ledger_serialisation_and_budget():
   with pytest.raises(P.PrivacyBudgetError, match="max_epsilon"):
     P.check_budget(led.epsilon(), led.epsilon() / 2)
   pg = P.PrivacyLedger("paper_gaussian", 1e-3)
-  pg.record_round()
+  pg.record_paper_gaussian_round([0], 0.5, 4, 2)
   rep = pg.report()
-  assert rep["formal_guarantee"] is False and "no formal privacy accounting" in rep["note"]
-  assert pg.epsilon() is None
+  # accounted without amplification: two Gaussian steps of multiplier 0.5 for an example
+  assert rep["formal_guarantee"] is True and "not a guarantee" in rep["note"]
+  assert pg.epsilon() == rep["epsilon"] == P.gaussian_epsilon(0.5 / math.sqrt(2), 1, 1e-3)
   with pytest.raises(ValueError, match="dp_sgd"):
     pg.record_dp_sgd_round([0], 0.1, 1.0, 1)
+  none = P.PrivacyLedger("none", 1e-3)
+  none.record_round()
+  assert none.epsilon() is None and none.report()["formal_guarantee"] is False
   shuffled = P.PrivacyLedger("dp_fedavg", 1e-5, sampling="shuffle")
   shuffled.record_round(0.1, 1.0)  # == record_dp_fedavg_round
   assert shuffled.server == [[0.1, 1.0, 1]] and shuffled.rounds == 1
@@ -371,7 +386,13 @@ def test_config_validation():
   cfg.mechanism = "paper_gaussian"
   cfg.delta = 1e-3
   meta = P.privacy_metadata(cfg)
-  assert meta["formal_guarantee"] is False and meta["sigma"] == pytest.approx(3.378, abs=1e-3)
+  assert meta["sigma"] == pytest.approx(3.378, abs=1e-3) and meta["nominal_epsilon"] == 5.0
+  assert meta["formal_guarantee"] is True and meta["reproducible_noise"] is False
+  cfg.reproducible_noise = True
+  meta = P.privacy_metadata(cfg)
+  assert meta["formal_guarantee"] is False and "published seed" in meta["note"]
+  cfg.poisson_overflow_prob = 1e-9  # a placeholder: None (automatic) or a probability
+  assert P.validate_privacy(cfg) == "paper_gaussian"
   bad = [("mechanism", "dp", "privacy.mechanism.*allowed: none, paper_gaussian, dp_sgd, dp_fedavg"),
          ("accountant", "moments", "privacy.accountant.*allowed: rdp, pld"),
          ("sampling", "random", "privacy.sampling"),
@@ -383,7 +404,9 @@ def test_config_validation():
          ("delta", 2.0, "privacy.delta"),
          ("epsilon", 0.0, "privacy.epsilon"),
          ("budget_action", "warn", "privacy.budget_action"),
-         ("max_epsilon", -1.0, "privacy.max_epsilon")]
+         ("max_epsilon", -1.0, "privacy.max_epsilon"),
+         ("poisson_overflow_prob", 1.0, "privacy.poisson_overflow_prob"),
+         ("poisson_overflow_prob", 0.0, "privacy.poisson_overflow_prob")]
   for field, value, msg in bad:
     c = P.default_privacy_config()
     c[field] = value

@@ -1,10 +1,16 @@
-"""Differential privacy: the study's mechanism, DP-SGD, DP-FedAvg, and accounting."""
+"""Differential privacy: the study's mechanism, DP-SGD, DP-FedAvg, accounting, and the
+run's plan (PrivacyPlan)."""
 
 from fedpeft_jax.privacy.accounting import (ACCOUNTANTS, MECHANISMS, SAMPLINGS, PrivacyBudgetError,
                                             PrivacyLedger, calibrate_noise_multiplier,
                                             check_budget, dp_fedavg_epsilon, dp_sgd_epsilon,
-                                            dp_sgd_epsilon_truncated,
-                                            epsilon_of, make_accountant, sampled_gaussian_event)
+                                            dp_sgd_epsilon_truncated, epsilon_of,
+                                            example_uses_per_round, gaussian_epsilon,
+                                            gaussian_event, make_accountant, overflow_budget,
+                                            paper_gaussian_noise_multiplier,
+                                            poisson_capacity_for_run,
+                                            poisson_overflow_probability,
+                                            sampled_gaussian_event, truncation_delta)
 from fedpeft_jax.privacy.config import (default_privacy_config, paper_sigma_from_config,
                                         privacy_metadata, resolve_noise_multiplier,
                                         validate_privacy)
@@ -17,12 +23,16 @@ from fedpeft_jax.privacy.mechanisms import (adaptive_clip_update, add_gaussian_n
                                             per_example_grads, poisson_batch, poisson_batch_mask,
                                             poisson_capacity, poisson_schedule,
                                             value_noise_multiplier)
+from fedpeft_jax.privacy.plan import (NON_PRIVATE_METRICS, ClientPrivacy, PrivacyPlan,
+                                      ServerPrivacy)
 
 __all__ = [
     "ACCOUNTANTS", "MECHANISMS", "SAMPLINGS", "PrivacyBudgetError", "PrivacyLedger",
     "calibrate_noise_multiplier", "check_budget", "dp_fedavg_epsilon", "dp_sgd_epsilon",
-    "dp_sgd_epsilon_truncated",
-    "epsilon_of", "make_accountant", "sampled_gaussian_event", "default_privacy_config",
+    "dp_sgd_epsilon_truncated", "epsilon_of", "example_uses_per_round", "gaussian_epsilon",
+    "gaussian_event", "make_accountant", "overflow_budget", "paper_gaussian_noise_multiplier",
+    "poisson_capacity_for_run", "poisson_overflow_probability", "sampled_gaussian_event",
+    "truncation_delta", "default_privacy_config",
     "paper_sigma_from_config", "privacy_metadata", "resolve_noise_multiplier", "validate_privacy",
     "adaptive_clip_update", "add_gaussian_noise", "clip_per_example", "clip_per_tensor",
     "clip_stats", "clip_update", "clipped_grad_sum", "default_count_stddev",
@@ -30,4 +40,5 @@ __all__ = [
     "noisy_sum", "noisy_unclipped_fraction", "paper_gaussian", "paper_sigma",
     "per_example_grads", "poisson_batch", "poisson_batch_mask", "poisson_capacity",
     "poisson_schedule", "value_noise_multiplier",
+    "NON_PRIVATE_METRICS", "ClientPrivacy", "PrivacyPlan", "ServerPrivacy",
 ]

@@ -12,11 +12,14 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from fedpeft_jax.privacy.accounting import (ACCOUNTANTS, MECHANISMS, NO_ACCOUNTING_NOTE,
+from fedpeft_jax.privacy.accounting import (ACCOUNTANTS, MECHANISMS, PAPER_GAUSSIAN_NOTE,
                                             SAMPLINGS, SHUFFLE_NOTE, calibrate_noise_multiplier)
 from fedpeft_jax.privacy.mechanisms import paper_sigma
 
 BUDGET_ACTIONS = ("stop", "refuse")
+REPRODUCIBLE_NOISE_NOTE = ("privacy.reproducible_noise: the noise and the Poisson sampling were "
+                           "derived from the published seed, so anyone with config.json can "
+                           "regenerate and subtract them: no guarantee holds")
 
 
 def default_privacy_config() -> ml_collections.ConfigDict:
@@ -30,8 +33,8 @@ def default_privacy_config() -> ml_collections.ConfigDict:
   # from epsilon/delta; and replaced by calibration when calibrate=True).
   c.noise_multiplier = 1.0
   # paper_gaussian: inputs of the study's sigma formula (the study: epsilon 5 or 10,
-  # delta 1e-3). dp_sgd / dp_fedavg: delta of the reported epsilon; epsilon is the
-  # calibration target when calibrate=True.
+  # delta 1e-3); delta is also the delta of its accounted epsilon. dp_sgd / dp_fedavg:
+  # delta of the reported epsilon; epsilon is the calibration target when calibrate=True.
   c.epsilon = 5.0
   c.delta = 1e-5
   c.calibrate = False  # dp_sgd/dp_fedavg: choose noise_multiplier to reach `epsilon`.
@@ -40,7 +43,10 @@ def default_privacy_config() -> ml_collections.ConfigDict:
   # per round (dp_fedavg). The accountant assumes 'poisson'; 'shuffle' (fixed-size)
   # is reported with formal_guarantee=False.
   c.sampling = "poisson"
-  c.poisson_overflow_prob = 1e-6  # dp_sgd + poisson: batch capacity sized for this tail.
+  # dp_sgd + poisson: per-step probability that a Poisson batch overflows its static
+  # capacity (the rows beyond it are dropped). None: size the capacity so truncation adds
+  # at most delta/10 to delta over the whole run. A value that would add more is refused.
+  c.poisson_overflow_prob = config_dict.placeholder(float)
   c.per_example_chunk = 0  # dp_sgd: per-example grads this many at a time (0 = whole batch).
   # dp_fedavg adaptive clipping (Andrew et al. 2021): track the target_quantile of
   # client update norms, C <- C exp(-clip_lr (b - target_quantile)).
@@ -55,6 +61,15 @@ def default_privacy_config() -> ml_collections.ConfigDict:
   # it; 'refuse' rejects the config before training if the plan would exceed it.
   c.max_epsilon = config_dict.placeholder(float)
   c.budget_action = "stop"
+  # Write the metrics the epsilon does not cover (un-noised losses, client counts, ...;
+  # see privacy.plan.NON_PRIVATE_METRICS) to metrics.jsonl and summary.json?
+  # None: not under DP, yes without it.
+  c.log_non_private_metrics = config_dict.placeholder(bool)
+  # False: the DP randomness (noise, Poisson sampling of clients and examples) comes from
+  # OS entropy, never from the seed. True: it is derived from the seed, for tests and
+  # debugging only; the guarantee is then void (anyone with config.json can regenerate
+  # the noise), and the run summary says formal_guarantee: false.
+  c.reproducible_noise = False
   return c
 
 
@@ -95,9 +110,14 @@ def validate_privacy(cfg: ml_collections.ConfigDict) -> str:
     raise ValueError(f"privacy.noise_multiplier is 0 with mechanism {mech!r}: that gives no "
                      "privacy (epsilon = inf); set it > 0, set privacy.calibrate=True, or use "
                      "mechanism 'none'")
-  if not 0 < _num(cfg, "poisson_overflow_prob") < 1:
-    raise ValueError(f"privacy.poisson_overflow_prob must be in (0, 1), "
-                     f"got {cfg.poisson_overflow_prob}")
+  if cfg.poisson_overflow_prob is not None and not 0 < _num(cfg, "poisson_overflow_prob") < 1:
+    raise ValueError(f"privacy.poisson_overflow_prob must be in (0, 1) (or None: sized "
+                     f"automatically), got {cfg.poisson_overflow_prob}")
+  for field in ("log_non_private_metrics", "reproducible_noise"):
+    value = cfg[field]
+    if not (isinstance(value, bool) or (value is None and field == "log_non_private_metrics")):
+      allowed = "True, False or None" if field == "log_non_private_metrics" else "True or False"
+      raise ValueError(f"privacy.{field} must be {allowed}, got {value!r}")
   if int(cfg.per_example_chunk) < 0:
     raise ValueError(f"privacy.per_example_chunk must be >= 0, got {cfg.per_example_chunk}")
   if cfg.adaptive_clip:
@@ -135,19 +155,29 @@ def resolve_noise_multiplier(cfg: ml_collections.ConfigDict, sampling_rate: floa
 
 
 def privacy_metadata(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Run-summary fields stating what the privacy numbers mean (JSON types)."""
+  """Run-summary fields stating what the privacy numbers mean (JSON types); what is
+  known from the config alone (PrivacyPlan.summary adds the planned numbers)."""
   mech = validate_privacy(cfg)
   out: dict[str, Any] = {"mechanism": mech}
   if mech == "none":
     out["formal_guarantee"] = False
-  elif mech == "paper_gaussian":
-    out.update(formal_guarantee=False, note=NO_ACCOUNTING_NOTE,
+    return out
+  notes = []
+  if mech == "paper_gaussian":
+    out.update(formal_guarantee=True, unit="example and client", accountant="pld",
                sigma=paper_sigma_from_config(cfg), clip_norm=float(cfg.clip_norm),
-               formula_epsilon=float(cfg.epsilon), formula_delta=float(cfg.delta))
+               nominal_epsilon=float(cfg.epsilon), delta=float(cfg.delta))
+    notes.append(PAPER_GAUSSIAN_NOTE)
   else:
     out.update(formal_guarantee=cfg.sampling == "poisson", sampling=cfg.sampling,
                accountant=cfg.accountant, delta=float(cfg.delta),
                clip_norm=float(cfg.clip_norm), unit="example" if mech == "dp_sgd" else "client")
     if cfg.sampling != "poisson":
-      out["note"] = SHUFFLE_NOTE
+      notes.append(SHUFFLE_NOTE)
+  out["reproducible_noise"] = bool(cfg.reproducible_noise)
+  if cfg.reproducible_noise:
+    out["formal_guarantee"] = False
+    notes.append(REPRODUCIBLE_NOISE_NOTE)
+  if notes:
+    out["note"] = "; ".join(notes)
   return out

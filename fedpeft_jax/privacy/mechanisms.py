@@ -1,9 +1,12 @@
 """Privacy mechanisms as pure JAX functions (jittable, vmappable over clients).
 
 Three mechanisms, kept apart on purpose:
-  * `paper_gaussian`: the study's per-tensor batch-gradient clipping plus noise. It
-    has no formal accounting: clipping a *batch* gradient does not bound one
-    example's influence, so no (epsilon, delta) follows from it.
+  * `paper_gaussian`: the study's per-tensor batch-gradient clipping plus noise. Two
+    clipped batch gradients differ by at most 2C per tensor, so each step is a Gaussian
+    mechanism of sensitivity 2C sqrt(k) for k tensors; composed without amplification
+    over every step that can use an example (or a client), that gives a real but very
+    large epsilon (accounting.paper_gaussian_noise_multiplier). The study's own epsilon
+    is only an input of its sigma formula (`paper_sigma`), not that guarantee.
   * DP-SGD (Abadi et al. 2016): per-example clipping of the whole trainable
     gradient, Gaussian noise on the sum, divide by the *expected* batch size.
   * DP-FedAvg (McMahan et al. 2018): each client's whole update is clipped, noise is
@@ -22,6 +25,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats  # a dependency of dp-accounting
 
 PyTree = Any
 Scalar = Union[float, jax.Array]
@@ -127,10 +131,16 @@ def masked_sum(per_example: PyTree, mask: jax.Array) -> PyTree:
 def paper_sigma(epsilon: float, delta: float, clip_norm: float = 1.0) -> float:
   """The study's noise std, sigma = 2C * sqrt(2 ln(1.25/delta) / epsilon).
 
-  Epsilon sits inside the square root as the authors compute it (the textbook
-  Gaussian mechanism has C*sqrt(2 ln(1.25/delta))/epsilon); we keep their formula to
-  reproduce their noise level (~3.38 at epsilon 5, delta 1e-3, C 1). The (epsilon,
-  delta) here are formula inputs, not a guarantee.
+  It comes from the classic Gaussian mechanism (Dwork & Roth 2014, Thm. A.1): noise
+  Delta sqrt(2 ln(1.25/delta)) / epsilon gives (epsilon, delta)-DP for L2 sensitivity
+  Delta, and only for epsilon < 1. The study takes Delta = 2C and puts epsilon inside
+  the square root (less noise than the theorem's for epsilon < 1, where it holds); we
+  keep their formula to reproduce their noise level (~3.38 at epsilon 5, delta 1e-3,
+  C 1). So (epsilon, delta) here are formula inputs, not a guarantee: the theorem does
+  not apply at the study's epsilon 5 or 10, one step clips k tensors (sensitivity
+  2C sqrt(k), not 2C), and a run composes thousands of steps.
+  accounting.paper_gaussian_noise_multiplier and the PrivacyLedger give the epsilon
+  that does hold.
   """
   check_epsilon(epsilon)
   check_delta(delta)
@@ -148,7 +158,8 @@ def clip_per_tensor(grads: PyTree, clip_norm: Scalar) -> PyTree:
 
 def paper_gaussian(grads: PyTree, key: jax.Array, clip_norm: Scalar, sigma: Scalar) -> PyTree:
   """The study's step: clip each tensor's *batch* gradient to norm C, add N(0, sigma^2)
-  to every element (fresh key per leaf). No formal DP accounting applies."""
+  to every element (fresh key per leaf). A Gaussian mechanism with multiplier
+  sigma / (2C sqrt(k)) for k leaves (accounting.paper_gaussian_noise_multiplier)."""
   check_noise(sigma, "sigma")
   return add_gaussian_noise(clip_per_tensor(grads, clip_norm), key, sigma)
 
@@ -369,9 +380,23 @@ def poisson_schedule(key: jax.Array, client_size: Scalar, sampling_rate: Scalar,
                                           pool_size))(keys)
 
 
+def _smallest_within(sf: Callable[[int], float], lo: int, hi: int, prob: float) -> int:
+  """Smallest integer k in [lo, hi] with sf(k) <= prob, for a non-increasing sf with
+  sf(hi) <= prob (bisection on the survival function: scipy's isf loses its accuracy
+  below ~1e-16, where the run-level capacities of accounting live)."""
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if sf(mid) <= prob:
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
 def poisson_capacity(expected_batch: float, overflow_prob: float = 1e-6,
                      client_size: Optional[int] = None) -> int:
-  """Batch capacity k with P(sampled count > k) <= overflow_prob, per step (host side).
+  """Batch capacity k with P(sampled count > k) <= overflow_prob, per step (host side):
+  the smallest such k.
 
   With `client_size` n: the Binomial(n, expected_batch / n) tail, exact. Without: the
   Poisson(expected_batch) tail, which bounds the binomial one for every n (Anderson &
@@ -379,25 +404,21 @@ def poisson_capacity(expected_batch: float, overflow_prob: float = 1e-6,
   batch (q_i n_i = B) is the same. For B = 32 and 1e-6 it is 62: Poisson sampling under
   static shapes costs about 2x the compute of fixed batches of B.
   """
-  from scipy import stats  # a dependency of dp-accounting
   if not expected_batch > 0:
     raise ValueError(f"expected_batch must be > 0, got {expected_batch}")
   if not 0 < overflow_prob < 1:
     raise ValueError(f"overflow_prob must be in (0, 1), got {overflow_prob}")
   if client_size is None:
     dist = stats.poisson(expected_batch)
-    k = int(dist.isf(overflow_prob))
-    while dist.sf(k) > overflow_prob:
-      k += 1
-    return max(1, k)
+    hi = max(1, math.ceil(expected_batch))
+    while dist.sf(hi) > overflow_prob:
+      hi *= 2
+    return max(1, _smallest_within(dist.sf, 0, hi, overflow_prob))
   if client_size <= 0:
     raise ValueError(f"client_size must be > 0, got {client_size}")
   q = min(1.0, expected_batch / client_size)
   dist = stats.binom(client_size, q)
-  k = int(dist.isf(overflow_prob))
-  while k < client_size and dist.sf(k) > overflow_prob:
-    k += 1
-  return max(1, min(k, client_size))
+  return max(1, _smallest_within(dist.sf, 0, int(client_size), overflow_prob))
 
 
 # ----------------------------------------------------------------------------- DP-FedAvg
