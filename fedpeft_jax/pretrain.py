@@ -20,19 +20,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import app, flags
+from ml_collections import config_flags
 
 from fedpeft_jax import peft
-import fedpeft_jax.data as fdata
-from fedpeft_jax.federated.client import masked_cross_entropy
-from fedpeft_jax.federated.engine import make_evaluate
-from fedpeft_jax.models.factory import build_model
+from fedpeft_jax.data import load_dataset, preprocess
+from fedpeft_jax.federated import make_evaluate, masked_cross_entropy
+from fedpeft_jax.files import atomic_write_bytes, atomic_write_json
+from fedpeft_jax.models import build_model
 
 CHECKPOINT_NAME = "pretrained.npz"
 
 
 def save_npz(params: Any, path: str) -> None:
   """Atomically write params as a Linen-layout npz ('/'-joined keys)."""
-  from fedpeft_jax.runner.outputs import atomic_write_bytes
   buffer = io.BytesIO()
   np.savez(buffer, **{k: np.asarray(v) for k, v in peft.flatten(params).items()})
   atomic_write_bytes(path, buffer.getvalue())
@@ -40,9 +41,6 @@ def save_npz(params: Any, path: str) -> None:
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = True) -> str:
   """Trains (or reuses) the backbone; returns the checkpoint path."""
-  from fedpeft_jax.data import load_dataset
-  from fedpeft_jax.runner import outputs
-
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CHECKPOINT_NAME)
   summary_path = os.path.join(workdir, "pretrain_summary.json")
@@ -96,7 +94,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = Tr
       p, s = carry
       idx, k = xs
       k_aug, k_drop = jax.random.split(k)
-      x = fdata.preprocess(images[idx], k_aug, image_size=size, augment=augment, train=True)
+      x = preprocess(images[idx], k_aug, image_size=size, augment=augment, train=True)
       loss, g = jax.value_and_grad(loss_fn)(p, x, labels[idx], k_drop)
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), s), loss
@@ -116,24 +114,26 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = Tr
             f"test accuracy {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
   ev = evaluate(params, test_images, test_labels)
   save_npz(params, path)
-  outputs.atomic_write_json(summary_path, {
+  atomic_write_json(summary_path, {
       "config": resolved, "dataset": d.dataset, "test_accuracy": float(ev["accuracy"]),
       "test_loss": float(ev["loss"]), "seconds": time.time() - t0, "checkpoint": path})
   return path
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  from absl import flags
-  cfg = flags.FLAGS.config
-  pretrain(cfg, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing this module (the
+  quickstart does) adds no flags that could clash with the importer's own."""
   config_flags.DEFINE_config_file("config", None, "Pre-training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (cached).")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  _define_flags()
   app.run(main)
   sys.exit(0)

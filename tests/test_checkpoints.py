@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import re
+import socket
 import threading
 import urllib.parse
 from pathlib import Path
@@ -23,10 +24,11 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
-from fedpeft_jax.models import ViT, checkpoints
-from fedpeft_jax.models.checkpoints import CheckpointError, CheckpointInfo, load_pretrained
+from fedpeft_jax.models import (REGISTRY, CheckpointError, CheckpointInfo, ViT, download,
+                                load_pretrained, register_checkpoint, resample_posemb)
 from fedpeft_jax.peft import flatten, method_config
 
 TOL = 1e-5
@@ -369,25 +371,39 @@ def test_posemb_resampling(tmp_path: Path) -> None:
 
   same = load_pretrained(tmp_path / "t.safetensors", ViT(**_OURS))
   np.testing.assert_array_equal(same["Transformer"]["posembed_input"]["pos_embedding"], src)
+  np.testing.assert_array_equal(resample_posemb(src, 4, num_prefix=1), src)  # same grid: identity
 
   big = ViT(**{**_OURS, "image_size": 64})  # grid 4 -> 8
-  params = load_pretrained(tmp_path / "t.safetensors", big)
+  params = load_pretrained(tmp_path / "t.safetensors", big, keep_head=True)
   pe = params["Transformer"]["posembed_input"]["pos_embedding"]
   assert pe.shape == (1, 65, 48)
   np.testing.assert_array_equal(pe[:, 0], src[:, 0])  # class slot untouched
   grid = torch.from_numpy(src[:, 1:].reshape(1, 4, 4, 48)).permute(0, 3, 1, 2)
   want = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
   assert _maxdiff(pe[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 64, 48)) <= 1e-6
-  assert np.isfinite(_run(big, params, _images(size=64))).all()
+  # The whole model at 64 px: timm's ViT at img_size=64 with the same weights and timm's own
+  # bilinear resampling of pos_embed gives the same logits.
+  state = dict(ref.state_dict())
+  state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [8, 8], num_prefix_tokens=1,
+                                              interpolation="bilinear", antialias=True)
+  big_ref = VisionTransformer(**{**_TIMM, "img_size": 64}).eval()
+  big_ref.load_state_dict(state)
+  x = _images(size=64, seed=16)
+  with torch.no_grad():
+    logits = big_ref(_nchw(x))
+  _report("timm at 64 px, pos_embed resampled 4x4 -> 8x8, logits",
+          _maxdiff(_run(big, params, x), logits))
 
-  # Shrinking (antialiased): a constant grid stays constant, the class slot is kept.
-  const = np.concatenate([np.full((1, 1, 4), 5.0), np.full((1, 64, 4), 2.0)], 1).astype(np.float32)
-  small = checkpoints.resample_posemb(const, 3, num_prefix=1)
-  assert small.shape == (1, 10, 4) and small[0, 0, 0] == 5.0
-  np.testing.assert_allclose(small[:, 1:], 2.0, rtol=0, atol=1e-6)
-  # Same grid: identity.
-  assert checkpoints.resample_posemb(src, 4, num_prefix=1) is not None
-  np.testing.assert_array_equal(checkpoints.resample_posemb(src, 4, num_prefix=1), src)
+  # Shrinking 8x8 -> 3x3 (antialiased: every old position contributes): timm's resampler,
+  # bilinear with antialias, is the reference; the class slot is kept.
+  rng = np.random.default_rng(17)
+  wide = rng.normal(size=(1, 1 + 64, 4)).astype(np.float32)
+  small = resample_posemb(wide, 3, num_prefix=1)
+  want = resample_abs_pos_embed(torch.from_numpy(wide), [3, 3], num_prefix_tokens=1,
+                                interpolation="bilinear", antialias=True)
+  assert small.shape == (1, 10, 4)
+  np.testing.assert_array_equal(small[:, 0], wide[:, 0])
+  assert _maxdiff(small, want) <= 1e-6
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,21 +557,21 @@ def test_download_registry_and_cache(tmp_path: Path, timm_state) -> None:
 
   with _Server(tmp_path) as server:
     url = server.url("served.safetensors")
-    path = checkpoints.download(url, cache, sha256=digest, size=size, progress=False)
+    path = download(url, cache, sha256=digest, size=size, progress=False)
     assert path.parent == cache and path.read_bytes() == src.read_bytes()
     assert (cache / (path.name + ".sha256")).read_text().strip() == digest
-    again = checkpoints.download(url, cache, progress=False)  # cached: no second request
+    again = download(url, cache, progress=False)  # cached: no second request
     assert again == path and server.hits == 1
 
     # Wrong checksum: an error, and nothing (not even a temp file) left in the cache.
     with pytest.raises(CheckpointError, match="sha256"):
-      checkpoints.download(server.url("served.safetensors?x"), tmp_path / "c2", sha256="0" * 64,
+      download(server.url("served.safetensors?x"), tmp_path / "c2", sha256="0" * 64,
                            progress=False)
     assert list((tmp_path / "c2").iterdir()) == []
 
   # A registered name with a file:// URL goes through the same path.
   info = CheckpointInfo("tiny_test_ckpt", src.as_uri(), {"variant": None}, sha256=digest, size=size)
-  checkpoints.register_checkpoint(info, overwrite=True)
+  register_checkpoint(info, overwrite=True)
   try:
     params = load_pretrained("tiny_test_ckpt", model, cache_dir=tmp_path / "c3", progress=False)
     for k, v in flatten(want).items():
@@ -566,11 +582,80 @@ def test_download_registry_and_cache(tmp_path: Path, timm_state) -> None:
     load_pretrained("tiny_test_ckpt", model, cache_dir=tmp_path / "c3", progress=False)
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == digest
   finally:
-    checkpoints.REGISTRY.pop("tiny_test_ckpt")
+    REGISTRY.pop("tiny_test_ckpt")
 
   # Plain http to a non-loopback host is refused before any connection is made.
   with pytest.raises(CheckpointError, match="plain http"):
-    checkpoints.download("http://example.com/ViT-B_16.npz", cache)
+    download("http://example.com/ViT-B_16.npz", cache)
   for name in ("vit_b16_in21k", "vit_b16_augreg_in21k", "vit_ti16_augreg_in21k"):
-    assert urllib.parse.urlparse(checkpoints.REGISTRY[name].url).scheme == "https"
-  assert checkpoints.REGISTRY["vit_b16_in21k"].url.endswith("/imagenet21k/ViT-B_16.npz")
+    assert urllib.parse.urlparse(REGISTRY[name].url).scheme == "https"
+  assert REGISTRY["vit_b16_in21k"].url.endswith("/imagenet21k/ViT-B_16.npz")
+
+
+def _one_line_error(exc: pytest.ExceptionInfo) -> str:
+  message = str(exc.value)
+  assert "\n" not in message and message.strip() == message and message, message
+  return message
+
+
+def _cache_files(cache: Path) -> list[str]:
+  return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_failed_downloads_are_one_line_errors_and_leave_no_file(tmp_path: Path) -> None:
+  """Refused connection, HTTP error, a body cut short, no answer: each a CheckpointError that
+  names the URL and the way out (a local path), with nothing left in the cache."""
+  cache = tmp_path / "cache"
+
+  # Nobody listens on the port: connection refused.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed_port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{closed_port}/x.npz"
+  with pytest.raises(CheckpointError) as e:
+    download(url, cache, progress=False)
+  assert url in _one_line_error(e) and "local path" in str(e.value)
+  assert _cache_files(cache) == []
+
+  with _Server(tmp_path / "empty_root") as server:  # a real server: 404
+    (tmp_path / "empty_root").mkdir()
+    with pytest.raises(CheckpointError, match="HTTP 404") as e:
+      download(server.url("missing.npz"), cache, progress=False)
+    assert server.url("missing.npz") in _one_line_error(e)
+  assert _cache_files(cache) == []
+
+  # Content-Length promises 1000 bytes, 10 arrive, then the connection closes.
+  with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve_short() -> None:
+      conn, _ = listener.accept()
+      with conn:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+
+    thread = threading.Thread(target=serve_short, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/short.npz"
+    with pytest.raises(CheckpointError) as e:
+      download(url, cache, progress=False)
+    thread.join(10)
+  assert url in _one_line_error(e)
+  assert _cache_files(cache) == []
+
+  # The server accepts the connection (kernel backlog) but never answers.
+  with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/slow.npz"
+    with pytest.raises(CheckpointError, match=r"no answer within 0\.5 s") as e:
+      download(url, cache, progress=False, timeout=0.5)
+  assert url in _one_line_error(e)
+  assert _cache_files(cache) == []
+
+  # A file:// URL to nothing.
+  with pytest.raises(CheckpointError, match="No such file") as e:
+    download((tmp_path / "absent.npz").as_uri(), cache, progress=False)
+  _one_line_error(e)
+  assert _cache_files(cache) == []

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedpeft_jax.models.checkpoints import CheckpointError, load_pretrained
+from fedpeft_jax.models.checkpoint_files import CheckpointError
+from fedpeft_jax.models.checkpoint_registry import load_pretrained
 from fedpeft_jax.models.vit import ViT
 
 # config.model.dtype -> the compute dtype ("auto" is resolved by `compute_dtype`).

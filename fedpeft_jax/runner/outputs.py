@@ -1,14 +1,12 @@
-"""Run outputs: atomic files, the per-round metrics log, plots, TensorBoard, tables.
+"""Run outputs: the per-round metrics log, plots, TensorBoard, tables, provenance.
 
-Why atomic: a run may be killed (SIGKILL, pre-emption) at any instant and resumed, so
-every file in the workdir is either the old complete version or the new complete
-version, never half-written. Metrics are appended line by line and fsynced, and a
+Every file in the workdir is written atomically (`fedpeft_jax.files`), because a run may be
+killed at any instant and resumed. Metrics are appended line by line and fsynced, and a
 torn last line (a kill mid-append) is ignored on read and dropped on resume.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -16,80 +14,36 @@ import numbers
 import os
 import platform
 import sys
-import tempfile
+from importlib import metadata
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from absl import logging
+# Agg through the object API, never pyplot: no global backend switch inside a host program.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
+
+from fedpeft_jax.files import (PathLike, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                               dumps)
+
+# tensorboardX imports torch when it is installed (seconds per run), only to log torch tensors;
+# we log Python floats, so torch is hidden while it loads (`import torch` then raises
+# ImportError, which tensorboardX handles).
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+  sys.modules["torch"] = None  # type: ignore[assignment]
+try:
+  from tensorboardX import SummaryWriter
+finally:
+  if _HIDE_TORCH and sys.modules.get("torch", 0) is None:
+    del sys.modules["torch"]
+
+__all__ = [
+    "MB", "MetricsLog", "write_plots", "compare_plot", "TensorBoardLogger", "format_table",
+    "versions", "atomic_write_json",
+]
 
 MB = 1e6  # bytes per MB in plots and tables (decimal, as in the run header).
-PathLike = Union[str, os.PathLike]
-
-
-# ---------------------------------------------------------------------------
-# Atomic files
-
-
-def _fsync_dir(directory: str) -> None:
-  """Makes a rename durable; best effort (not every platform/filesystem allows it)."""
-  with contextlib.suppress(OSError):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-
-def _default_mode() -> int:
-  """0o666 minus the umask: what a plain open() would create (mkstemp makes 0o600)."""
-  umask = os.umask(0)
-  os.umask(umask)
-  return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes `data` to a temp file in the same directory, fsyncs it, then os.replace()s
-  it onto `path`: readers see the old file or the new one, never a partial one."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-  _fsync_dir(directory)
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-  atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def to_jsonable(obj: Any) -> Any:
-  """NumPy/JAX scalars and arrays -> Python numbers and lists (json's `default` hook)."""
-  if hasattr(obj, "tolist"):  # np.ndarray, np.generic, jax.Array
-    return obj.tolist()
-  if isinstance(obj, (set, frozenset, tuple)):
-    return list(obj)
-  if isinstance(obj, os.PathLike):
-    return os.fspath(obj)
-  if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict
-    return obj.to_dict()
-  raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def dumps(obj: Any, indent: Optional[int] = None) -> str:
-  return json.dumps(obj, indent=indent, default=to_jsonable)
-
-
-def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> None:
-  atomic_write_text(path, dumps(obj, indent=indent) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -163,8 +117,6 @@ class MetricsLog:
 
 def _figure(width: float = 6.4, height: float = 4.4):
   """A pyplot-free Agg figure: no global backend switch, safe inside any host program."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   fig = Figure(figsize=(width, height), dpi=120)
   FigureCanvasAgg(fig)
   return fig
@@ -196,7 +148,6 @@ def _curve(rows: Iterable[Mapping[str, Any]], x_key: str, scale: float = 1.0,
 def _log_mb_axis(ax, xs: Sequence[float]) -> None:
   """Log x-axis with plain tick labels (0.4, 3, 300) instead of 4x10^-1; minor ticks
   are labelled only when the data spans less than a decade (else they crowd)."""
-  from matplotlib.ticker import FuncFormatter, NullFormatter
   ax.set_xscale("log")
   plain = FuncFormatter(lambda v, _: f"{v:g}")
   ax.xaxis.set_major_formatter(plain)
@@ -206,7 +157,6 @@ def _log_mb_axis(ax, xs: Sequence[float]) -> None:
 
 
 def _accuracy_axis(ax) -> None:
-  from matplotlib.ticker import PercentFormatter
   ax.yaxis.set_major_formatter(PercentFormatter(1.0))
   ax.set_ylabel("test accuracy")
   ax.grid(True, which="both", alpha=0.3)
@@ -270,40 +220,15 @@ def compare_plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: PathLike
 # TensorBoard
 
 
-def _summary_writer_class() -> Any:
-  """tensorboardX.SummaryWriter, imported without PyTorch.
-
-  Why: tensorboardX imports torch at module level when it is installed (optional, only
-  for torch tensors), which costs seconds per run; we log Python floats only.
-  """
-  if "tensorboardX" in sys.modules or "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it handles
-  try:
-    from tensorboardX import SummaryWriter
-  finally:
-    if sys.modules.get("torch", 0) is None:
-      del sys.modules["torch"]
-  return SummaryWriter
-
-
 class TensorBoardLogger:
   """Scalars per round into TensorBoard event files (tensorboardX).
 
-  A no-op (with one warning) when tensorboardX is missing; `close()` is idempotent.
-  `purge_step`: on resume at round R pass R + 1 so TensorBoard hides the events of
+  `close()` is idempotent. `purge_step`: on resume at round R pass R + 1 so TensorBoard hides the events of
   rounds that are being replayed.
   """
 
   def __init__(self, logdir: PathLike, purge_step: Optional[int] = None):
     self.logdir = os.fspath(logdir)
-    self._writer = None
-    try:
-      SummaryWriter = _summary_writer_class()
-    except ImportError:
-      logging.warning("tensorboardX is not installed; no TensorBoard events are written")
-      return
     os.makedirs(self.logdir, exist_ok=True)
     self._writer = SummaryWriter(self.logdir, purge_step=purge_step)
 
@@ -389,7 +314,6 @@ _PACKAGES = ("fedpeft_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint"
 
 def versions() -> dict[str, Optional[str]]:
   """Installed versions of the packages a result depends on (None if absent), + python."""
-  from importlib import metadata
   out: dict[str, Optional[str]] = {"python": platform.python_version()}
   for name in _PACKAGES:
     try:

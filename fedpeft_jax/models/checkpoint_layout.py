@@ -1,381 +1,37 @@
-"""Pre-trained ViT weights -> the params pytree of our Linen `ViT`.
+"""Checkpoint layouts -> our Linen `ViT`: Google/big_vision, timm and Hugging Face names onto
+the '/'-joined names of our params, and those fitted to one model (position-embedding
+resampling, a fresh head, PEFT parameters from the model's init).
 
-`load_pretrained(source, model)` reads the checkpoints researchers actually use and returns a
-plain nested dict of float32 numpy arrays with exactly the structure of `model.init(...)`:
+Layouts handled (told from the keys):
 
 * Google `.npz`: the original ImageNet-21k release (pre-Linen names `MultiHeadDotProductAttention_1`,
   `LayerNorm_2`, `MlpBlock_3`, `pre_logits`, 21843-way head), the AugReg releases, Linen-converted
   files, and the big_vision layout (`params/` prefix, top-level `pos_embedding` without the class
   slot, optionally a stacked `Transformer/encoderblock`).
-* timm `.safetensors` / `.pth` (`blocks.{i}.attn.qkv`, `pos_embed`, `cls_token`, ...).
-* Hugging Face ViT `.safetensors` / `.bin`, with the Hub's names (`encoder.layer.{i}.attention.
-  attention.query`, ...) or the transformers-5 in-memory names (`layers.{i}.attention.q_proj`,
-  `mlp.fc1`, ...), with or without the `vit.` prefix.
+* timm (`blocks.{i}.attn.qkv`, `pos_embed`, `cls_token`, ...).
+* Hugging Face ViT, with the Hub's names (`encoder.layer.{i}.attention.attention.query`, ...) or
+  the transformers-5 in-memory names (`layers.{i}.attention.q_proj`, `mlp.fc1`, ...), with or
+  without the `vit.` prefix.
 
-The format is told from the file's bytes, the layout from its keys. Checkpoint files are
-untrusted input: nothing is unpickled (`np.load(allow_pickle=False)`, the safetensors reader,
-`torch.load(weights_only=True)`), and every model leaf is either taken from the checkpoint or,
-for PEFT parameters no checkpoint has, from the model's own init; anything else is an error.
+Every model leaf is either taken from the checkpoint or, for PEFT parameters no checkpoint has,
+from the model's own init; anything else is an error that names the keys and shapes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import ipaddress
 import logging
 import math
-import os
 import re
-import tempfile
-import urllib.parse
-import urllib.request
-import zipfile
-from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpeft_jax.models.checkpoint_files import CheckpointError
 from fedpeft_jax.peft.partition import SEP, flatten, unflatten
 
 log = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
-
-__all__ = [
-    "CheckpointError", "CheckpointInfo", "REGISTRY", "register_checkpoint", "list_checkpoints",
-    "default_cache_dir", "download", "resolve_source", "read_checkpoint", "convert_checkpoint",
-    "resample_posemb", "load_pretrained",
-]
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not fit the model (the message says why)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Registry and download
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-  """A named public checkpoint.
-
-  `model_kwargs` are the `ViT(...)` arguments the backbone was trained with (add your own
-  `num_classes`); `head_classes` is the width of the checkpoint's own head. `sha256`/`size`,
-  when known, are checked on every download and cache hit; when unknown, the digest of the first
-  download is recorded next to the file and later cache hits are checked against it.
-  """
-  name: str
-  url: str
-  model_kwargs: Mapping[str, Any]
-  head_classes: Optional[int] = None
-  sha256: Optional[str] = None
-  size: Optional[int] = None
-  description: str = ""
-
-
-_GCS = "https://storage.googleapis.com/vit_models"
-REGISTRY: dict[str, CheckpointInfo] = {}
-
-
-def register_checkpoint(info: CheckpointInfo, overwrite: bool = False) -> CheckpointInfo:
-  """Add a named checkpoint (e.g. a mirror, or a file:// URL on an offline cluster)."""
-  if info.name in REGISTRY and not overwrite:
-    raise ValueError(f"checkpoint name {info.name!r} is already registered "
-                     "(pass overwrite=True to replace it)")
-  REGISTRY[info.name] = info
-  return info
-
-
-def list_checkpoints() -> list[str]:
-  return sorted(REGISTRY)
-
-
-for _info in (
-    CheckpointInfo(
-        "vit_b16_in21k", f"{_GCS}/imagenet21k/ViT-B_16.npz",
-        {"variant": "B/16", "image_size": 224, "representation_size": 768}, head_classes=21843,
-        description="Original ViT-B/16 ImageNet-21k release (Dosovitskiy et al. 2021); pre-Linen "
-                    "names, pre_logits 768, zeroed 21843-way head. The FedPEFT backbone."),
-    CheckpointInfo(
-        "vit_b16_augreg_in21k",
-        f"{_GCS}/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
-        {"variant": "B/16", "image_size": 224}, head_classes=21843,
-        description="AugReg ViT-B/16 ImageNet-21k (Steiner et al. 2022), ~391 MiB."),
-    CheckpointInfo(
-        "vit_s16_augreg_in21k",
-        f"{_GCS}/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
-        {"variant": "S/16", "image_size": 224}, head_classes=21843,
-        description="AugReg ViT-S/16 ImageNet-21k, ~115 MiB."),
-    CheckpointInfo(
-        "vit_ti16_augreg_in21k",
-        f"{_GCS}/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
-        {"variant": "Ti/16", "image_size": 224}, head_classes=21843,
-        description="AugReg ViT-Ti/16 ImageNet-21k, ~37 MiB."),
-):
-  register_checkpoint(_info)
-
-
-def default_cache_dir() -> Path:
-  """$FEDPEFT_JAX_CACHE, else ~/.cache/fedpeft_jax/checkpoints."""
-  env = os.environ.get("FEDPEFT_JAX_CACHE")
-  return Path(env) if env else Path.home() / ".cache" / "fedpeft_jax" / "checkpoints"
-
-
-def _check_url(url: str) -> urllib.parse.ParseResult:
-  """HTTPS or file:// only; plain http only to a loopback host (local mirrors and tests)."""
-  parts = urllib.parse.urlparse(url)
-  if parts.scheme in ("https", "file"):
-    return parts
-  if parts.scheme == "http":
-    host = parts.hostname or ""
-    try:
-      loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-      loopback = False
-    if loopback:
-      return parts
-    raise CheckpointError(f"refusing to download {url!r} over plain http: use https "
-                          "(http is accepted only from a loopback host)")
-  raise CheckpointError(f"unsupported URL scheme {parts.scheme!r} in {url!r}; "
-                        "use https:// or file://")
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _verify(path: Path, sha256: Optional[str], size: Optional[int], what: str) -> str:
-  """Size then sha256 check of `path`; returns its digest."""
-  actual_size = path.stat().st_size
-  if size is not None and actual_size != size:
-    raise CheckpointError(f"{what}: size {actual_size} bytes, expected {size}")
-  digest = _sha256_file(path)
-  if sha256 is not None and digest.lower() != sha256.lower():
-    raise CheckpointError(f"{what}: sha256 {digest}, expected {sha256}")
-  return digest
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def download(url: str, cache_dir: Optional[PathLike] = None, *, sha256: Optional[str] = None,
-             size: Optional[int] = None, progress: bool = True, timeout: float = 60.0) -> Path:
-  """Fetch `url` once into `cache_dir` and return the local path.
-
-  Why this shape: a partially written file must never be mistaken for a checkpoint, so the
-  bytes go to a temp file in the same directory, are verified (size, sha256), and only then
-  renamed into place (atomic on POSIX). The digest is kept in `<file>.sha256` so a later cache
-  hit is re-verified even when the caller knows no digest (trust on first use).
-  """
-  parts = _check_url(url)
-  cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  cache.mkdir(parents=True, exist_ok=True)
-  base = os.path.basename(urllib.parse.unquote(parts.path)) or "checkpoint"
-  dest = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
-  digest_file = dest.with_name(dest.name + ".sha256")
-
-  if dest.exists():
-    known = sha256 or (digest_file.read_text().strip() if digest_file.exists() else None)
-    try:
-      _verify(dest, known, size, f"cached {dest}")
-      return dest
-    except CheckpointError as e:
-      log.warning("%s; downloading again", e)
-      dest.unlink()
-
-  from tqdm.auto import tqdm  # local: only downloads need it
-  fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{dest.name}.", suffix=".part")
-  tmp = Path(tmp_name)
-  try:
-    h = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-      length = resp.headers.get("Content-Length")
-      total = int(length) if length and length.isdigit() else None
-      with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=base,
-                disable=not progress) as bar:
-        while block := resp.read(1 << 20):
-          out.write(block)
-          h.update(block)
-          bar.update(len(block))
-    got = tmp.stat().st_size
-    if total is not None and got != total:
-      raise CheckpointError(f"download of {url} truncated: {got} of {total} bytes")
-    if size is not None and got != size:
-      raise CheckpointError(f"download of {url}: size {got} bytes, expected {size}")
-    if sha256 is not None and h.hexdigest().lower() != sha256.lower():
-      raise CheckpointError(f"download of {url}: sha256 {h.hexdigest()}, expected {sha256}")
-    os.replace(tmp, dest)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-  _write_text_atomic(digest_file, h.hexdigest() + "\n")
-  return dest
-
-
-def resolve_source(source: PathLike, cache_dir: Optional[PathLike] = None, *,
-                   sha256: Optional[str] = None, progress: bool = True) -> Path:
-  """A registry name, a URL (downloaded and cached) or a local path -> an existing file."""
-  if isinstance(source, str) and source in REGISTRY:
-    info = REGISTRY[source]
-    return download(info.url, cache_dir, sha256=sha256 or info.sha256, size=info.size,
-                    progress=progress)
-  if isinstance(source, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
-    return download(source, cache_dir, sha256=sha256, progress=progress)
-  path = Path(source)
-  if path.is_dir():  # a Hugging Face snapshot directory
-    for name in ("model.safetensors", "pytorch_model.bin"):
-      if (path / name).is_file():
-        path = path / name
-        break
-    else:
-      raise FileNotFoundError(f"checkpoint directory {str(source)!r} holds no model.safetensors "
-                              "or pytorch_model.bin")
-  if not path.is_file():
-    hint = f"; registered names: {', '.join(list_checkpoints())}" if isinstance(source, str) else ""
-    raise FileNotFoundError(f"checkpoint {str(source)!r} not found (not a file, URL or "
-                            f"registered name){hint}")
-  if sha256 is not None:
-    _verify(path, sha256, None, f"checkpoint {path}")
-  return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading files (format from content)
-# ----------------------------------------------------------------------------------------------
-
-def _sniff(path: Path) -> str:
-  """'npz' | 'safetensors' | 'torch' from the first bytes; CheckpointError otherwise."""
-  with open(path, "rb") as f:
-    head = f.read(16)
-  file_size = path.stat().st_size
-  if head[:4] == b"PK\x03\x04":
-    try:
-      with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    except zipfile.BadZipFile as e:
-      raise CheckpointError(f"{path}: corrupt zip archive ({e})") from e
-    if names and all(n.endswith(".npy") for n in names):
-      return "npz"
-    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-      return "torch"
-    raise CheckpointError(f"{path}: a zip archive that is neither .npz nor a PyTorch checkpoint "
-                          f"(members: {names[:5]})")
-  if len(head) >= 9:
-    n = int.from_bytes(head[:8], "little")
-    if 2 <= n <= file_size - 8 and head[8:9] == b"{":
-      return "safetensors"
-  if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-    return "torch"  # legacy (non-zip) torch.save; still read with weights_only=True
-  if head[:6] == b"\x93NUMPY":
-    raise CheckpointError(f"{path}: a single .npy array, not a checkpoint (expected .npz, "
-                          ".safetensors or a PyTorch state dict)")
-  raise CheckpointError(f"{path}: unknown checkpoint format (first bytes {head[:8]!r}); expected "
-                        ".npz (zip of .npy), .safetensors or a PyTorch .pth/.bin")
-
-
-_ML_FLOATS = {"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"}
-
-
-def _as_float_array(key: str, value: Any, path: Path) -> np.ndarray:
-  arr = np.asarray(value)
-  if arr.dtype.kind == "V" and arr.dtype.name in _ML_FLOATS:  # bfloat16 etc. (ml_dtypes)
-    arr = arr.astype(np.float32)
-  if arr.dtype.kind not in "fiu":
-    raise CheckpointError(f"{path}: tensor {key!r} has dtype {arr.dtype}, not a number "
-                          "(a bfloat16 array saved by np.savez is stored as raw void 'V2' "
-                          "and cannot be told apart; convert it to float32)")
-  return arr
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-  out = {}
-  with np.load(path, allow_pickle=False) as z:
-    for key in z.files:
-      try:
-        arr = z[key]
-      except ValueError as e:
-        if "allow_pickle" in str(e):
-          raise CheckpointError(f"{path}: array {key!r} is an object (pickled) array; refused "
-                                "because checkpoints are read with allow_pickle=False") from e
-        raise CheckpointError(f"{path}: array {key!r} cannot be read: {e}") from e
-      out[key] = _as_float_array(key, arr, path)
-  return out
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  out = {}
-  try:
-    with safe_open(str(path), framework="numpy") as f:
-      keys = list(f.keys())
-      pending = []
-      for key in keys:
-        try:
-          out[key] = _as_float_array(key, f.get_tensor(key), path)
-        except TypeError:  # bfloat16 has no numpy dtype name: read those through jax
-          pending.append(key)
-    if pending:
-      with safe_open(str(path), framework="flax") as f:
-        for key in pending:
-          out[key] = np.asarray(jnp.asarray(f.get_tensor(key), jnp.float32))
-  except CheckpointError:
-    raise
-  except Exception as e:  # the reader's own errors (bad header, truncated file)
-    raise CheckpointError(f"{path}: invalid safetensors file: {e}") from e
-  return out
-
-
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise CheckpointError(f"{path} is a PyTorch checkpoint; reading it needs torch installed "
-                          "(or convert it to .safetensors)") from e
-  try:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which only "
-                          f"accepts tensors and plain containers: {e}") from e
-  for wrapper in ("state_dict", "model", "module", "model_state"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-      obj = obj[wrapper]
-      break
-  if not isinstance(obj, Mapping):
-    raise CheckpointError(f"{path}: expected a state dict (mapping of tensors), got "
-                          f"{type(obj).__name__}")
-  out = {}
-  for key, value in obj.items():
-    if not isinstance(value, torch.Tensor):
-      raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    t = value.detach().cpu()
-    out[str(key)] = _as_float_array(key, (t.float() if t.is_floating_point() else t).numpy(), path)
-  return out
-
-
-def read_checkpoint(path: PathLike) -> dict[str, np.ndarray]:
-  """The raw {key: array} of a checkpoint file, keys as stored."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"checkpoint file {str(path)!r} not found")
-  fmt = _sniff(path)
-  reader = {"npz": _read_npz, "safetensors": _read_safetensors, "torch": _read_torch}[fmt]
-  raw = reader(path)
-  if not raw:
-    raise CheckpointError(f"{path}: the {fmt} file holds no tensors")
-  return raw
-
 
 # ----------------------------------------------------------------------------------------------
 # Layouts -> canonical Linen names
@@ -662,9 +318,15 @@ def _shape_str(shape: Any) -> str:
   return str(tuple(int(d) for d in shape))
 
 
-def _fit(ckpt: dict[str, np.ndarray], model: Any, keep_head: bool, rng: jax.Array,
-         where: str) -> dict:
-  """Match canonical checkpoint leaves to the model's params; see `load_pretrained`."""
+def fit_checkpoint(ckpt: Mapping[str, np.ndarray], model: Any, keep_head: bool, rng: jax.Array,
+                   where: str) -> dict:
+  """Canonical checkpoint leaves (`convert_checkpoint`) -> the params pytree of `model`.
+
+  The model's structure (`jax.eval_shape` of `model.init`) is the target, leaf for leaf: the
+  position embedding is resampled when the grid differs, the head is a fresh zero one unless
+  `keep_head`, PEFT parameters come from `model.init(rng, ...)`, and any other difference is a
+  CheckpointError naming the keys and both shapes (`where` names the checkpoint in it).
+  """
   dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   target = flatten(jax.eval_shape(model.init, rng, dummy)["params"])
   backbone = flatten(jax.eval_shape(model.clone(peft=None).init, rng, dummy)["params"])
@@ -752,31 +414,3 @@ def _fit(ckpt: dict[str, np.ndarray], model: Any, keep_head: bool, rng: jax.Arra
   return unflatten({k: out[k] for k in target})
 
 
-def load_pretrained(source: PathLike, model: Any, keep_head: bool = False,
-                    cache_dir: Optional[PathLike] = None, *, rng: Optional[jax.Array] = None,
-                    sha256: Optional[str] = None, progress: bool = True) -> dict:
-  """Pre-trained weights for `model` (our `ViT`), as a nested dict of float32 numpy arrays.
-
-  Args:
-    source: a registry name (`list_checkpoints()`), an https:// or file:// URL (downloaded once
-      into `cache_dir`), or a local file (.npz, .safetensors, .pth/.bin) or HF snapshot dir.
-    model: the ViT the weights must fit; its structure (`jax.eval_shape` of `model.init`) is
-      the target, leaf for leaf.
-    keep_head: load the checkpoint's head (an error unless it has `num_classes` outputs);
-      by default the head is a fresh zero-initialised one.
-    cache_dir: download cache (default `default_cache_dir()`).
-    rng: initialiser key for PEFT parameters (LoRA, adapters, prompts, SSF) that no checkpoint
-      has; default `jax.random.PRNGKey(0)`.
-    sha256: expected digest of the file (checked before use).
-
-  Raises:
-    FileNotFoundError: no such file / registered name.
-    CheckpointError: unknown format or layout, refused content, or missing / unexpected /
-      mismatched keys (named, with both shapes).
-  """
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  path = resolve_source(source, cache_dir, sha256=sha256, progress=progress)
-  raw = read_checkpoint(path)
-  ckpt, layout = convert_checkpoint(raw, num_heads=model.arch()["num_heads"])
-  log.info("loading %s (%s layout, %d tensors)", path, layout, len(ckpt))
-  return _fit(ckpt, model, keep_head, rng, str(path))
