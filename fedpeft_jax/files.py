@@ -67,6 +67,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
+  """`atomic_write_bytes` of UTF-8 text."""
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -89,4 +90,5 @@ def dumps(obj: Any, indent: Optional[int] = None) -> str:
 
 
 def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> None:
+  """`obj` as indented JSON (`dumps`), written atomically."""
   atomic_write_text(path, dumps(obj, indent=indent) + "\n")

@@ -8,16 +8,15 @@ nothing is unpickled (`np.load(allow_pickle=False)`, the safetensors reader,
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-PathLike = Union[str, os.PathLike]
+from fedpeft_jax.files import PathLike
 
 # The file names a Hugging Face snapshot (`save_pretrained`, the Hub) keeps its weights in,
 # in order of preference.

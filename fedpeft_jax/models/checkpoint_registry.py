@@ -21,9 +21,8 @@ from typing import Any, Iterator, Mapping, Optional
 import jax
 from tqdm.auto import tqdm
 
-from fedpeft_jax.files import atomic_open, atomic_write_text
-from fedpeft_jax.models.checkpoint_files import (CheckpointError, PathLike, read_checkpoint,
-                                                 snapshot_file)
+from fedpeft_jax.files import PathLike, atomic_open, atomic_write_text
+from fedpeft_jax.models.checkpoint_files import CheckpointError, read_checkpoint, snapshot_file
 from fedpeft_jax.models.checkpoint_layout import convert_checkpoint, fit_checkpoint
 
 log = logging.getLogger(__name__)
@@ -61,6 +60,7 @@ def register_checkpoint(info: CheckpointInfo, overwrite: bool = False) -> Checkp
 
 
 def list_checkpoints() -> list[str]:
+  """The registered names, sorted (what `load_pretrained` takes besides paths and URLs)."""
   return sorted(REGISTRY)
 
 
