@@ -49,6 +49,7 @@ SAMPLINGS = ("poisson", "shuffle")
 PLD_DISCRETIZATION = 1e-4  # dp_accounting's default value_discretization_interval
 # Below this noise multiplier calibration stops: the target needs practically no noise.
 MIN_NOISE_MULTIPLIER = 1e-3
+CALIBRATION_TOL = 1e-4  # calibrated noise multipliers are within this of the smallest one
 # Truncating Poisson batches to a static capacity may add at most this fraction of delta.
 OVERFLOW_DELTA_FRACTION = 0.1
 
@@ -347,7 +348,7 @@ def poisson_capacity_for_run(batch_size: int, client_sizes: Sequence[int],
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float,
                                steps: int, accountant: str = "rdp", *,
                                max_noise_multiplier: float = 100.0,
-                               tol: float = 1e-4) -> float:
+                               tol: float = CALIBRATION_TOL) -> float:
   """Smallest noise multiplier (within `tol`) whose epsilon after `steps` subsampled
   Gaussian steps at rate q is <= target_epsilon at `delta`.
 

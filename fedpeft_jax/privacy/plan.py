@@ -22,8 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from fedpeft_jax.privacy.accounting import (OVERFLOW_DELTA_FRACTION, PrivacyBudgetError,
-                                            PrivacyLedger, calibrate_noise_multiplier,
+from fedpeft_jax.privacy.accounting import (CALIBRATION_TOL, OVERFLOW_DELTA_FRACTION,
+                                            PrivacyBudgetError, PrivacyLedger,
+                                            calibrate_noise_multiplier,
                                             check_budget, dp_fedavg_epsilon, dp_sgd_epsilon,
                                             example_uses_per_round, gaussian_epsilon,
                                             overflow_budget, paper_gaussian_noise_multiplier,
@@ -287,29 +288,37 @@ class PrivacyPlan:
     """One line: why adaptive clipping cannot run, and the smallest changes that fix it.
 
     Adaptive clipping splits the noise multiplier z between the update sum and the
-    count of unclipped clients, whose std is s = 0.05 m count_noise_multiplier (m
-    clients per round); that needs z < 2 s (mechanisms.value_noise_multiplier). So:
-    count_noise_multiplier > z / (0.1 m); with a fixed z, noise_multiplier < 0.1 m cnm or
-    m > 10 z / cnm; with calibration, the epsilon that the threshold multiplier spends,
-    and the smallest m (searched by bisection, feasibility taken as monotone in m)
-    whose calibrated z is below its threshold.
+    count of unclipped clients, whose std is s = default_count_stddev(m, cnm) = 0.05 m cnm
+    (m clients per round, cnm = count_noise_multiplier); that needs z < 2 s
+    (mechanisms.value_noise_multiplier). So: cnm > z / (0.1 m); with a fixed z,
+    noise_multiplier < 0.1 m cnm or m > 10 z / cnm; with calibration, the epsilon that the
+    threshold multiplier spends and the smallest m (searched by bisection, feasibility
+    taken as monotone in m) whose calibrated z is below its threshold.
     """
     m, n, z = self.clients_per_round, self.num_clients, self.noise
     cnm = float(p.count_noise_multiplier)
-    threshold = 0.1 * m * cnm  # 2 x default_count_stddev(m, cnm)
+
+    def bound(clients: int, multiplier: float) -> float:  # z must stay below 2 s
+      return 2.0 * default_count_stddev(clients, multiplier)
+
+    def fits(noise: float, clients: int) -> bool:  # strictly: z = 2 s is infinite update noise
+      return noise < bound(clients, cnm) * (1 - 1e-9)
+
+    threshold = bound(m, cnm)
+    per_unit = bound(1, 1.0)  # the bound is linear in clients and in count_noise_multiplier
     fixes = []
     if p.calibrate:
       why = (f"calibrated to privacy.epsilon={float(p.epsilon):g} over {self.rounds} rounds of "
              f"{m} of {n} clients")
-      # below the threshold by more than calibration's tolerance (1e-4)
-      z_ok = threshold * (1 - 1e-3) - 2e-4
+      # below the threshold by more than calibration's tolerance
+      z_ok = threshold * (1 - 1e-3) - 2 * CALIBRATION_TOL
       if z_ok > 0:
         eps_ok = dp_fedavg_epsilon(m, n, z_ok, self.rounds, self.delta, p.accountant)
         fixes.append(f"privacy.epsilon >= {_round_up(eps_ok):.4g}")
 
       def feasible(k: int) -> bool:
         zk = self._calibrated_noise(p, k)
-        return zk is not None and zk < 0.1 * k * cnm
+        return zk is not None and fits(zk, k)
 
       if m < n and feasible(n):
         lo, hi = m, n
@@ -322,11 +331,14 @@ class PrivacyPlan:
     else:
       why = "privacy.noise_multiplier"
       fixes.append(f"privacy.noise_multiplier <= {_round_down(threshold * (1 - 1e-6)):.4g}")
-      m_ok = math.floor(10.0 * z / cnm) + 1
+      m_ok = max(1, math.floor(z / (per_unit * cnm)))
+      while not fits(z, m_ok):
+        m_ok += 1
       fixes.append(f"federated.clients_per_round >= {m_ok}" if m_ok <= n else
                    f"(no federated.clients_per_round <= {n} works at this noise_multiplier)")
-    fixes.append(f"privacy.count_noise_multiplier >= {_round_up(z / (0.1 * m) * (1 + 1e-6)):.4g}")
-    return (f"privacy.adaptive_clip needs noise_multiplier < 0.1 x clients_per_round x "
+    fixes.append(f"privacy.count_noise_multiplier >= "
+                 f"{_round_up(z / (per_unit * m) * (1 + 1e-6)):.4g}")
+    return (f"privacy.adaptive_clip needs noise_multiplier < {per_unit:g} x clients_per_round x "
             f"privacy.count_noise_multiplier = {threshold:.4g}, but it is {z:.4g} ({why}); "
             f"it works with {', or '.join(fixes)}, or with privacy.adaptive_clip=False")
 
