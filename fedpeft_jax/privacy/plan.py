@@ -418,7 +418,8 @@ class PrivacyPlan:
   def summary(self) -> dict[str, Any]:
     """Privacy fields of the run summary: the metrics plus the plan (planned epsilon,
     capacity and truncation, the unit, the non-private fields)."""
-    out = {k: v for k, v in self._metadata.items() if k != "mechanism"}
+    # 'mechanism' and 'sigma' come again as privacy_mechanism and paper_sigma
+    out = {k: v for k, v in self._metadata.items() if k not in ("mechanism", "sigma")}
     out["privacy_mechanism"] = self.mechanism
     if self.ledger is not None:
       out["planned_epsilon"] = self.planned_epsilon
