@@ -61,9 +61,8 @@ def init_params(config: ml_collections.ConfigDict, model: ViT, key: jax.Array) -
     try:
       return load_pretrained(config.model.pretrained, model, rng=key,
                              cache_dir=config.model.cache_dir or None)
-    except CheckpointError as e:
-      raise CheckpointError(f"config.model.pretrained ({config.model.pretrained!r}) does not "
-                            f"fit the model of config.model: {e}") from e
+    except CheckpointError as e:  # a download, a file or a fit: the message says which
+      raise CheckpointError(f"config.model.pretrained ({config.model.pretrained!r}): {e}") from e
   params = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(key)["params"]
   return jax.tree_util.tree_map(np.asarray, params)
 

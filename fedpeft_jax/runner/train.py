@@ -35,6 +35,7 @@ from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
                                    place_eval_set, plan_round, replicate,
                                    resolve_clients_per_round)
 from fedpeft_jax.models.factory import base_param_shapes, build_model, init_params
+from fedpeft_jax.privacy import PrivacyPlan, poisson_capacity
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
 from fedpeft_jax.runner.validate import parse_clients_per_chunk, validate_config
@@ -58,100 +59,6 @@ def load_data(config: ml_collections.ConfigDict):
                          method=d.partition, alpha=d.alpha, min_size=d.min_size, seed=seed,
                          shards_per_client=d.shards_per_client)
   return dataset, part
-
-
-class _Privacy:
-  """Builds the client/server DP pieces of a run and keeps its privacy ledger."""
-
-  def __init__(self, config: ml_collections.ConfigDict, sizes: np.ndarray,
-               clients_per_round: int, steps_of: Any):
-    from fedpeft_jax.privacy import accounting, mechanisms
-    from fedpeft_jax.privacy import config as pcfg
-    p = config.privacy
-    fed = config.federated
-    self.mechanism = pcfg.validate_privacy(p)
-    self.client = ClientDP()
-    self.server = ServerDP()
-    self.ledger = None
-    self.clip_norm = 0.0
-    self.noise = 0.0
-    self.sizes = sizes
-    self.batch = fed.batch_size
-    self.q_round = clients_per_round / fed.num_clients
-    self.steps_of = steps_of
-    self.max_epsilon = p.max_epsilon
-    self.budget_action = p.budget_action
-    if self.mechanism == "none":
-      return
-    self.ledger = accounting.PrivacyLedger(self.mechanism, p.delta, p.accountant, p.sampling,
-                                           num_clients=fed.num_clients)
-    if self.mechanism == "paper_gaussian":
-      self.client = ClientDP("paper_gaussian", p.clip_norm, pcfg.paper_sigma_from_config(p))
-      return
-    if self.mechanism == "dp_sgd":
-      # Calibrated for the smallest client (largest rate B / n_i) training every round.
-      n_min = int(np.min(sizes[sizes > 0]))  # an empty client trains on nothing
-      q, steps = min(1.0, self.batch / n_min), fed.rounds * steps_of(n_min)
-      self.noise = pcfg.resolve_noise_multiplier(p, q, steps)
-      capacity = min(mechanisms.poisson_capacity(self.batch, p.poisson_overflow_prob),
-                     int(np.max(sizes)))
-      self.client = ClientDP("dp_sgd", p.clip_norm, self.noise, poisson=p.sampling == "poisson",
-                             capacity=capacity, per_example_chunk=p.per_example_chunk)
-      planned = accounting.dp_sgd_epsilon(q, self.noise, steps, p.delta, p.accountant)
-    else:  # dp_fedavg
-      self.noise = pcfg.resolve_noise_multiplier(p, self.q_round, fed.rounds)
-      self.clip_norm = p.clip_norm
-      count_std = (mechanisms.default_count_stddev(clients_per_round, p.count_noise_multiplier)
-                   if p.adaptive_clip else 0.0)
-      value_z = (mechanisms.value_noise_multiplier(self.noise, count_std) if p.adaptive_clip
-                 else self.noise)
-      self.server = ServerDP(True, value_z, clients_per_round, p.adaptive_clip,
-                             p.target_quantile, p.clip_lr, count_std)
-      planned = accounting.dp_fedavg_epsilon(clients_per_round, fed.num_clients, self.noise,
-                                             fed.rounds, p.delta, p.accountant)
-    self.planned_epsilon = float(planned)
-    if self.budget_action == "refuse":
-      accounting.check_budget(self.planned_epsilon, self.max_epsilon, "the planned run")
-
-  def would_exceed(self, reporting: np.ndarray) -> bool:
-    """Budget 'stop': True if recording this round would exceed privacy.max_epsilon."""
-    if self.ledger is None or self.max_epsilon is None or self.budget_action != "stop":
-      return False
-    if self.mechanism == "dp_sgd":
-      eps = self.ledger.preview_dp_sgd_round(*self._dp_sgd_round(reporting))
-    elif self.mechanism == "dp_fedavg":
-      eps = self.ledger.preview_dp_fedavg_round(self.q_round, self.noise)
-    else:
-      return False
-    return eps > self.max_epsilon
-
-  def _dp_sgd_round(self, reporting: np.ndarray):
-    ns = [int(self.sizes[c]) for c in reporting.tolist()]
-    return (reporting.tolist(), [min(1.0, self.batch / max(n, 1)) for n in ns], self.noise,
-            [self.steps_of(n) for n in ns])
-
-  def record(self, reporting: np.ndarray) -> None:
-    if self.ledger is None:
-      return
-    if self.mechanism == "dp_sgd":
-      self.ledger.record_dp_sgd_round(*self._dp_sgd_round(reporting))
-    elif self.mechanism == "dp_fedavg":
-      self.ledger.record_dp_fedavg_round(self.q_round, self.noise)
-    else:
-      self.ledger.record_round()
-
-  def metrics(self) -> dict:
-    if self.ledger is None:
-      return {}
-    report = self.ledger.report()
-    out = {"privacy_mechanism": report.pop("mechanism")}
-    report.pop("rounds", None)
-    if self.noise:
-      out["noise_multiplier"] = self.noise
-    if self.mechanism == "paper_gaussian":
-      out["paper_sigma"] = self.client.noise_std
-    out.update(report)
-    return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -197,7 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   def steps_of(n: int) -> int:  # the real local steps a client of n examples runs
     return int(fdata.num_local_steps(n, fed.batch_size, local_epochs, fed.local_steps))
 
-  privacy = _Privacy(config, np.asarray(part.sizes), per_round, steps_of)
+  privacy = PrivacyPlan(config, np.asarray(part.sizes), per_round, steps_of,
+                        len(jax.tree_util.tree_leaves(trainable)))
   depth = model.arch()["depth"]
   inputs, cache_note = choose_input(
       fed.feature_cache, peft.only_head_trainable(mask), peft.first_trainable_block(
@@ -207,14 +115,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   cspec = ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs, max_examples=max_n,
                      image_size=config.model.image_size, augment=augment, inputs=inputs,
                      local_steps=fed.local_steps, label_smoothing=fed.label_smoothing,
-                     fedprox_mu=fed.fedprox_mu, dp=privacy.client)
+                     fedprox_mu=fed.fedprox_mu, dp=ClientDP(**dataclasses.asdict(privacy.client)))
   # DP-FedAvg is accounted for Poisson client sampling, so with privacy.sampling='poisson'
   # that is how clients are drawn; rounds pad to a capacity the count exceeds with
   # probability 1e-6 (a rarer, larger round just compiles once more).
-  poisson_clients = privacy.mechanism == "dp_fedavg" and config.privacy.sampling == "poisson"
+  poisson_clients = privacy.poisson_clients
   min_slots = per_round
   if poisson_clients and per_round < fed.num_clients:
-    from fedpeft_jax.privacy.mechanisms import poisson_capacity
     min_slots = poisson_capacity(per_round, 1e-6, client_size=fed.num_clients)
   client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
                                     fed.client_nesterov, fed.client_weight_decay)
@@ -240,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
   def build(chunk: int):
     rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
-                      max_update_norm=fed.max_update_norm, dp=privacy.server,
+                      max_update_norm=fed.max_update_norm, dp=ServerDP(**dataclasses.asdict(privacy.server)),
                       min_slots=min_slots, wire_dtype=fed.wire_dtype)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh)
@@ -268,13 +175,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   os.makedirs(workdir, exist_ok=True)
   if primary:
     outputs.atomic_write_json(config_path, resolved)
-    outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
+    # Per-client class histograms are not covered by DP: under DP written only if asked.
+    if "partition" in privacy.filter_metrics({"partition": None}):
+      outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
   # The dp stream's key: from the OS (kept only in the checkpointed state), unless the
   # config asks for noise derived from its seed (tests and debugging; no guarantee then).
-  reproducible = config.privacy.get("reproducible_noise", False)
-  state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm,
-                    dp_key=rng_lib.stream_key_data(config.seed, "dp") if reproducible else None)
   ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  # A resumed run takes its dp key from the checkpoint: the initial state is then only the
+  # restore template, and nothing is drawn from the OS.
+  template_only = ckpt.latest_step() is not None
+  state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm,
+                    dp_key=(rng_lib.stream_key_data(config.seed, "dp")
+                            if privacy.reproducible_noise or template_only else None))
   metrics_log = (outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary
                  else _Discard())
   restored = ckpt.restore_latest(state)
@@ -282,8 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if restored is not None:
     state, meta = restored
     cumulative = meta["cumulative"]
-    if privacy.ledger is not None and meta.get("ledger") is not None:
-      privacy.ledger = type(privacy.ledger).from_dict(meta["ledger"])
+    privacy.restore_ledger(meta.get("ledger"))
     metrics_log.truncate_after(int(state.round))
     print(f"Resumed from round {int(state.round)} in {workdir}")
   else:
@@ -335,12 +246,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     if privacy.client.poisson:
       row["poisson_dropped"] = int(m["poisson_dropped"])
     row.update(pending["privacy"])
+    row = privacy.filter_metrics(row)  # under DP: only what epsilon covers, unless asked
     metrics_log.append(row)
     tb.log(row, step=r + 1)
     if bar is not None:
       if "test_accuracy" in row:
         bar.set_postfix(acc=f"{row['test_accuracy']:.4f}",
-                        MB=f"{row['cumulative_bytes'] / 1e6:.2f}")
+                        MB=f"{pending['cumulative_bytes'] / 1e6:.2f}")
       bar.update(1)
 
   # The host never waits on the round it just dispatched: round r's metrics are read after
@@ -414,7 +326,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "partition": part.summary(),
       "versions": outputs.versions(),
   }
-  summary.update({k: v for k, v in privacy.metrics().items()})
+  summary.update(privacy.summary())
+  summary = privacy.filter_metrics(summary)
   if primary:
     outputs.write_plots(rows, workdir, title=header)
     outputs.atomic_write_json(summary_path, summary)
@@ -434,14 +347,14 @@ SUMMARY_COLUMNS = ["method", "final_accuracy", "best_accuracy", "trainable_param
 
 
 def summary_row(summary: dict) -> dict:
-  per_round = summary["total_bytes"] / max(summary["rounds"], 1)
+  total = summary.get("total_bytes")  # absent when DP hides it (non-private)
   return {
       "method": summary["method"],
       "final_accuracy": summary["final_accuracy"],
       "best_accuracy": summary["best_accuracy"],
       "trainable_params": summary["trainable_params"],
-      "MB_per_round": round(per_round / 1e6, 4),
-      "total_MB": round(summary["total_bytes"] / 1e6, 3),
+      "MB_per_round": None if total is None else round(total / max(summary["rounds"], 1) / 1e6, 4),
+      "total_MB": None if total is None else round(total / 1e6, 3),
   }
 
 
