@@ -60,7 +60,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, verbose: bool = Tr
   d = config.data
   kw = {"resolution": d.resolution} if d.dataset in ("digits", "synthetic") else {}
   dataset = load_dataset(d.dataset, data_dir=d.data_dir or None, train_size=d.train_size or None,
-                         seed=config.seed, **kw)
+                         seed=config.seed, classes=d.classes, **kw)
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.peft = peft.method_config("full")
   model = build_model(cfg, dataset.num_classes)
