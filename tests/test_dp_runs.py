@@ -25,7 +25,7 @@ def _dp_config(rounds: int = 3):
   c.privacy.noise_multiplier = 0.5
   c.privacy.clip_norm = 0.5
   c.privacy.delta = 1e-3
-  c.privacy.sampling = "shuffle"  # fixed-size rounds: every round compiles once
+  c.privacy.sampling = "poisson"  # clients drawn from the secret stream
   c.checkpoint_every = 1
   return c
 
@@ -59,6 +59,19 @@ def test_two_dp_runs_differ_and_a_resumed_run_equals_itself(tmp_path, monkeypatc
     text = _published(workdir)
     assert str(rng_lib.key_seed(words)) not in text
     assert all(str(int(w)) not in text for w in words if int(w) > 10 ** 6)
+
+  # What epsilon does not cover is not written (privacy.log_non_private_metrics defaults to
+  # False under DP): DP-FedAvg hides who took part, so counts and bytes go too.
+  rows = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
+  with open(os.path.join(a, "summary.json")) as f:
+    summary = json.load(f)
+  hidden = {"train_loss", "clients_sampled", "clients_reporting", "clients_contributed",
+            "bytes_up", "cumulative_bytes", "local_steps"}
+  assert hidden <= set(summary["non_private"])
+  assert all(not hidden & set(r) for r in rows) and "test_accuracy" in rows[-1]
+  assert "total_bytes" not in summary and "partition" not in summary
+  assert not os.path.exists(os.path.join(a, "partition.json"))
+  assert summary["epsilon"] > 0 and summary["formal_guarantee"] is True
 
   # Killed after round 1 and resumed: the same secret comes back from the checkpoint.
   secret = np.asarray([123456789, 987654321], np.uint32)
