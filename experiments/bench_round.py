@@ -58,7 +58,7 @@ from fedpeft_jax.federated import (ClientSpec, RoundSpec, auto_clients_per_chunk
                                    compiled_round_bytes, device_bytes_limit,
                                    make_client_optimizer, make_evaluate, make_server_optimizer,
                                    masked_cross_entropy, plan_round)
-from fedpeft_jax.models import ViT
+from fedpeft_jax.models import DTYPES, ViT
 from fedpeft_jax.runner import train as runner_train
 from fedpeft_jax.runner.config_files import repo_config
 
@@ -183,9 +183,6 @@ def study_cpu_workload(method: str = "bias") -> Workload:
 # ------------------------------------------------------------------------------------------------
 # Model, data, the local step
 # ------------------------------------------------------------------------------------------------
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def make_model(w: Workload) -> ViT:
   a = w.arch or {}

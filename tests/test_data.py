@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fedpeft_jax import data as D
-from fedpeft_jax.data import idx
+from fedpeft_jax.data import idx, prepare
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
@@ -344,7 +344,6 @@ def test_prepare_cli():
   out = subprocess.run([sys.executable, "-m", "fedpeft_jax.data.prepare", "--list"],
                        capture_output=True, text=True, env=env, check=True).stdout
   assert "cifar100" in out and "fashion_mnist" in out
-  from fedpeft_jax.data import prepare
   if prepare.importlib.util.find_spec("tensorflow") is None:
     with pytest.raises(RuntimeError, match=r"fedpeft_jax\[prepare\]"):
       prepare.prepare_tfds("cifar100", "/tmp/x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -17,8 +18,10 @@ import pytest
 from fedpeft_jax import peft
 from fedpeft_jax import rng as rng_lib
 import fedpeft_jax.data as fdata
-from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, comm_cost, to_wire,
-                                   make_client_update, make_server_optimizer, plan_round)
+from fedpeft_jax.federated import (MEMORY_FRACTION, ClientDP, ClientSpec, RoundPlan, RoundSpec,
+                                   ServerDP, auto_clients_per_chunk, build_algorithm, comm_cost,
+                                   compiled_round_bytes, layout_clients, make_client_update,
+                                   make_server_optimizer, plan_round, to_wire)
 from fedpeft_jax.federated.evaluation import make_evaluate
 from fedpeft_jax.models import ViT, compute_dtype
 
@@ -162,7 +165,6 @@ def test_nan_client_excluded_and_weights_renormalise(max_update_norm=0.0):
   got, metrics = algo.apply(state, frozen, data, plan_round(0, 0, 3, 3))
   assert int(metrics["clients_nonfinite"]) == 1 and int(metrics["clients_contributed"]) == 2
   # Same as a round in which client 1 never reported.
-  from fedpeft_jax.federated.sampling import RoundPlan
   plan = RoundPlan(round=0, sampled=np.arange(3, dtype=np.int32),
                    reporting=np.array([0, 2], np.int32))
   want, _ = clean.apply(clean.init(trainable, seed=0), frozen, data, plan)
@@ -314,7 +316,6 @@ def scaled_client(scales):
 
 
 def test_dp_fedavg_round_clips_and_adapts_like_numpy():
-  from fedpeft_jax.federated import ServerDP
   model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=(3, 3, 3))
   dim = peft.count(trainable)
   scales = np.array([0.5, 1.0, 1.5]) / math.sqrt(dim)  # update norms 0.5, 1.0, 1.5
@@ -334,7 +335,6 @@ def test_dp_fedavg_round_clips_and_adapts_like_numpy():
 
 
 def test_dp_fedavg_noisy_fraction_is_clamped_to_unit_interval():
-  from fedpeft_jax.federated import ServerDP
   model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=(3, 3, 3))
   dp = ServerDP(True, noise_multiplier=0.5, expected_clients=3, adaptive=True,
                 target_quantile=0.5, clip_lr=0.2, count_noise_std=1e4)
@@ -353,7 +353,6 @@ def test_dp_fedavg_noisy_fraction_is_clamped_to_unit_interval():
 
 
 def test_dp_noise_comes_from_the_secret_stream():
-  from fedpeft_jax.federated import ServerDP
   model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=(3, 3, 3))
   dp = ServerDP(True, noise_multiplier=1.0, expected_clients=3)
   algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1, dp=dp), NUM_CLASSES,
@@ -420,7 +419,6 @@ def test_four_cpu_devices_match_single_device():
 
 
 def test_auto_clients_per_chunk_rule_of_thumb():
-  from fedpeft_jax.federated import auto_clients_per_chunk
   assert auto_clients_per_chunk(8, 1, 64, backend="cpu")[0] == 1
   assert auto_clients_per_chunk(8, 1, 64, backend="gpu")[0] == 4
   assert auto_clients_per_chunk(8, 4, 16, backend="gpu")[0] == 2
@@ -430,8 +428,6 @@ def test_auto_clients_per_chunk_rule_of_thumb():
 def test_auto_clients_per_chunk_from_xla_memory_analysis():
   """The chunk is the largest whose compiled round (XLA's own estimate, here from the CPU
   compiler) fits in the memory fraction of the device limit."""
-  from fedpeft_jax.federated import auto_clients_per_chunk, compiled_round_bytes
-  from fedpeft_jax.federated import MEMORY_FRACTION
   sizes = (8,) * 4
   measured = {}
 
@@ -498,7 +494,6 @@ def test_compute_dtype_auto():
 def test_fedprox_and_local_steps_against_hand_derived_sgd():
   """FedProx: w2 = w1 - lr (g(w1) + mu (w1 - w0)) after w1 = w0 - lr g(w0), with g the plain
   cross-entropy gradient on the client's one full batch; local_steps caps the real steps."""
-  import dataclasses
   model, params = tiny_model("bias")
   trainable, frozen = peft.split(params, peft.trainable_mask(params, model.peft))
   data = make_data([4])
@@ -532,7 +527,6 @@ def test_fedprox_and_local_steps_against_hand_derived_sgd():
 
 
 def test_poisson_client_sampling_and_static_slots():
-  from fedpeft_jax.federated import layout_clients
   sizes = [plan_round(5, r, 64, 8, poisson=True).num_sampled for r in range(400)]
   assert len(set(sizes)) > 3  # a random number of clients per round
   assert abs(np.mean(sizes) - 8) < 0.6  # Binomial(64, 1/8): mean 8, sd of the mean ~0.13
@@ -548,7 +542,6 @@ def test_poisson_client_sampling_and_static_slots():
 def test_sorted_chunks_run_only_real_steps_and_agree_across_layouts():
   """Clients of 1..8 batches: chunk sizes 1, 2, 4 and shuffled client orders give the same
   round to 1e-6; executed steps are the hand count of longest-first chunks."""
-  from fedpeft_jax.federated.sampling import RoundPlan
   batch = 2
   sizes = tuple(batch * b for b in (3, 8, 1, 6, 2, 7, 5, 4))  # 1..8 batches, unsorted
   steps = np.array(sizes) // batch
@@ -575,7 +568,6 @@ def test_sorted_chunks_run_only_real_steps_and_agree_across_layouts():
 
 
 def test_layout_sorts_longest_first_and_spreads_devices():
-  from fedpeft_jax.federated import layout_clients
   ids, valid = layout_clients(np.array([10, 11, 12, 13, 14], np.int32), 2, 2,
                               steps=np.array([1, 5, 3, 5, 2]))
   # Longest first (ties keep their order): 11, 13, 12, 14, 10; dealt over 2 devices.
@@ -588,7 +580,6 @@ def test_dp_sgd_draws_a_dropout_mask_per_example():
   """A DP-SGD batch of B copies of one example: with a mask per example their clipped
   gradients differ, so their mean is shorter than the clip norm; one mask shared by the
   batch (the old behaviour) would give B equal gradients and a mean of norm exactly C."""
-  from fedpeft_jax.federated import ClientDP
   batch, clip = 8, 1e-4
   model = ViT(variant=None, hidden_size=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
               image_size=IMAGE, num_classes=NUM_CLASSES, peft=peft.method_config("bias"),

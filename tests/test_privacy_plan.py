@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
+from fedpeft_jax import peft
 from fedpeft_jax import privacy as P
 from fedpeft_jax.data import local_schedule, num_local_steps
+from fedpeft_jax.federated import ClientDP, ServerDP
+from fedpeft_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,7 +156,6 @@ def test_paper_gaussian_ledger_epsilons_and_resume():
 # ----------------------------------------------------------------------------- the plan
 
 def test_plan_fields_match_the_engine_dataclasses():
-  from fedpeft_jax.federated import ClientDP, ServerDP
   for ours, theirs in [(P.ClientPrivacy, ClientDP), (P.ServerPrivacy, ServerDP)]:
     assert ([(f.name, f.default) for f in dataclasses.fields(ours)]
             == [(f.name, f.default) for f in dataclasses.fields(theirs)])
@@ -167,8 +169,6 @@ def test_study_bias_paper_gaussian_real_epsilon():
   """The study_dp preset (bias, nominal epsilon 5, delta 1e-3, 50 rounds x 10 epochs):
   k = 12 blocks x 8 biases + 2 (embedding, final norm) + 2 (head) = 100 trainable
   tensors, counted from the model; the real per-example epsilon is ~9e3."""
-  from fedpeft_jax import peft
-  from fedpeft_jax.models.factory import build_model
   c = _study_dp().get_config("cifar100,bias")
   model = build_model(c, 100)
   size = c.model.image_size

@@ -16,11 +16,9 @@ from fedpeft_jax.privacy.config import (default_privacy_config, paper_sigma_from
                                         validate_privacy)
 from fedpeft_jax.privacy.mechanisms import (adaptive_clip_update, add_gaussian_noise,
                                             clip_per_example, clip_per_tensor, clip_stats,
-                                            clip_update, clipped_grad_sum, default_count_stddev,
-                                            dp_fedavg_aggregate, dp_sgd_aggregate, dp_sgd_grad,
-                                            global_norm, masked_sum, noisy_sum,
-                                            noisy_unclipped_fraction, paper_gaussian, paper_sigma,
-                                            per_example_grads, poisson_batch, poisson_batch_mask,
+                                            clip_update, default_count_stddev, dp_sgd_grad,
+                                            masked_sum, noisy_sum, noisy_unclipped_fraction,
+                                            paper_gaussian, paper_sigma, poisson_batch,
                                             poisson_capacity, poisson_schedule,
                                             value_noise_multiplier)
 from fedpeft_jax.privacy.plan import (NON_PRIVATE_METRICS, ClientPrivacy, PrivacyPlan,
@@ -35,10 +33,8 @@ __all__ = [
     "truncation_delta", "default_privacy_config",
     "paper_sigma_from_config", "privacy_metadata", "resolve_noise_multiplier", "validate_privacy",
     "adaptive_clip_update", "add_gaussian_noise", "clip_per_example", "clip_per_tensor",
-    "clip_stats", "clip_update", "clipped_grad_sum", "default_count_stddev",
-    "dp_fedavg_aggregate", "dp_sgd_aggregate", "dp_sgd_grad", "global_norm", "masked_sum",
-    "noisy_sum", "noisy_unclipped_fraction", "paper_gaussian", "paper_sigma",
-    "per_example_grads", "poisson_batch", "poisson_batch_mask", "poisson_capacity",
-    "poisson_schedule", "value_noise_multiplier",
+    "clip_stats", "clip_update", "default_count_stddev", "dp_sgd_grad", "masked_sum",
+    "noisy_sum", "noisy_unclipped_fraction", "paper_gaussian", "paper_sigma", "poisson_batch",
+    "poisson_capacity", "poisson_schedule", "value_noise_multiplier",
     "NON_PRIVATE_METRICS", "ClientPrivacy", "PrivacyPlan", "ServerPrivacy",
 ]

@@ -12,6 +12,13 @@ Three mechanisms, kept apart on purpose:
   * DP-FedAvg (McMahan et al. 2018): each client's whole update is clipped, noise is
     added to the sum at the server; optional adaptive clipping (Andrew et al. 2021).
 
+Each rule has one implementation here: global-norm clipping is `clip_update` (per
+example, per client and per tensor alike), the noised sum is `noisy_sum`, Poisson
+sampling is `poisson_batch`. The DP-FedAvg aggregation itself lives in
+`fedpeft_jax.federated.aggregation`, built from these pieces. Tree arithmetic is
+optax's (`optax.tree`), so the norm, scaling and per-leaf key splitting are the ones the
+optimizers use.
+
 Every random function takes a key and splits it per leaf, so no two tensors share
 noise. Host-side argument checks run only on concrete Python numbers; traced values
 (e.g. an adaptive clip norm carried through a jitted round) pass straight through.
@@ -25,6 +32,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy import stats  # a dependency of dp-accounting
 
 PyTree = Any
@@ -69,10 +77,6 @@ def check_epsilon(epsilon: Any, name: str = "epsilon") -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _f32(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32)
-
-
 def clip_factor(norm: jax.Array, clip_norm: Scalar) -> jax.Array:
   """min(1, C / norm), written as C / max(norm, C) so a gradient already within the
   bound is multiplied by exactly 1.0 (unchanged bit for bit) and a zero norm is safe."""
@@ -80,35 +84,23 @@ def clip_factor(norm: jax.Array, clip_norm: Scalar) -> jax.Array:
   return c / jnp.maximum(norm, c)
 
 
-def global_norm(tree: PyTree) -> jax.Array:
-  """L2 norm of all leaves together (float32)."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(_f32(x))) for x in leaves))
-
-
-def per_example_norms(per_example: PyTree) -> jax.Array:
-  """[B] global L2 norms of a pytree whose leaves all lead with the example axis."""
-  leaves = jax.tree_util.tree_leaves(per_example)
-  if not leaves:
-    raise ValueError("per_example_norms: empty pytree")
-  sq = [jnp.sum(jnp.square(_f32(x)).reshape(x.shape[0], -1), axis=1) for x in leaves]
-  return jnp.sqrt(sum(sq))
+def _norm_f32(tree: PyTree) -> jax.Array:
+  """optax's global L2 norm, taken in float32: on bfloat16 leaves optax.tree.norm
+  returns a bfloat16 norm about 0.3% off, enough for a clipped update to exceed C and
+  so break the sensitivity bound the accountant assumes."""
+  return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
 
 
 def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: Scalar) -> PyTree:
-  """tree + N(0, stddev^2) per element; one independent key per leaf (drawn in float32,
-  cast to the leaf dtype)."""
+  """tree + N(0, stddev^2) per element; one independent key per leaf (optax's per-leaf
+  key split; drawn in float32 and cast to the leaf dtype, so a bfloat16 leaf gets the
+  same draw, rounded, as a float32 one)."""
   check_noise(stddev, "noise stddev")
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  if not leaves:
+  if not jax.tree_util.tree_leaves(tree):
     return tree
-  keys = jax.random.split(key, len(leaves))
-  std = jnp.asarray(stddev, jnp.float32)
-  noisy = [x + (std * jax.random.normal(k, jnp.shape(x), jnp.float32)).astype(x.dtype)
-           for x, k in zip(leaves, keys)]
-  return jax.tree_util.tree_unflatten(treedef, noisy)
+  noise = optax.tree.random_like(key, tree, jax.random.normal, jnp.float32)
+  scaled = optax.tree.scale(jnp.asarray(stddev, jnp.float32), noise)
+  return optax.tree.add(tree, optax.tree.cast_like(scaled, tree))
 
 
 def masked_sum(per_example: PyTree, mask: jax.Array) -> PyTree:
@@ -149,11 +141,10 @@ def paper_sigma(epsilon: float, delta: float, clip_norm: float = 1.0) -> float:
 
 
 def clip_per_tensor(grads: PyTree, clip_norm: Scalar) -> PyTree:
-  """Each leaf separately scaled to L2 norm <= C (the study's clipping)."""
+  """Each leaf separately scaled to L2 norm <= C (the study's clipping): `clip_update`
+  with every tensor as its own tree."""
   check_clip_norm(clip_norm)
-  return jax.tree_util.tree_map(
-      lambda g: (g * clip_factor(jnp.sqrt(jnp.sum(jnp.square(_f32(g)))), clip_norm)).astype(g.dtype),
-      grads)
+  return jax.tree_util.tree_map(lambda g: clip_update(g, clip_norm)[0], grads)
 
 
 def paper_gaussian(grads: PyTree, key: jax.Array, clip_norm: Scalar, sigma: Scalar) -> PyTree:
@@ -168,15 +159,10 @@ def paper_gaussian(grads: PyTree, key: jax.Array, clip_norm: Scalar, sigma: Scal
 
 def clip_per_example(per_example_grads: PyTree, clip_norm: Scalar) -> tuple[PyTree, jax.Array]:
   """(clipped, norms): each example's *whole* gradient (global norm over every leaf,
-  leading axis = examples) scaled to norm <= C; norms are the pre-clip norms [B]."""
+  leading axis = examples) scaled to norm <= C; norms are the pre-clip norms [B].
+  `clip_update` vmapped over the examples: one clipping rule for examples and clients."""
   check_clip_norm(clip_norm)
-  norms = per_example_norms(per_example_grads)
-  scale = clip_factor(norms, clip_norm)
-
-  def one(g: jax.Array) -> jax.Array:
-    return (g * scale.reshape((-1,) + (1,) * (g.ndim - 1))).astype(g.dtype)
-
-  return jax.tree_util.tree_map(one, per_example_grads), norms
+  return jax.vmap(clip_update, in_axes=(0, None))(per_example_grads, clip_norm)
 
 
 def noisy_sum(sum_of_clipped: PyTree, key: jax.Array, clip_norm: Scalar,
@@ -189,26 +175,6 @@ def noisy_sum(sum_of_clipped: PyTree, key: jax.Array, clip_norm: Scalar,
   check_noise(noise_multiplier)
   std = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(clip_norm, jnp.float32)
   return add_gaussian_noise(sum_of_clipped, key, std)
-
-
-def _divide(tree: PyTree, denom: Scalar) -> PyTree:
-  d = jnp.asarray(denom, jnp.float32)
-  return jax.tree_util.tree_map(lambda x: (x / d).astype(x.dtype), tree)
-
-
-def dp_sgd_aggregate(per_example_grads: PyTree, example_mask: jax.Array, key: jax.Array,
-                     clip_norm: Scalar, noise_multiplier: Scalar,
-                     expected_batch_size: Scalar) -> PyTree:
-  """One DP-SGD gradient: clip per example, drop masked (padded or unsampled) rows,
-  sum, add N(0, (sigma C)^2), divide by the *expected* batch size.
-
-  A fixed denominator (q * n_i under Poisson sampling, B under shuffling) rather than
-  the realised count: the count itself depends on the data and would leak.
-  """
-  _check(expected_batch_size, "expected_batch_size", lambda v: v > 0, "> 0")
-  clipped, _ = clip_per_example(per_example_grads, clip_norm)
-  summed = masked_sum(clipped, example_mask)
-  return _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_batch_size)
 
 
 def clip_stats(norms: jax.Array, mask: jax.Array, clip_norm: Scalar) -> dict[str, jax.Array]:
@@ -224,24 +190,6 @@ def clip_stats(norms: jax.Array, mask: jax.Array, clip_norm: Scalar) -> dict[str
       "norm_max": jnp.max(jnp.where(m, norms, 0.0)),
       "num_examples": n,
   }
-
-
-def per_example_grads(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
-                      *args: Any, has_aux: bool = False) -> Any:
-  """Gradients w.r.t. `trainable` of each example separately (vmap of grad).
-
-  `loss_fn(trainable, batch, *args)` is the ordinary batch loss; each example is fed
-  to it as a batch of one (leading axis kept), so models that expect a batch axis
-  work unchanged. `args` are shared by all examples (frozen params, a dropout key:
-  fold the example index into it inside loss_fn if you want per-example dropout).
-  Returns a pytree like `trainable` with a leading [B] axis (and per-example aux).
-  """
-  grad_fn = jax.grad(loss_fn, has_aux=has_aux)
-
-  def one(example: PyTree) -> Any:
-    return grad_fn(trainable, jax.tree_util.tree_map(lambda x: x[None], example), *args)
-
-  return jax.vmap(one)(batch)
 
 
 def _batch_size(batch: PyTree) -> int:
@@ -265,6 +213,8 @@ def _per_example_losses_and_grads(loss_fn: Callable[..., Any], trainable: PyTree
 def _clipped_sum_and_losses(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
                             example_mask: jax.Array, clip_norm: Scalar, *args: Any,
                             chunk_size: int = 0) -> tuple[PyTree, jax.Array, jax.Array]:
+  """(sum of the clipped per-example gradients over the real rows, pre-clip norms [B],
+  losses [B]): the noise-free part of `dp_sgd_grad`, whole or `chunk_size` at a time."""
   b = _batch_size(batch)
   if not chunk_size or chunk_size >= b:
     losses, grads = _per_example_losses_and_grads(loss_fn, trainable, batch, *args)
@@ -280,25 +230,11 @@ def _clipped_sum_and_losses(loss_fn: Callable[..., Any], trainable: PyTree, batc
     sub, m = xs
     losses, grads = _per_example_losses_and_grads(loss_fn, trainable, sub, *args)
     clipped, norms = clip_per_example(grads, clip_norm)
-    return jax.tree_util.tree_map(jnp.add, acc, masked_sum(clipped, m)), (norms, losses)
+    return optax.tree.add(acc, masked_sum(clipped, m)), (norms, losses)
 
-  init = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+  init = optax.tree.zeros_like(trainable)
   total, (norms, losses) = jax.lax.scan(body, init, (chunks, mchunks))
   return total, norms.reshape(b), losses.reshape(b)
-
-
-def clipped_grad_sum(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
-                     example_mask: jax.Array, clip_norm: Scalar, *args: Any,
-                     chunk_size: int = 0) -> tuple[PyTree, jax.Array]:
-  """(sum of per-example clipped gradients over real rows, pre-clip norms [B]).
-
-  With `chunk_size` (> 0, dividing B) the per-example gradients are built `chunk_size`
-  at a time in a lax.scan and summed as they go, so memory is chunk_size x |trainable|
-  instead of B x |trainable| (matters for full fine-tuning; PEFT subsets are small).
-  """
-  total, norms, _ = _clipped_sum_and_losses(loss_fn, trainable, batch, example_mask, clip_norm,
-                                            *args, chunk_size=chunk_size)
-  return total, norms
 
 
 def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
@@ -307,13 +243,25 @@ def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
                 chunk_size: int = 0) -> tuple[PyTree, dict[str, jax.Array]]:
   """The whole DP-SGD gradient of one local step: (noisy mean gradient, clip stats).
 
-  Same result as `dp_sgd_aggregate(per_example_grads(...), ...)`, optionally chunked.
+  Per-example gradients of `loss_fn(trainable, example_batch_of_one, *args)` (vmap of
+  value_and_grad), each clipped to global norm C, summed over the real rows of
+  `example_mask` (NaN-safe), noised with N(0, (sigma C)^2) and divided by the *expected*
+  batch size: a fixed denominator (q * n_i under Poisson sampling, B under shuffling)
+  rather than the realised count, which depends on the data and would leak.
+
+  With `chunk_size` (> 0, dividing B) the per-example gradients are built `chunk_size`
+  at a time in a lax.scan and summed as they go, so memory is chunk_size x |trainable|
+  instead of B x |trainable| (matters for full fine-tuning; PEFT subsets are small).
   The stats also hold the per-example `losses` [B] (from the same forward pass).
   """
   _check(expected_batch_size, "expected_batch_size", lambda v: v > 0, "> 0")
   summed, norms, losses = _clipped_sum_and_losses(loss_fn, trainable, batch, example_mask,
                                                   clip_norm, *args, chunk_size=chunk_size)
-  grads = _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_batch_size)
+  noisy = noisy_sum(summed, key, clip_norm, noise_multiplier)
+  # x / B leaf by leaf in the leaf's dtype: optax.tree.scale(1 / B, .) rounds differently
+  # and, with a traced float32 B (Poisson: min(B, n_i)), would promote bfloat16 leaves.
+  d = jnp.asarray(expected_batch_size, jnp.float32)
+  grads = jax.tree_util.tree_map(lambda x: (x / d).astype(x.dtype), noisy)
   stats = dict(clip_stats(norms, example_mask, clip_norm))
   stats["losses"] = losses
   return grads, stats
@@ -348,25 +296,6 @@ def poisson_batch(key: jax.Array, client_size: Scalar, sampling_rate: Scalar, ma
   mask = values > 0
   dropped = jnp.sum(take).astype(jnp.int32) - jnp.sum(mask).astype(jnp.int32)
   return jnp.where(mask, idx, 0).astype(jnp.int32), mask, dropped
-
-
-def poisson_batch_mask(key: jax.Array, client_size: Scalar, sampling_rate: Scalar,
-                       max_batch: int) -> tuple[jax.Array, jax.Array]:
-  """Poisson sampling as a mask over a batch the caller already drew: (mask
-  [max_batch] bool, num_dropped int32).
-
-  Poisson sampling is the same as drawing K ~ Binomial(n_i, q) and then a uniformly
-  random K-subset. So if the caller's `max_batch` rows are a uniformly random subset
-  of distinct examples drawn *fresh for this step* (not the next slice of an epoch's
-  shuffle, whose batches are dependent), keeping the first min(K, max_batch) rows is
-  Poisson sampling truncated to `max_batch`, as in `poisson_batch`.
-  """
-  _check(sampling_rate, "sampling_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
-  n = jnp.asarray(client_size, jnp.float32)
-  k = jax.random.binomial(key, n, jnp.asarray(sampling_rate, jnp.float32), dtype=jnp.float32)
-  k = jnp.round(k).astype(jnp.int32)
-  mask = jnp.arange(max_batch) < jnp.minimum(k, max_batch)
-  return mask, jnp.maximum(k - max_batch, 0).astype(jnp.int32)
 
 
 def poisson_schedule(key: jax.Array, client_size: Scalar, sampling_rate: Scalar,
@@ -427,25 +356,9 @@ def clip_update(update: PyTree, clip_norm: Scalar) -> tuple[PyTree, jax.Array]:
   """(update scaled to global L2 norm <= C, its pre-clip norm): one client's whole
   model delta is the unit of privacy in DP-FedAvg. vmap over clients."""
   check_clip_norm(clip_norm)
-  norm = global_norm(update)
+  norm = _norm_f32(update)
   scale = clip_factor(norm, clip_norm)
-  return jax.tree_util.tree_map(lambda x: (x * scale).astype(x.dtype), update), norm
-
-
-def dp_fedavg_aggregate(client_updates: PyTree, client_mask: jax.Array, key: jax.Array,
-                        clip_norm: Scalar, noise_multiplier: Scalar,
-                        expected_clients: Scalar) -> tuple[PyTree, jax.Array]:
-  """(noisy mean update, pre-clip norms [K]) from stacked client updates [K, ...].
-
-  Clip each update to C, sum the real clients, add N(0, (z C)^2), divide by the
-  *expected* number of clients per round (McMahan et al.'s fixed-denominator
-  estimator; the realised count would depend on who took part). Unweighted by
-  example counts on purpose: weights would change the sensitivity.
-  """
-  _check(expected_clients, "expected_clients", lambda v: v > 0, "> 0")
-  clipped, norms = clip_per_example(client_updates, clip_norm)
-  summed = masked_sum(clipped, client_mask)
-  return _divide(noisy_sum(summed, key, clip_norm, noise_multiplier), expected_clients), norms
+  return optax.tree.cast_like(optax.tree.scale(scale, update), update), norm
 
 
 def default_count_stddev(expected_clients: float, count_noise_multiplier: float = 1.0) -> float:
