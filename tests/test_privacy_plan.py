@@ -2,7 +2,6 @@
 Gaussian mechanism (Balle & Wang 2018) solved with scipy, dp_accounting events built
 here, scipy.stats tails, and the engine's own local schedule."""
 
-import dataclasses
 import importlib.util
 import math
 import os
@@ -18,7 +17,6 @@ from scipy import optimize, stats
 from fedpeft_jax import peft
 from fedpeft_jax import privacy as P
 from fedpeft_jax.data import local_schedule, num_local_steps
-from fedpeft_jax.federated import ClientDP, ServerDP
 from fedpeft_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,16 +152,6 @@ def test_paper_gaussian_ledger_epsilons_and_resume():
 
 
 # ----------------------------------------------------------------------------- the plan
-
-def test_plan_fields_match_the_engine_dataclasses():
-  for ours, theirs in [(P.ClientPrivacy, ClientDP), (P.ServerPrivacy, ServerDP)]:
-    assert ([(f.name, f.default) for f in dataclasses.fields(ours)]
-            == [(f.name, f.default) for f in dataclasses.fields(theirs)])
-  c = _config("dp_fedavg", noise_multiplier=0.5, delta=1e-3, adaptive_clip=True)
-  plan = P.PrivacyPlan(c, np.full(8, 50), 8, _steps_of(c), 3)
-  ServerDP(**dataclasses.asdict(plan.server))
-  ClientDP(**dataclasses.asdict(plan.client))
-
 
 def test_study_bias_paper_gaussian_real_epsilon():
   """The study_dp preset (bias, nominal epsilon 5, delta 1e-3, 50 rounds x 10 epochs):

@@ -13,7 +13,6 @@ axis) and returns what enters the running sums; `finalize` runs once on the sums
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -21,21 +20,10 @@ import jax.numpy as jnp
 import optax
 
 from fedpeft_jax.privacy import mechanisms
+from fedpeft_jax.privacy.settings import ServerDP
 
 PyTree = Any
 WEIGHTINGS = ("examples", "uniform")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerDP:
-  """Client-level DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping."""
-  enabled: bool = False
-  noise_multiplier: float = 0.0  # of the update sum (with adaptive clipping: the value part)
-  expected_clients: int = 1  # the sum is divided by this (clients_per_round)
-  adaptive: bool = False
-  target_quantile: float = 0.5
-  clip_lr: float = 0.2
-  count_noise_std: float = 0.0  # std of the noise on the count of unclipped clients
 
 
 class Contribution(NamedTuple):
@@ -54,11 +42,6 @@ class Aggregator(NamedTuple):
   finalize: Callable[..., tuple[PyTree, jax.Array, jax.Array, dict]]
 
 
-def _clip_each(updates: PyTree, bound: Any) -> tuple[PyTree, jax.Array]:
-  """Each client's update clipped to global norm <= bound; (clipped, pre-clip norms)."""
-  return jax.vmap(mechanisms.clip_update, in_axes=(0, None))(updates, bound)
-
-
 def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> Aggregator:
   """The mean of the reporting clients' updates weighted by their example counts
   ('examples') or equally ('uniform'); only clients that trained on data (n_i > 0) count.
@@ -68,7 +51,7 @@ def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> 
 
   def contribute(updates, num_examples, ok, clip_norm):
     if max_update_norm > 0:
-      updates, norms = _clip_each(updates, max_update_norm)
+      updates, norms = mechanisms.clip_per_example(updates, max_update_norm)
     else:
       norms = jax.vmap(optax.tree.norm)(updates)
     trained = ok & (num_examples > 0)
@@ -91,8 +74,8 @@ def dp_fedavg(dp: ServerDP, max_update_norm: float = 0.0) -> Aggregator:
 
   def contribute(updates, num_examples, ok, clip_norm):
     if max_update_norm > 0:
-      updates, _ = _clip_each(updates, max_update_norm)
-    clipped, norms = _clip_each(updates, clip_norm)
+      updates, _ = mechanisms.clip_per_example(updates, max_update_norm)
+    clipped, norms = mechanisms.clip_per_example(updates, clip_norm)
     one = ok.astype(jnp.float32)
     return Contribution(clipped, one, one, norms)
 

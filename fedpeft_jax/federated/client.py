@@ -19,19 +19,9 @@ import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import features
 from fedpeft_jax.peft.partition import merge
 from fedpeft_jax.privacy import mechanisms
+from fedpeft_jax.privacy.settings import ClientDP
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientDP:
-  """Per-step privacy of the client's gradients (see fedpeft_jax.privacy)."""
-  mechanism: str = "none"  # 'none' | 'paper_gaussian' | 'dp_sgd'
-  clip_norm: float = 1.0
-  noise_std: float = 0.0  # paper_gaussian: sigma; dp_sgd: noise multiplier (std sigma*C)
-  poisson: bool = False  # dp_sgd: Poisson sampling of each batch at rate batch/n_i
-  capacity: int = 0  # dp_sgd + poisson: static batch capacity (rows beyond it are dropped)
-  per_example_chunk: int = 0  # dp_sgd: per-example gradients this many at a time
 
 
 @dataclasses.dataclass(frozen=True)

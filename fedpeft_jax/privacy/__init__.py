@@ -21,8 +21,8 @@ from fedpeft_jax.privacy.mechanisms import (adaptive_clip_update, add_gaussian_n
                                             paper_gaussian, paper_sigma, poisson_batch,
                                             poisson_capacity, poisson_schedule,
                                             value_noise_multiplier)
-from fedpeft_jax.privacy.plan import (NON_PRIVATE_METRICS, ClientPrivacy, PrivacyPlan,
-                                      ServerPrivacy)
+from fedpeft_jax.privacy.plan import NON_PRIVATE_METRICS, PrivacyPlan
+from fedpeft_jax.privacy.settings import ClientDP, ServerDP
 
 __all__ = [
     "ACCOUNTANTS", "MECHANISMS", "SAMPLINGS", "PrivacyBudgetError", "PrivacyLedger",
@@ -36,5 +36,5 @@ __all__ = [
     "clip_stats", "clip_update", "default_count_stddev", "dp_sgd_grad", "masked_sum",
     "noisy_sum", "noisy_unclipped_fraction", "paper_gaussian", "paper_sigma", "poisson_batch",
     "poisson_capacity", "poisson_schedule", "value_noise_multiplier",
-    "NON_PRIVATE_METRICS", "ClientPrivacy", "PrivacyPlan", "ServerPrivacy",
+    "NON_PRIVATE_METRICS", "ClientDP", "PrivacyPlan", "ServerDP",
 ]

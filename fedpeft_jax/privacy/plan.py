@@ -2,26 +2,21 @@
 
 The plan turns `config.privacy` and the run's shape (client sizes, clients per round,
 local steps per client, trainable tensors) into plain numbers: what each client does
-to its gradients (`ClientPrivacy`), what the server does to the sum (`ServerPrivacy`),
+to its gradients (`ClientDP`), what the server does to the sum (`ServerDP`),
 the noise calibrated to a target, the batch capacity of Poisson sampling, the planned
 epsilon and the budget checks; during the run it keeps the `PrivacyLedger` and writes
 the privacy fields of each metrics row and of the summary.
-
-It returns plain values, not the engine's `ClientDP` / `ServerDP`: `fedpeft_jax.federated`
-imports `fedpeft_jax.privacy.mechanisms`, so importing it here would be a cycle. The two
-dataclasses below have exactly their fields, so the runner builds them with
-`ClientDP(**dataclasses.asdict(plan.client))` and `ServerDP(**dataclasses.asdict(plan.server))`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
 
+from fedpeft_jax.privacy.settings import ClientDP, ServerDP
 from fedpeft_jax.privacy.accounting import (CALIBRATION_TOL, OVERFLOW_DELTA_FRACTION,
                                             PrivacyBudgetError, PrivacyLedger,
                                             calibrate_noise_multiplier,
@@ -62,29 +57,6 @@ NON_PRIVATE_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientPrivacy:
-  """What each client does to its gradients: the fields of federated.ClientDP."""
-  mechanism: str = "none"  # 'none' | 'paper_gaussian' | 'dp_sgd'
-  clip_norm: float = 1.0
-  noise_std: float = 0.0  # paper_gaussian: sigma; dp_sgd: noise multiplier (std sigma*C)
-  poisson: bool = False  # dp_sgd: Poisson sampling of each batch at rate batch/n_i
-  capacity: int = 0  # dp_sgd + poisson: static batch capacity (rows beyond it are dropped)
-  per_example_chunk: int = 0  # dp_sgd: per-example gradients this many at a time
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerPrivacy:
-  """What the server does to the sum of updates: the fields of federated.ServerDP."""
-  enabled: bool = False
-  noise_multiplier: float = 0.0  # of the update sum (with adaptive clipping: the value part)
-  expected_clients: int = 1  # the sum is divided by this (clients_per_round)
-  adaptive: bool = False
-  target_quantile: float = 0.5
-  clip_lr: float = 0.2
-  count_noise_std: float = 0.0  # std of the noise on the count of unclipped clients
-
-
 def _round_up(x: float, digits: int = 3) -> float:
   """x rounded up to `digits` significant digits (for advice: 'at least this')."""
   if not (x > 0 and math.isfinite(x)):
@@ -120,7 +92,7 @@ class PrivacyPlan:
   privacy.poisson_overflow_prob whose truncation would add more than delta/10 to
   delta, or budget_action='refuse' with a plan over privacy.max_epsilon.
 
-  Attributes for the runner: mechanism, client (ClientPrivacy), server (ServerPrivacy),
+  Attributes for the runner: mechanism, client (ClientDP), server (ServerDP),
   clip_norm (the server's initial clip norm: C for dp_fedavg, else 0), noise (the
   accounted noise multiplier; paper_gaussian: sigma / (2C sqrt(k))), ledger (None
   without DP; replace it with PrivacyLedger.from_dict on resume), max_epsilon,
@@ -154,8 +126,8 @@ class PrivacyPlan:
                             else bool(p.log_non_private_metrics))
     self.poisson_clients = self.mechanism == "dp_fedavg" and p.sampling == "poisson"
     self._metadata = privacy_metadata(p)
-    self.client = ClientPrivacy()
-    self.server = ServerPrivacy()
+    self.client = ClientDP()
+    self.server = ServerDP()
     self.ledger: Optional[PrivacyLedger] = None
     self.clip_norm = 0.0
     self.noise = 0.0
@@ -191,7 +163,7 @@ class PrivacyPlan:
     self.nominal_epsilon = float(p.epsilon)
     self.noise = paper_gaussian_noise_multiplier(self.paper_sigma, float(p.clip_norm),
                                                  self.num_trainable_tensors)
-    self.client = ClientPrivacy("paper_gaussian", float(p.clip_norm), self.paper_sigma)
+    self.client = ClientDP("paper_gaussian", float(p.clip_norm), self.paper_sigma)
     present = [int(n) for n in np.unique(self.sizes) if n > 0]
     example_steps = self.rounds * max((self._uses_of(n) for n in present), default=0)
     client_steps = self.rounds * max((int(self.steps_of(n)) for n in present), default=0)
@@ -212,7 +184,7 @@ class PrivacyPlan:
     poisson = p.sampling == "poisson"
     if poisson:
       self._plan_capacity(p)
-    self.client = ClientPrivacy("dp_sgd", float(p.clip_norm), self.noise, poisson=poisson,
+    self.client = ClientDP("dp_sgd", float(p.clip_norm), self.noise, poisson=poisson,
                                 capacity=self.capacity,
                                 per_example_chunk=int(p.per_example_chunk))
 
@@ -271,7 +243,7 @@ class PrivacyPlan:
       if not self.noise < 2.0 * count_std:
         raise PrivacyBudgetError(self._adaptive_advice(p))
       value_z = value_noise_multiplier(self.noise, count_std)
-    self.server = ServerPrivacy(True, value_z, m, bool(p.adaptive_clip),
+    self.server = ServerDP(True, value_z, m, bool(p.adaptive_clip),
                                 float(p.target_quantile), float(p.clip_lr), count_std)
     self.planned_epsilon = float(dp_fedavg_epsilon(m, self.num_clients, self.noise, self.rounds,
                                                    self.delta, p.accountant))

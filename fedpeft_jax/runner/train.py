@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
 from fedpeft_jax import rng as rng_lib
-from fedpeft_jax.federated import (ClientDP, ClientSpec, RoundSpec, ServerDP,
+from fedpeft_jax.federated import (ClientSpec, RoundSpec,
                                    auto_clients_per_chunk, build_algorithm, build_cache,
                                    choose_input, comm_cost, compiled_round_bytes,
                                    device_bytes_limit, host_value, make_client_optimizer,
@@ -115,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   cspec = ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs, max_examples=max_n,
                      image_size=config.model.image_size, augment=augment, inputs=inputs,
                      local_steps=fed.local_steps, label_smoothing=fed.label_smoothing,
-                     fedprox_mu=fed.fedprox_mu, dp=ClientDP(**dataclasses.asdict(privacy.client)))
+                     fedprox_mu=fed.fedprox_mu, dp=privacy.client)
   # DP-FedAvg is accounted for Poisson client sampling, so with privacy.sampling='poisson'
   # that is how clients are drawn; rounds pad to a capacity the count exceeds with
   # probability 1e-6 (a rarer, larger round just compiles once more).
@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
   def build(chunk: int):
     rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
-                      max_update_norm=fed.max_update_norm, dp=ServerDP(**dataclasses.asdict(privacy.server)),
+                      max_update_norm=fed.max_update_norm, dp=privacy.server,
                       min_slots=min_slots, wire_dtype=fed.wire_dtype)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh)
