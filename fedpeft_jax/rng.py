@@ -7,8 +7,10 @@ derived from (seed, stream name), so changing one (e.g. the init) never shifts a
 
 The `dp` stream is the exception: its key must not be derivable from anything published
 (config.json holds the seed), or anyone could regenerate and subtract the noise. A run
-draws it from the OS (`secret_key_data`) and keeps it only in its checkpointed server
-state; `stream_key_data(seed, "dp")` is for tests and debugging (privacy.reproducible_noise).
+with a privacy mechanism draws it from the OS (`secret_key_data`; process 0's, broadcast
+to the others) and keeps it only in its checkpointed server state, which must therefore
+stay as private as the training data; `stream_key_data(seed, "dp")` is for runs without
+privacy (where it is unused), tests and debugging (privacy.reproducible_noise).
 """
 
 from __future__ import annotations

@@ -111,6 +111,9 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
     row = data.indices[client_id]
     size = data.sizes[client_id]
     k_sched, k_steps = jax.random.split(key)
+    # A third, independent key (split(key, n)[i] is fold_in(key, i)): folding into k_sched
+    # would reuse the key local_schedule shuffles epoch 1 with.
+    k_poisson = jax.random.fold_in(key, 2)
     positions, example_mask, step_mask = fdata.local_schedule(
         k_sched, size, spec.max_examples, spec.batch_size, spec.local_epochs)
     # The real steps come first in the schedule; only they run (an inactive slot runs none).
@@ -122,7 +125,7 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       # stays local_epochs * ceil(n_i / B).
       rate = jnp.minimum(1.0, spec.batch_size / jnp.maximum(size, 1).astype(jnp.float32))
       positions, example_mask, drops = mechanisms.poisson_schedule(
-          jax.random.fold_in(k_sched, 1), size, rate, positions.shape[0], dp.capacity,
+          k_poisson, size, rate, positions.shape[0], dp.capacity,
           spec.max_examples)
       live = jnp.arange(positions.shape[0]) < real_steps
       dropped = jnp.sum(jnp.where(live, drops, 0))

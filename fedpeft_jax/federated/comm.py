@@ -3,7 +3,7 @@
 The server keeps float32 master weights. What crosses the wire is `to_wire(tree)`: the
 server model that clients start from, and every client's update, rounded to
 `federated.wire_dtype`. The engine trains and aggregates the values `on_wire` gives back
-(rounded, then widened to the compute dtype), so a bfloat16 run really is one whose clients
+(rounded, then widened back to each leaf's own dtype: the float32 of the master weights), so a bfloat16 run really is one whose clients
 see and send bfloat16 numbers; the byte counts are the sizes of the arrays `to_wire` makes.
 """
 

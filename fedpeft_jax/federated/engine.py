@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedpeft_jax import rng as rng_lib
@@ -105,8 +106,12 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     the OS when a privacy mechanism is on (and the seed's otherwise unused dp stream when
     not). Placed replicated on the mesh like every later state, so round 2 reuses round
     1's compiled executable."""
-    if dp_key is None:
-      dp_key = rng_lib.secret_key_data() if private else rng_lib.stream_key_data(seed, "dp")
+    if dp_key is None and private:
+      dp_key = rng_lib.secret_key_data()
+      if jax.process_count() > 1:  # every process must hold process 0's secret
+        dp_key = np.asarray(multihost_utils.broadcast_one_to_all(dp_key))
+    elif dp_key is None:
+      dp_key = rng_lib.stream_key_data(seed, "dp")
     state = server_lib.init_server_state(trainable, server_tx,
                                          rng_lib.stream_key_data(seed, "train"), dp_key,
                                          clip_norm)

@@ -25,8 +25,9 @@ class ServerState:
   round: jax.Array  # int32: rounds completed
   rng: jax.Array  # uint32 raw key data of the `train` stream (serialises as a plain array)
   # uint32 raw key data of the `dp` stream: the noise and the Poisson sampling of clients and
-  # examples. Drawn from the OS and kept only here (checkpointed, never logged), so resume is
-  # exact while nobody holding the config can regenerate the noise (see fedpeft_jax.rng).
+  # examples. Under a privacy mechanism drawn from the OS and kept only here (checkpointed,
+  # never logged), so resume is exact while nobody holding the config can regenerate the
+  # noise (see fedpeft_jax.rng); without one, the seed's unused dp stream.
   dp_rng: jax.Array
   clip_norm: jax.Array  # float32: current client-update clip norm (adaptive DP-FedAvg)
 

@@ -156,8 +156,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     trial = build(chunk)
     plan = plan_round(rng_lib.stream_seed(config.seed, "sampling"), 0, fed.num_clients,
                       per_round, poisson=poisson_clients)
-    return compiled_round_bytes(trial.lower(trial.init(trainable, seed=config.seed), frozen_dev,
-                                            client_data, plan))
+    template = trial.init(trainable, seed=config.seed,  # shapes only: no secret drawn
+                          dp_key=rng_lib.stream_key_data(config.seed, "dp"))
+    return compiled_round_bytes(trial.lower(template, frozen_dev, client_data, plan))
 
   if fixed_chunk:
     chunk, chunk_note = fixed_chunk, "federated.clients_per_chunk"
@@ -199,6 +200,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     print(f"Resumed from round {int(state.round)} in {workdir}")
   else:
     metrics_log.truncate_after(0)
+    if privacy.ledger is not None:
+      # Round 0's checkpoint holds the dp key before anything is released: a run killed
+      # before its first periodic checkpoint then resumes with the same key and replays the
+      # rows it already wrote, instead of drawing new noise for them.
+      ckpt.save(0, state, {"cumulative": cumulative, "ledger": privacy.ledger.to_dict()})
   # Who takes part is what client-level DP hides: under DP-FedAvg clients are drawn from
   # the secret dp stream (read from the state, so a resumed run draws the same clients).
   sampling_seed = (rng_lib.key_seed(host_value(state.dp_rng)) if privacy.mechanism == "dp_fedavg"
@@ -241,8 +247,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         "cumulative_bytes_full_equivalent": pending["cumulative_bytes_full"],
         "seconds": seconds,
     })
-    if "clip_norm" in m:
-      row["clip_norm"] = float(m["clip_norm"])
+    for key in ("clip_norm", "unclipped_fraction", "unclipped_fraction_noisy", "update_norm"):
+      if key in m:
+        row[key] = float(m[key])
     if privacy.client.poisson:
       row["poisson_dropped"] = int(m["poisson_dropped"])
     row.update(pending["privacy"])
@@ -251,8 +258,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     tb.log(row, step=r + 1)
     if bar is not None:
       if "test_accuracy" in row:
-        bar.set_postfix(acc=f"{row['test_accuracy']:.4f}",
-                        MB=f"{pending['cumulative_bytes'] / 1e6:.2f}")
+        shown = {"acc": f"{row['test_accuracy']:.4f}"}
+        if "cumulative_bytes" in row:  # under DP-FedAvg the traffic reveals the sample size
+          shown["MB"] = f"{row['cumulative_bytes'] / 1e6:.2f}"
+        bar.set_postfix(**shown)
       bar.update(1)
 
   # The host never waits on the round it just dispatched: round r's metrics are read after
