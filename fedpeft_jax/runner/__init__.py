@@ -1,5 +1,6 @@
 """The experiment runner: config validation, training loop, checkpoints and outputs.
 
-Submodules are imported on use (`from fedpeft_jax.runner import outputs`), so loading
-`validate` or `outputs` never pulls in JAX.
+Library modules (models, peft, data, federated, privacy) never import the runner; the
+runner composes them (config -> data + model -> rounds -> metrics). Submodules are imported
+on use (`from fedpeft_jax.runner import outputs`); `outputs` does not import JAX.
 """
