@@ -274,6 +274,7 @@ class Runner:
       with open(self.ledger_path) as f:
         self.seconds = json.load(f)
     self.failed: dict[str, str] = {}
+    self.cells_run = 0
 
   def run(self, args: Iterable[str]) -> None:
     todo = sorted({a for a in args if read_summary(self.workdir, a) is None}, key=_cost,
@@ -290,6 +291,7 @@ class Runner:
         print(f"[{k}/{len(todo)}] {name} FAILED:\n{error}", flush=True)
         return
       self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+      self.cells_run += 1
       atomic_write_json(self.ledger_path, self.seconds)
       s = read_summary(self.workdir, arg)
       print(f"[{k}/{len(todo)}] {name}: final {s['final_accuracy']:.4f} in {seconds:.1f}s "
@@ -388,12 +390,13 @@ class Stat:
   def std(self) -> float:
     return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
-  def text(self, scale: float = 1.0, digits: int = 3) -> str:
+  def text(self, digits: int = 3, constant_plain: bool = False) -> str:
+    """'mean ± std'; the mean alone with one value, or (constant_plain) when all are equal."""
     if not self.values:
       return "-"
-    if self.n < 2:
-      return f"{self.mean * scale:.{digits}f}"
-    return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
+    if self.n < 2 or (constant_plain and min(self.values) == max(self.values)):
+      return f"{self.mean:.{digits}f}"
+    return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
 GroupKey = tuple[str, str, str, str]  # analysis, target, method, setting
@@ -442,7 +445,7 @@ def analysis_tables(rows: Sequence[dict[str, Any]]) -> str:
     for key in keys:
       _, target, method, setting = key
       body.append([target, setting, method, str(final[key].n), final[key].text(),
-                   best[key].text(), mb[key].text(digits=3)]
+                   best[key].text(), mb[key].text(constant_plain=True)]
                   + [_number_text(eps[c][key]) for c in extra])
     parts.append(f"### {title}\n\n" + markdown_table(
         ["target", "setting", "method", "seeds", "final accuracy", "best accuracy",
@@ -617,6 +620,7 @@ def plot_accuracy_vs_mb(rows: Sequence[dict[str, Any]], path: str) -> None:
   """The methods analysis: final accuracy (mean ± std) against total MB, log x, per target."""
   acc, mb = group(rows, "final_accuracy"), group(rows, "total_MB")
   fig = _figure(10.0, 4.2)
+  fig.subplots_adjust(wspace=0.3)
   for i, target in enumerate(("close", "far")):
     ax = fig.add_subplot(1, 2, i + 1)
     for key in (k for k in acc if k[0] == "methods" and k[1] == target):
@@ -725,7 +729,8 @@ def main(argv: list[str]) -> None:
       f"{pt_summary['seconds']:.0f} s). {s['rounds']} rounds of 1 local epoch; close target "
       f"{s['close_train']} training images. Accuracy: mean ± std over seeds (ddof 1); MB = "
       f"10^6 bytes, up + down. Wall time: {cell_seconds:.0f} s summed over the runs' "
-      f"processes ({_WORKERS.value} in parallel); this invocation {time.time() - t0:.0f} s.")
+      f"processes ({_WORKERS.value} in parallel); this invocation ran {runner.cells_run} of "
+      f"them in {time.time() - t0:.0f} s.")
   md = write_results(rows, workdir, header)
   print(md)
   if runner.failed:

@@ -126,6 +126,12 @@ def test_md_tables_are_numpy_over_the_csv(study):
           assert std[0] == pytest.approx(np.std(values, ddof=1), abs=5e-4)
         else:
           assert not std
+      megabytes = [float(r["total_MB"]) for r in runs if r["total_MB"]]
+      if megabytes:  # constant over seeds unless clients are Poisson-sampled
+        assert float(line["total MB"].split("±")[0]) == pytest.approx(np.mean(megabytes),
+                                                                      abs=5e-4)
+      else:
+        assert line["total MB"] == "-"
 
 
 def test_privacy_rows_carry_the_accounted_epsilon(study):
@@ -213,6 +219,8 @@ def test_stat_text_is_mean_and_sample_std():
   assert s.text() == f"{0.6:.3f} ± {np.std([0.5, 0.6, 0.7], ddof=1):.3f}"
   assert _stat([0.25]).text() == "0.250"
   assert _stat([]).text() == "-"
+  assert _stat([3.5, 3.5]).text(constant_plain=True) == "3.500"
+  assert _stat([3.5, 3.5]).text() == "3.500 ± 0.000"
 
 
 def test_equal_configs_share_a_cell():
