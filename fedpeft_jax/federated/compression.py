@@ -29,7 +29,7 @@ post-processing of the privatised update and cost no privacy.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,7 @@ def topk_count(n: int, fraction: float) -> int:
 
 
 def _topk_leaf(acc: jax.Array, fraction: float) -> tuple[Sparse, jax.Array]:
-  flat = acc.reshape(-1)
+  flat = jnp.asarray(acc).reshape(-1)
   k = topk_count(flat.shape[0], fraction)
   _, idx = jax.lax.top_k(jnp.abs(flat), k)
   idx = idx.astype(jnp.int32)
@@ -165,7 +165,7 @@ def _topk_leaf(acc: jax.Array, fraction: float) -> tuple[Sparse, jax.Array]:
   return sent, residual
 
 
-def topk_compress(update: PyTree, residual: Optional[PyTree],
+def topk_compress(update: PyTree, residual: PyTree | None,
                   fraction: float) -> tuple[PyTree, PyTree]:
   """(payload, new_residual): per tensor, the k = ceil(fraction * n) largest-magnitude
   entries of update + residual (a `Sparse` per leaf), and what was not sent, which the
@@ -198,7 +198,7 @@ def compressed_bytes(payload: PyTree) -> int:
 
 
 def compress(tree: PyTree, key: jax.Array, method: str, block: int = 0, fraction: float = 1.0,
-             residual: Optional[PyTree] = None) -> tuple[PyTree, Optional[PyTree], int]:
+             residual: PyTree | None = None) -> tuple[PyTree, PyTree | None, int]:
   """(decoded_tree, new_residual, num_bytes): `tree` as the server decodes it after `method`,
   the client's error-feedback residual after this upload (passed through unchanged except
   for "topk"; None stays None), and the payload's bytes (a Python int: shapes are static,

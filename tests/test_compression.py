@@ -1,0 +1,245 @@
+"""Upload codecs against NumPy and exact identities: unbiased stochastic rounding, the error-
+feedback invariant of top-k, payload bytes counted by hand, and jit / vmap over clients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedpeft_jax.federated import compression as C
+
+DRAWS = 2000
+
+
+def _odd_tree(rng):
+  """Leaves of odd sizes (15, 7, 18), none a multiple of the block sizes used."""
+  return {"a": rng.normal(size=(3, 5)).astype(np.float32),
+          "b": rng.normal(size=(7,)).astype(np.float32),
+          "c": {"d": rng.normal(size=(2, 3, 3)).astype(np.float32)}}
+
+
+def _np_steps(x, bits, block):
+  """NumPy's step of each element: absmax / L of its tensor or of its block."""
+  levels = 2 ** (bits - 1) - 1
+  flat = np.asarray(x, np.float64).reshape(-1)
+  size = flat.size if block == 0 else block
+  nb = -(-flat.size // size)
+  rows = np.pad(np.abs(flat), (0, nb * size - flat.size)).reshape(nb, size)
+  return np.repeat(rows.max(1) / levels, size)[:flat.size].reshape(np.shape(x))
+
+
+def _roundtrip_draws(x, bits, block, n=DRAWS, seed=0):
+  """n independent dequantize(quantize(x)) draws, [n, *x.shape], as float64."""
+  keys = jax.random.split(jax.random.key(seed), n)
+  one = lambda k: C.dequantize(C.quantize(jnp.asarray(x), k, bits, block))
+  return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
+
+
+def _unbiased(mean, se, x, z):
+  """Elementwise |mean - x| <= z * se (plus float32 slack where every draw was equal)."""
+  atol = 1e-6 * np.abs(x).max()
+  return np.abs(mean - np.asarray(x, np.float64)) <= z * se + atol
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block", [0, 5])
+def test_stochastic_rounding_unbiased(bits, block):
+  """The mean of 2,000 draws is within z standard errors of x for every element, z the
+  3-sigma level Bonferroni-corrected over the tensor's elements (familywise 0.1%), so the
+  test does not fail by chance on one of 24 elements; round-to-nearest, on values 0.3 of a
+  step off the grid, is dozens of standard errors off and fails the same check."""
+  x = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+  draws = _roundtrip_draws(x, bits, block)
+  mean = draws.mean(0)
+  se = draws.std(0, ddof=1) / math.sqrt(DRAWS)
+  z = stats.norm.ppf(1 - 0.001 / (2 * x.size))
+  assert z < 4.2
+  assert _unbiased(mean, se, x, z).all(), np.abs(mean - x) / np.maximum(se, 1e-12)
+  # The draws really vary wherever x is off the grid (else se = 0 would pass vacuously):
+  # everywhere but each block's absmax, which sits on the grid at +-L steps.
+  off_grid = np.abs(x) < _np_steps(x, bits, block) * (2 ** (bits - 1) - 1) * (1 - 1e-6)
+  assert off_grid.sum() >= x.size - (1 if block == 0 else 5) and (se[off_grid] > 0).all()
+
+  # A biased rounding: values 0.3 of a step above the grid, each block holding its absmax
+  # on the grid (+-L steps) so the step is known. Round-to-nearest sends k * step; the
+  # stochastic draws of the same tensor stay unbiased.
+  levels = 2 ** (bits - 1) - 1
+  step = 0.25
+  k = np.random.default_rng(2).integers(-levels + 1, levels - 1, size=24)
+  y = (k + 0.3) * step
+  y[0::6] = levels * step
+  y = y.astype(np.float32).reshape(4, 6)
+  draws_y = _roundtrip_draws(y, bits, 6, seed=3)
+  se_y = draws_y.std(0, ddof=1) / math.sqrt(DRAWS)
+  assert _unbiased(draws_y.mean(0), se_y, y, z).all()
+  nearest = np.round(y.astype(np.float64) / step) * step  # what round-to-nearest decodes
+  assert not _unbiased(nearest, se_y, y, z)[:, 1:].any()  # every off-grid element fails
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block", [0, 4, 5])
+def test_within_one_step_and_exact_on_grid(bits, block):
+  """|decoded - x| < step of its block (NumPy's absmax / L), the payload's scales are those
+  steps, and inputs already on the grid come back exactly."""
+  rng = np.random.default_rng(4)
+  tree = _odd_tree(rng)
+  payload = C.quantize(tree, jax.random.key(5), bits, block)
+  decoded = C.dequantize(payload)
+  for x, d, p in zip(jax.tree.leaves(tree), jax.tree.leaves(decoded),
+                     jax.tree.leaves(payload, is_leaf=lambda v: isinstance(v, C.Quantized))):
+    steps = _np_steps(x, bits, block)
+    assert d.shape == x.shape and d.dtype == x.dtype
+    assert (np.abs(np.asarray(d, np.float64) - x) < steps * (1 + 1e-6)).all()
+    size = x.size if block == 0 else block
+    np.testing.assert_allclose(p.scales, steps.reshape(-1)[::size], rtol=1e-6)
+
+  # On the grid: integers in [-L, L] times a power of two, every block holding +-L.
+  levels = 2 ** (bits - 1) - 1
+  size = 18 if block == 0 else block
+  q = rng.integers(-levels, levels + 1, size=18)
+  q[0::size] = levels * rng.choice([-1, 1], size=len(q[0::size]))
+  x = (q / 8.0).astype(np.float32).reshape(2, 3, 3)
+  out = C.dequantize(C.quantize({"x": x}, jax.random.key(6), bits, block))["x"]
+  np.testing.assert_array_equal(np.asarray(out), x)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_tensors_and_zero_blocks(bits):
+  """A zero tensor, and a zero block inside a nonzero tensor, decode to exact zeros."""
+  x = np.zeros(13, np.float32)
+  x[8:] = [1.0, -2.0, 0.5, 3.0, -0.25]
+  out = C.dequantize(C.quantize({"z": np.zeros((3, 3), np.float32), "x": x},
+                                jax.random.key(0), bits, 4))
+  assert np.isfinite(np.asarray(out["x"])).all()
+  np.testing.assert_array_equal(np.asarray(out["z"]), 0.0)
+  np.testing.assert_array_equal(np.asarray(out["x"][:8]), 0.0)
+
+
+def test_int4_packing_layout():
+  """Two values per byte, element 2i low nibble, 2i + 1 high, each q + 8; odd n pads."""
+  q = np.array(list(range(-7, 8)) + [3, -7], np.int8)  # 17 values
+  packed = np.asarray(C.pack_int4(jnp.asarray(q)))
+  assert packed.dtype == np.uint8 and packed.shape == (9,)
+  padded = np.append(q, 0).astype(np.int32) + 8
+  np.testing.assert_array_equal(packed, padded[0::2] | (padded[1::2] << 4))
+  np.testing.assert_array_equal(np.asarray(C.unpack_int4(jnp.asarray(packed), 17)), q)
+
+
+def test_topk_error_feedback_invariant():
+  """Over T rounds: sum_t sent_t + residual_T == sum_t u_t exactly (dyadic inputs, so every
+  float32 sum is exact), each round sends exactly k nonzeros per tensor, and no entry left
+  in the residual is larger in magnitude than one that was sent."""
+  rng = np.random.default_rng(7)
+  fraction, rounds = 0.25, 12
+  shapes = {"w": (6, 7), "b": (5,)}
+  ks = {name: C.topk_count(math.prod(s), fraction) for name, s in shapes.items()}
+  assert ks == {"w": 11, "b": 2}
+  residual = None
+  total_u = {n: np.zeros(s) for n, s in shapes.items()}
+  total_sent = {n: np.zeros(s) for n, s in shapes.items()}
+  step = jax.jit(lambda u, r: C.topk_compress(u, r, fraction))
+  for t in range(rounds):
+    u = {n: (rng.integers(-64, 64, size=s) / 8).astype(np.float32) for n, s in shapes.items()}
+    acc = u if residual is None else {n: u[n] + np.asarray(residual[n]) for n in shapes}
+    payload, residual = (C.topk_compress(u, None, fraction) if t == 0 else step(u, residual))
+    sent = C.topk_decompress(payload)
+    for n in shapes:
+      s, r = np.asarray(sent[n]), np.asarray(residual[n])
+      np.testing.assert_array_equal(s + r, acc[n])
+      assert np.count_nonzero(s) == ks[n]
+      assert np.abs(s[s != 0]).min() >= np.abs(r).max()
+      assert payload[n].values.shape == (ks[n],) and payload[n].indices.dtype == jnp.int32
+      total_u[n] += u[n]
+      total_sent[n] += s
+  for n in shapes:
+    np.testing.assert_array_equal(total_sent[n] + np.asarray(residual[n], np.float64), total_u[n])
+    assert np.abs(np.asarray(residual[n])).max() > 0  # something was really held back
+
+
+def test_topk_count():
+  """ceil(fraction * n) without floating-point overshoot, at least 1, at most n."""
+  assert C.topk_count(30, 0.1) == 3  # 0.1 * 30 = 3.0000000000000004
+  assert C.topk_count(7, 0.3) == 3
+  assert C.topk_count(10, 0.01) == 1
+  assert C.topk_count(10, 1.0) == 10
+
+
+def test_bytes_by_hand():
+  """Leaves of 15, 7 and 18 values: int8 n bytes, int4 ceil(n / 2), float32 scales per
+  tensor or per block (ceil(n / block)), top-k k float32 values + k int32 indices."""
+  tree = _odd_tree(np.random.default_rng(8))
+  sizes = [15, 7, 18]
+  key = jax.random.key(0)
+  expected = {
+      ("none", 0): 4 * sum(sizes),
+      ("int8", 0): sum(sizes) + 4 * 3,
+      ("int4", 0): sum(-(-n // 2) for n in sizes) + 4 * 3,  # 8 + 4 + 9 + 12
+      ("int8", 4): sum(sizes) + 4 * sum(-(-n // 4) for n in sizes),  # 40 + 4 * 11
+      ("int4", 4): 21 + 4 * 11,
+      ("topk", 0): 8 * (5 + 3 + 6),  # ceil(0.3 n) = 5, 3, 6
+  }
+  assert expected[("int4", 0)] == 33 and expected[("int8", 4)] == 84
+  for (method, block), want in expected.items():
+    _, _, got = C.compress(tree, key, method, block, 0.3)
+    assert got == want, (method, block)
+  # The count is the size of the arrays really encoded, and needs only shapes.
+  for bits, block in [(8, 0), (4, 0), (8, 4), (4, 4)]:
+    payload = C.quantize(tree, key, bits, block)
+    real = sum(np.asarray(v).nbytes for v in jax.tree.leaves(payload))
+    abstract = jax.eval_shape(lambda t, b=bits, n=block: C.quantize(t, key, b, n), tree)
+    assert C.compressed_bytes(payload) == C.compressed_bytes(abstract) == real
+    assert real == expected[("int8" if bits == 8 else "int4", block)]
+  payload, _ = C.topk_compress(tree, None, 0.3)
+  assert sum(np.asarray(v).nbytes for v in jax.tree.leaves(payload)) == expected[("topk", 0)]
+
+
+@pytest.mark.parametrize("method", C.COMPRESSIONS)
+def test_jit_and_vmap_over_clients(method):
+  """vmap(jit(compress)) over a leading client axis equals a Python loop over the clients
+  with the same keys and residuals; the byte count is one client's inside vmap."""
+  rng = np.random.default_rng(9)
+  clients = 3
+  trees = [_odd_tree(rng) for _ in range(clients)]
+  residuals = [jax.tree.map(lambda x: (x * 0.1).astype(np.float32), _odd_tree(rng))
+               for _ in range(clients)]
+  keys = jax.random.split(jax.random.key(10), clients)
+  stack = lambda ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts)
+  fn = jax.jit(lambda t, k, r: C.compress(t, k, method, 4, 0.3, r)[:2])
+  dec_v, res_v = jax.vmap(fn)(stack(trees), keys, stack(residuals))
+  seen_bytes = []
+  def counted(t, k, r):
+    out = C.compress(t, k, method, 4, 0.3, r)
+    seen_bytes.append(out[2])
+    return out[:2]
+  jax.vmap(counted)(stack(trees), keys, stack(residuals))
+  for i in range(clients):
+    dec, res, nbytes = C.compress(trees[i], keys[i], method, 4, 0.3, residuals[i])
+    for a, b in zip(jax.tree.leaves((dec, res)), jax.tree.leaves((dec_v, res_v))):
+      np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a))
+    assert seen_bytes == [nbytes]
+  if method != "none":  # compression changed the values (the test compares something)
+    assert any(not np.array_equal(np.asarray(a), b)
+               for a, b in zip(jax.tree.leaves(dec_v), jax.tree.leaves(stack(trees))))
+
+
+def test_none_is_identity():
+  tree = _odd_tree(np.random.default_rng(11))
+  dec, res, nbytes = C.compress(tree, jax.random.key(0), "none", 0, 1.0, None)
+  assert dec is tree and res is None and nbytes == 4 * 40
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"method": "int2"}, "federated.compression must"),
+    ({"block": -1}, "federated.compression_block"),
+    ({"fraction": 0.0}, "federated.compression_fraction"),
+    ({"fraction": 1.5}, "federated.compression_fraction"),
+])
+def test_invalid_settings(kwargs, name):
+  args = {"method": "int8", "block": 0, "fraction": 0.5, **kwargs}
+  with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+    C.compress({"x": jnp.ones(3)}, jax.random.key(0), **args)
+  with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+    C.check_compression(**args)
