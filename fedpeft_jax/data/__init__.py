@@ -6,7 +6,8 @@ from fedpeft_jax.data.datasets import (AUGMENTS, TFDS_DATASETS, Dataset, Dataset
                                        list_datasets, load_dataset, parse_classes,
                                        prepare_command, select_classes, subsample_indices)
 from fedpeft_jax.data.idx import load_fashion_mnist, read_idx
-from fedpeft_jax.data.partitioning import METHODS, Partition, partition
+from fedpeft_jax.data.partitioning import (METHODS, Partition, as_test_source, partition,
+                                          partition_test)
 from fedpeft_jax.data.preprocess import preprocess
 
 __all__ = [
@@ -14,5 +15,5 @@ __all__ = [
     "AUGMENTS", "TFDS_DATASETS", "Dataset", "DatasetNotPreparedError", "list_datasets",
     "load_dataset", "parse_classes", "prepare_command", "select_classes", "subsample_indices",
     "load_fashion_mnist", "read_idx",
-    "METHODS", "Partition", "partition", "preprocess",
+    "METHODS", "Partition", "as_test_source", "partition", "partition_test", "preprocess",
 ]

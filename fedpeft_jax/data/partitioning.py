@@ -1,4 +1,5 @@
-"""Client partitioners (iid, the study's Dirichlet rule, label shards) with statistics.
+"""Client partitioners (iid, the study's Dirichlet rule, label shards) with statistics, and
+per-client local test sets distributed like each client's training data (`partition_test`).
 
 Why host-side NumPy: a partition is drawn once per run, depends only on the labels, and its
 histograms are saved with the run; the device only ever sees the padded index matrix
@@ -8,6 +9,7 @@ histograms are saved with the run; the device only ever sees the padded index ma
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Optional
 
 import numpy as np
@@ -17,7 +19,8 @@ METHODS = ("iid", "dirichlet", "shards")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Partition:
-  """One index array per client (sorted int64 into the training set) plus statistics."""
+  """One index array per client (sorted int64 into the split it was drawn from: the training
+  set for `partition`, the test set for `partition_test`) plus statistics."""
   client_indices: list[np.ndarray]
   num_classes: int
   method: str
@@ -189,3 +192,112 @@ def _dirichlet(y: np.ndarray, k: int, num_clients: int, alpha: float, min_size: 
       f"dirichlet partition: after max_redraws={max_redraws} redraws some client still holds "
       f"fewer than min_size={min_size} examples (alpha={alpha}, num_clients={num_clients}, "
       f"N={n}); lower min_size or num_clients, or raise alpha")
+
+
+_TEST_STREAM = 0x7E57  # own RNG stream: a test draw never replays the train partition's draws
+
+
+def largest_remainder(total: int, weights: Any) -> np.ndarray:
+  """Integers q >= 0 summing to `total` with |q_c - total * w_c / sum(w)| < 1 (Hamilton's
+  largest-remainder rounding): floors first, then +1 to the largest fractional parts, ties to
+  the lower index.
+
+  Why integer arithmetic: the weights are counts, so total * w_c // W and its remainder are
+  exact; float shares could misorder equal remainders and make the result platform-dependent.
+  """
+  w = np.asarray(weights, np.int64)
+  if w.ndim != 1 or (w.size and w.min() < 0):
+    raise ValueError(f"weights must be a 1-D array of non-negative counts, got {w}")
+  big = int(w.sum())
+  if total < 0 or (total and not big):
+    raise ValueError(f"cannot split total={total} over weights summing to {big}")
+  if not total:
+    return np.zeros(len(w), np.int64)
+  q, rem = np.divmod(int(total) * w, big)
+  short = int(total) - int(q.sum())
+  q[np.argsort(-rem, kind="stable")[:short]] += 1
+  return q
+
+
+def partition_test(test_labels: Any, train_partition: Partition, size_per_client: int = 0,
+                   seed: int = 0, replace: bool = False) -> Partition:
+  """Per-client local test sets drawn from the test split with each client's training class
+  proportions, for personalised evaluation (each client scored on data distributed like its
+  own, as in the personalised-FL study).
+
+  Sizes: with `size_per_client` = 0 (default) a client's share of the test split follows its
+    share of the training set: the largest-remainder rounding of N_test * n_i / N_train
+    (sums to N_test), raised to 1 for a client with any training data. With
+    `size_per_client` > 0 every client with training data gets exactly that many. A client
+    with no training data gets an empty test set.
+  Classes: client i's class counts are the largest-remainder rounding of size_i * p_ic, p_ic
+    its training class proportions (`train_partition.class_histograms`): the closest
+    integers to size_i * p_ic that sum to size_i.
+  Sampling: without replacement within a client (no example counted twice in one client's
+    accuracy), independently across clients (test splits are small; clients may share test
+    examples, so the union is not a partition of the test split). `replace=True` draws with
+    replacement within a client, for sizes larger than the test split holds.
+  Errors: a class some client trains on but the test split lacks, or (without replacement) a
+    client asking more examples of a class than the test split holds.
+  Deterministic from `seed`; client i's draw depends only on (seed, i) and its own counts.
+
+  Returns a `Partition` over the test split (method "test"), so its statistics, JSON record
+  and the padded device layout work unchanged: `client_data(as_test_source(dataset), part)`.
+  """
+  y = np.asarray(test_labels)
+  if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
+    raise ValueError(f"data.partition_test: test_labels must be a 1-D integer array, got "
+                     f"{y.dtype} {y.shape}")
+  if getattr(train_partition, "class_histograms", None) is None:
+    raise ValueError("data.partition_test: train_partition must be the training Partition "
+                     f"(from partition(...)), got {type(train_partition).__name__}")
+  k = int(train_partition.num_classes)
+  if y.size and (y.min() < 0 or y.max() >= k):
+    raise ValueError(f"data.partition_test: test_labels must lie in [0, {k}) like the training "
+                     f"partition's classes, got [{int(y.min())}, {int(y.max())}]; apply the "
+                     "same class selection (data.classes) to both splits")
+  if (not isinstance(size_per_client, (int, np.integer)) or isinstance(size_per_client, bool)
+      or size_per_client < 0):
+    raise ValueError(f"data.partition_test: size_per_client must be an int >= 0 (0 = "
+                     f"proportional to the client's training size), got {size_per_client!r}")
+  hist = np.asarray(train_partition.class_histograms, np.int64)
+  n_train = hist.sum(1)
+  avail = np.bincount(y, minlength=k).astype(np.int64)
+  missing = np.flatnonzero((hist.sum(0) > 0) & (avail == 0))
+  if missing.size:
+    c = int(missing[0])
+    raise ValueError(f"data.partition_test: class {c} is in {int((hist[:, c] > 0).sum())} "
+                     f"clients' training data but not in the test split (classes missing: "
+                     f"{missing.tolist()}); use the same class selection (data.classes) for "
+                     "train and test, or a test split that holds every trained class")
+  if size_per_client:
+    sizes = np.where(n_train > 0, int(size_per_client), 0).astype(np.int64)
+  else:
+    sizes = largest_remainder(len(y), n_train) if n_train.sum() else np.zeros_like(n_train)
+    sizes = np.where(n_train > 0, np.maximum(sizes, 1), 0)
+  by_class = [np.flatnonzero(y == c) for c in range(k)]
+  parts, test_hist = [], np.zeros_like(hist)
+  for i in range(len(hist)):
+    counts = largest_remainder(int(sizes[i]), hist[i]) if sizes[i] else np.zeros(k, np.int64)
+    over = np.flatnonzero(counts > avail)
+    if over.size and not replace:
+      c = int(over[0])
+      raise ValueError(f"data.partition_test: client {i} needs {int(counts[c])} test examples "
+                       f"of class {c} but the test split holds {int(avail[c])}; lower "
+                       "size_per_client or pass replace=True")
+    rng = np.random.default_rng([seed, _TEST_STREAM, i])
+    draw = [rng.choice(by_class[c], int(counts[c]), replace=replace)
+            for c in np.flatnonzero(counts)]
+    parts.append(np.sort(np.concatenate(draw).astype(np.int64)) if draw
+                 else np.zeros(0, np.int64))
+    test_hist[i] = counts
+  params = {"size_per_client": int(size_per_client), "replace": bool(replace), "seed": seed,
+            "train": train_partition.method}
+  return Partition(parts, k, "test", params, test_hist)
+
+
+def as_test_source(dataset: Any) -> Any:
+  """The test split under the train_* names `client_data` reads, so per-client test sets
+  reuse the padded device layout: `client_data(as_test_source(ds), partition_test(...))`."""
+  return types.SimpleNamespace(train_images=dataset.test_images,
+                               train_labels=dataset.test_labels)
