@@ -49,6 +49,26 @@ class RoundSpec:
   wire_dtype: str = "float32"  # what the model and the updates are rounded to in transit
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientStateSpec:
+  """State a client rule carries from round to round (the extension point for personal
+  parameters and error feedback): `init(trainable) -> one client's state` (a pytree), kept
+  for `num_clients` clients as leaves [num_clients, ...] in `ServerState.clients`.
+
+  A stateful rule is called as `client_update(trainable, frozen, data, client_id, key,
+  active, client_state)` with its client's row and returns the new row as
+  `out["client_state"]`. Rows of clients that did not report, and of clients whose update
+  was not finite, are kept unchanged; padding slots never write.
+  """
+  init: Callable[[PyTree], PyTree]
+  num_clients: int
+
+
+def client_state_bytes(state: server_lib.ServerState) -> int:
+  """Bytes the per-client state holds on one device (0 without one)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state.clients)))
+
+
 class FederatedAlgorithm(NamedTuple):
   """fedjax-style pair: `init(trainable, seed) -> state`, `apply(state, ...) -> (state, metrics)`;
   `lower(state, frozen, data, plan)` gives the round's `jax.stages.Lowered` (for XLA's cost
@@ -74,13 +94,15 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
                     round_spec: RoundSpec, num_classes: int,
                     mesh: Optional[Mesh] = None,
                     client_update: Optional[Callable[..., dict]] = None,
-                    aggregator: Optional[aggregation.Aggregator] = None) -> FederatedAlgorithm:
+                    aggregator: Optional[aggregation.Aggregator] = None,
+                    client_state: Optional[ClientStateSpec] = None) -> FederatedAlgorithm:
   """The federated algorithm for `model` whose trainable subtree the server holds.
 
   `client_update(trainable, frozen, data, client_id, key, active) -> dict` replaces the
   default local training (same contract as `make_client_update`), e.g. for a custom
   client rule; `aggregator` replaces the rule that turns updates into the server's mean
-  update (default: `default_aggregator(round_spec)`).
+  update (default: `default_aggregator(round_spec)`); `client_state` gives the rule a
+  per-client state carried across rounds inside the jitted round (`ClientStateSpec`).
 
   Randomness: clients' keys come from the state's `train` stream, or, when any privacy
   mechanism is on, from its secret `dp` stream (then every client-side draw, noise and
@@ -112,12 +134,18 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         dp_key = np.asarray(multihost_utils.broadcast_one_to_all(dp_key))
     elif dp_key is None:
       dp_key = rng_lib.stream_key_data(seed, "dp")
+    clients = None
+    if client_state is not None:
+      one = client_state.init(trainable)
+      clients = jax.tree_util.tree_map(
+          lambda x: np.broadcast_to(np.asarray(x), (client_state.num_clients,) + np.shape(x)),
+          one)
     state = server_lib.init_server_state(trainable, server_tx,
                                          rng_lib.stream_key_data(seed, "train"), dp_key,
-                                         clip_norm)
+                                         clip_norm, clients)
     return replicate(state, mesh)
 
-  def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
+  def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
     """Per device: scan over chunks [chunks, chunk]; this device's sums, and per slot the
     update norm and whether it counted ([chunks, chunk] each)."""
     f32 = lambda: jnp.zeros((), jnp.float32)
@@ -128,13 +156,16 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
       keys_c = jax.random.wrap_key_data(keys_c)
+      rows = () if clients is None else (
+          jax.tree_util.tree_map(lambda x: x[ids_c], clients),)  # this chunk's client rows
       if ids_c.shape[0] == 1:
         # One client per chunk: no vmap, the client's loop runs exactly its real steps.
-        out = client_update(trainable, frozen, data, ids_c[0], keys_c[0], valid_c[0])
+        out = client_update(trainable, frozen, data, ids_c[0], keys_c[0], valid_c[0],
+                            *jax.tree_util.tree_map(lambda x: x[0], rows))
         out = jax.tree_util.tree_map(lambda x: x[None], out)
       else:
-        out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0))(
-            trainable, frozen, data, ids_c, keys_c, valid_c)
+        out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0) + (0,) * len(rows))(
+            trainable, frozen, data, ids_c, keys_c, valid_c, *rows)
       upload = comm.on_wire(out["update"], wire)  # what the server receives
       finite = jax.vmap(_all_finite)(upload)
       ok = valid_c & finite
@@ -162,19 +193,21 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           "poisson_dropped": carry["poisson_dropped"] + jnp.sum(
               jnp.where(valid_c, out["poisson_dropped"], 0)),
       }
-      return new, (c.norms.astype(jnp.float32), ok)
+      new_rows = out["client_state"] if clients is not None else None
+      return new, (c.norms.astype(jnp.float32), ok, new_rows)
 
     return jax.lax.scan(chunk_body, init_carry, (ids, valid, keys))
 
-  def sharded_sums(trainable, frozen, data, ids, valid, keys, clip_norm):
-    def per_device(trainable, frozen, data, ids, valid, keys, clip_norm):
-      sums, per_slot = device_sums(trainable, frozen, data, ids[0], valid[0], keys[0], clip_norm)
+  def sharded_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
+    def per_device(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
+      sums, per_slot = device_sums(trainable, frozen, data, ids[0], valid[0], keys[0], clip_norm,
+                                   clients)
       return jax.lax.psum(sums, AXIS), jax.tree_util.tree_map(lambda x: x[None], per_slot)
     split, rep = P(AXIS), P()
     return jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(rep, rep, rep, split, split, split, rep),
+                         in_specs=(rep, rep, rep, split, split, split, rep, rep),
                          out_specs=(rep, split), check_vma=False)(
-                             trainable, frozen, data, ids, valid, keys, clip_norm)
+                             trainable, frozen, data, ids, valid, keys, clip_norm, clients)
 
   # The server state is donated: its buffers become the next state's, so a round holds
   # one copy of the trainable params and optimizer state (the caller must not reuse it).
@@ -190,7 +223,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         ids.reshape(-1))
     keys = flat_keys.reshape(ids.shape + flat_keys.shape[1:])
     sent = comm.on_wire(state.trainable, wire)  # the model the clients receive
-    sums, (norms, ok) = sharded_sums(sent, frozen, data, ids, valid, keys, state.clip_norm)
+    sums, (norms, ok, new_rows) = sharded_sums(sent, frozen, data, ids, valid, keys,
+                                               state.clip_norm, state.clients)
     mean_update, clip_norm, apply_update, agg_metrics = aggregator.finalize(
         sums["update"], sums["weight"], norms.reshape(-1), ok.reshape(-1), state.clip_norm,
         jax.random.fold_in(dp_round, 1))
@@ -198,8 +232,17 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     # A round in which no client contributed leaves the model and optimizer untouched.
     new_trainable = optax.tree.where(apply_update, new_trainable, state.trainable)
     new_opt = optax.tree.where(apply_update, new_opt, state.opt_state)
+    clients = state.clients
+    if clients is not None:
+      # Each reporting client's new row goes back to its index; padding and non-finite
+      # slots point past the end and are dropped (a slot never overwrites another's row).
+      num = client_state.num_clients
+      target = jnp.where(ok.reshape(-1), ids.reshape(-1), num)
+      clients = jax.tree_util.tree_map(
+          lambda old, rows: old.at[target].set(rows.reshape((-1,) + old.shape[1:]),
+                                               mode="drop"), clients, new_rows)
     new_state = state.replace(trainable=new_trainable, opt_state=new_opt, round=state.round + 1,
-                              clip_norm=clip_norm)
+                              clip_norm=clip_norm, clients=clients)
     metrics = {
         "clients_contributed": sums["contributed"],
         "clients_nonfinite": sums["nonfinite"],

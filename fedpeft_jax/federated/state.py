@@ -6,7 +6,7 @@ an optax optimizer (`server.make_server_optimizer`); FedAvg is SGD with learning
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,17 @@ class ServerState:
   # noise (see fedpeft_jax.rng); without one, the seed's unused dp stream.
   dp_rng: jax.Array
   clip_norm: jax.Array  # float32: current client-update clip norm (adaptive DP-FedAvg)
+  # Per-client persistent state (`engine.ClientStateSpec`): a pytree whose leaves lead with
+  # [num_clients], carried from round to round (personal heads, error-feedback residuals);
+  # None when the client rule keeps none.
+  clients: Optional[PyTree] = None
 
 
 def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation,
-                      rng: np.ndarray, dp_rng: np.ndarray, clip_norm: float = 0.0
-                      ) -> ServerState:
-  """Round 0's state; `rng` and `dp_rng` are raw key data of the train and dp streams."""
+                      rng: np.ndarray, dp_rng: np.ndarray, clip_norm: float = 0.0,
+                      clients: Optional[PyTree] = None) -> ServerState:
+  """Round 0's state; `rng` and `dp_rng` are raw key data of the train and dp streams,
+  `clients` the per-client state (leaves [num_clients, ...]) or None."""
   return ServerState(
       trainable=trainable,
       opt_state=server_tx.init(trainable),
@@ -43,6 +48,7 @@ def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation
       rng=jnp.asarray(rng, jnp.uint32),
       dp_rng=jnp.asarray(dp_rng, jnp.uint32),
       clip_norm=jnp.asarray(clip_norm, jnp.float32),
+      clients=clients,
   )
 
 

@@ -1,0 +1,161 @@
+"""Per-client persistent state inside the jitted round, against NumPy bookkeeping."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedpeft_jax.federated import (ClientStateSpec, RoundPlan, RoundSpec, build_algorithm,
+                                   client_state_bytes, plan_round)
+from fedpeft_jax.runner.checkpointing import RunCheckpointer
+from tests.test_federated import setup
+
+NUM_CLIENTS = 6
+
+
+def counting_client(poison: int = -1):
+  """A stateful rule with a known effect: its state counts the rounds it reported and
+  accumulates its id and example count; the update it sends is its running count (so the
+  server model depends on the state, as with error feedback). Client `poison` sends NaN."""
+  def client_update(trainable, frozen, data, client_id, key, active, client_state):
+    n = data.sizes[client_id].astype(jnp.float32)
+    count = client_state["count"] + jnp.where(active, 1, 0)
+    acc = client_state["acc"] + jnp.where(active, jnp.stack([client_id.astype(jnp.float32), n]),
+                                          0.0)
+    bad = client_id == poison
+    update = jax.tree_util.tree_map(
+        lambda x: jnp.where(bad, jnp.nan, 0.01 * count.astype(x.dtype)) * jnp.ones_like(x),
+        trainable)
+    return {"update": update, "num_examples": jnp.where(active, n, 0.0),
+            "loss": jnp.zeros((), jnp.float32), "steps": jnp.where(active, 1, 0),
+            "poisson_dropped": jnp.zeros((), jnp.int32),
+            "client_state": {"count": count, "acc": acc}}
+  return client_update
+
+
+STATE = ClientStateSpec(init=lambda t: {"count": jnp.zeros((), jnp.int32),
+                                        "acc": jnp.zeros((2,), jnp.float32)},
+                        num_clients=NUM_CLIENTS)
+SIZES = (5, 7, 3, 6, 4, 2)
+
+
+def build(chunk: int, poison: int = -1, devices: int = 1, mesh=None):
+  model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=SIZES)
+  algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(chunk, devices), 4, mesh=mesh,
+                         client_update=counting_client(poison), client_state=STATE)
+  return algo, trainable, frozen, data
+
+
+def plans(rounds: int = 4):
+  return [plan_round(3, r, NUM_CLIENTS, 4, dropout=0.3) for r in range(rounds)]
+
+
+def numpy_bookkeeping(round_plans, skip=()):
+  count = np.zeros(NUM_CLIENTS, np.int64)
+  acc = np.zeros((NUM_CLIENTS, 2))
+  for plan in round_plans:
+    for c in plan.reporting.tolist():
+      if c in skip:
+        continue
+      count[c] += 1
+      acc[c] += (c, SIZES[c])
+  return count, acc
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_state_follows_each_reporting_client(chunk):
+  algo, trainable, frozen, data = build(chunk)
+  state = algo.init(trainable, seed=0)
+  assert client_state_bytes(state) == NUM_CLIENTS * (4 + 8)
+  round_plans = plans()
+  for plan in round_plans:
+    state, _ = algo.apply(state, frozen, data, plan)
+  count, acc = numpy_bookkeeping(round_plans)
+  assert any(p.num_reporting < p.num_sampled for p in round_plans)  # dropouts happened
+  np.testing.assert_array_equal(np.asarray(state.clients["count"]), count)
+  np.testing.assert_array_equal(np.asarray(state.clients["acc"]), acc)
+
+
+def test_chunking_does_not_change_state_or_model():
+  results = []
+  for chunk in (1, 3):
+    algo, trainable, frozen, data = build(chunk)
+    state = algo.init(trainable, seed=0)
+    for plan in plans():
+      state, _ = algo.apply(state, frozen, data, plan)
+    results.append(state)
+  for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_padding_and_nonfinite_slots_never_write():
+  # Client 0 is absent while padding slots (id 0) run; client 2 sends NaN and keeps its row.
+  algo, trainable, frozen, data = build(chunk=4, poison=2)
+  state = algo.init(trainable, seed=0)
+  plan = RoundPlan(round=0, sampled=np.array([1, 2, 3], np.int32),
+                   reporting=np.array([1, 2, 3], np.int32))
+  state, m = algo.apply(state, frozen, data, plan)
+  assert int(m["clients_nonfinite"]) == 1
+  count, acc = numpy_bookkeeping([plan], skip=(2,))
+  np.testing.assert_array_equal(np.asarray(state.clients["count"]), count)
+  np.testing.assert_array_equal(np.asarray(state.clients["acc"]), acc)
+
+
+def test_state_is_checkpointed_and_resume_is_exact(tmp_path):
+  round_plans = plans()
+  algo, trainable, frozen, data = build(chunk=2)
+  whole = algo.init(trainable, seed=0)
+  for plan in round_plans:
+    whole, _ = algo.apply(whole, frozen, data, plan)
+
+  algo, trainable, frozen, data = build(chunk=2)
+  state = algo.init(trainable, seed=0)
+  for plan in round_plans[:2]:
+    state, _ = algo.apply(state, frozen, data, plan)
+  ckpt = RunCheckpointer(str(tmp_path / "ckpt"))
+  ckpt.save(2, state, {})
+  ckpt.wait()
+  template = algo.init(trainable, seed=0)
+  restored, _ = RunCheckpointer(str(tmp_path / "ckpt")).restore_latest(template)
+  state = jax.device_put(restored)
+  for plan in round_plans[2:]:
+    state, _ = algo.apply(state, frozen, data, plan)
+  for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+MULTI_DEVICE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from fedpeft_jax.federated.mesh import make_mesh, replicate
+    from tests.test_client_state import build, plans, numpy_bookkeeping
+    for devices, chunk in ((4, 1), (2, 2)):
+      mesh = make_mesh(jax.devices()[:devices])
+      algo, trainable, frozen, data = build(chunk, devices=devices, mesh=mesh)
+      state = algo.init(trainable, seed=0)
+      frozen, data = replicate(frozen, mesh), replicate(data, mesh)
+      for plan in plans():
+        state, _ = algo.apply(state, frozen, data, plan)
+      count, acc = numpy_bookkeeping(plans())
+      np.testing.assert_array_equal(np.asarray(state.clients["count"]), count)
+      np.testing.assert_array_equal(np.asarray(state.clients["acc"]), acc)
+    print("OK", len(jax.devices()))
+""")
+
+
+def test_state_on_four_cpu_devices():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE.format(root=root)], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK 4" in proc.stdout
