@@ -7,6 +7,7 @@ from fedpeft_jax.federated.client import (CLIENT_OPTIMIZERS, ClientDP, ClientSpe
                                           masked_cross_entropy)
 from fedpeft_jax.federated.comm import (WIRE_DTYPES, CommCost, comm_cost, on_wire, payload_bytes,
                                         to_wire)
+from fedpeft_jax.federated.compression import COMPRESSIONS, compress, compressed_bytes
 from fedpeft_jax.federated.engine import (ClientStateSpec, FederatedAlgorithm, RoundSpec,
                                           build_algorithm, client_state_bytes,
                                           default_aggregator)
@@ -24,7 +25,7 @@ __all__ = [
     "WEIGHTINGS", "Aggregator", "Contribution", "ServerDP", "dp_fedavg", "weighted_mean",
     "CLIENT_OPTIMIZERS", "ClientDP", "ClientSpec", "make_client_optimizer", "make_client_update",
     "masked_cross_entropy", "WIRE_DTYPES", "CommCost", "comm_cost", "on_wire", "payload_bytes",
-    "to_wire", "ClientStateSpec", "client_state_bytes", "FederatedAlgorithm", "RoundSpec", "build_algorithm", "default_aggregator",
+    "to_wire", "COMPRESSIONS", "compress", "compressed_bytes", "ClientStateSpec", "client_state_bytes", "FederatedAlgorithm", "RoundSpec", "build_algorithm", "default_aggregator",
     "make_evaluate", "place_eval_set", "FEATURE_CACHE_MODES", "InputSpec", "build_cache",
     "choose_input", "MEMORY_FRACTION", "auto_clients_per_chunk", "compiled_round_bytes",
     "device_bytes_limit", "layout_clients", "AXIS", "host_value", "make_mesh", "replicate",

@@ -53,19 +53,24 @@ class CommCost:
   # The same transfer for full fine-tuning of the same model without PEFT modules
   # (backbone + head): what the study compares against.
   full_bytes: int
+  # One upload of the trainable subtree as encoded (compressed) by a client; 0 = the same
+  # as trainable_bytes (uploads uncompressed, in the wire dtype).
+  upload_bytes: int = 0
 
   def round_bytes(self, num_sampled: int, num_reporting: int) -> dict[str, int]:
     """Download to every sampled client, upload from every client that reported."""
     down = self.trainable_bytes * num_sampled
-    up = self.trainable_bytes * num_reporting
+    up = (self.upload_bytes or self.trainable_bytes) * num_reporting
     full = self.full_bytes * (num_sampled + num_reporting)
     return {"bytes_down": down, "bytes_up": up, "bytes_full_equivalent": full}
 
 
 def comm_cost(trainable: PyTree, all_params: PyTree, base_params: PyTree,
-              wire_dtype: Any) -> CommCost:
+              wire_dtype: Any, upload_bytes: int = 0) -> CommCost:
   """Costs of sending `trainable` and of sending `base_params` (the model without PEFT
-  modules; shapes suffice, e.g. from `jax.eval_shape`) in `wire_dtype`."""
+  modules; shapes suffice, e.g. from `jax.eval_shape`) in `wire_dtype`; `upload_bytes`:
+  one compressed upload (`compression.compress`'s byte count), 0 when uploads are not
+  compressed."""
   return CommCost(trainable_params=count(trainable), total_params=count(all_params),
                   trainable_bytes=payload_bytes(trainable, wire_dtype),
-                  full_bytes=payload_bytes(base_params, wire_dtype))
+                  full_bytes=payload_bytes(base_params, wire_dtype), upload_bytes=upload_bytes)

@@ -212,3 +212,17 @@ def compress(tree: PyTree, key: jax.Array, method: str, block: int = 0, fraction
     return topk_decompress(payload), new_residual, compressed_bytes(payload)
   payload = quantize(tree, key, _BITS[method], block)
   return dequantize(payload), residual, compressed_bytes(payload)
+
+
+def encoded_bytes(tree: PyTree, method: str, block: int = 0, fraction: float = 1.0) -> int:
+  """Bytes of one client's encoded upload of `tree` under `method` (shapes suffice, e.g. a
+  `jax.eval_shape` tree): what the communication accounting charges per upload."""
+  check_compression(method, block, fraction)
+  if method == "none":
+    return compressed_bytes(tree)
+  if method == "topk":
+    payload = jax.eval_shape(lambda t: topk_compress(t, None, fraction)[0], tree)
+  else:
+    payload = jax.eval_shape(lambda t: quantize(t, jax.random.PRNGKey(0), _BITS[method], block),
+                             tree)
+  return compressed_bytes(payload)

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedpeft_jax import rng as rng_lib
-from fedpeft_jax.federated import aggregation, comm
+from fedpeft_jax.federated import aggregation, comm, compression
 from fedpeft_jax.federated import state as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
 from fedpeft_jax.federated.layout import layout_clients
@@ -47,6 +47,10 @@ class RoundSpec:
   # of clients (Poisson sampling, dropout) share one compiled executable.
   min_slots: int = 0
   wire_dtype: str = "float32"  # what the model and the updates are rounded to in transit
+  # Upload compression (`compression.COMPRESSIONS`); downloads stay at wire_dtype.
+  compression: str = "none"
+  compression_block: int = 0  # int8/int4: values per absmax scale (0 = one per tensor)
+  compression_fraction: float = 0.1  # topk: share of each tensor's entries sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,11 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     raise ValueError(f"federated.wire_dtype: {round_spec.wire_dtype!r}; allowed: "
                      f"{', '.join(comm.WIRE_DTYPES)}")
   aggregator = aggregator or default_aggregator(round_spec)
+  compression.check_compression(round_spec.compression, round_spec.compression_block,
+                                round_spec.compression_fraction)
+  if round_spec.compression == "topk":
+    raise ValueError("federated.compression='topk' needs the per-client error-feedback residual "
+                     "(client state), which the round does not carry yet; use int8 or int4")
   if client_update is None:
     client_update = make_client_update(model, client_tx, client_spec, num_classes)
   private = round_spec.dp.enabled or client_spec.dp.mechanism != "none"
@@ -167,6 +176,11 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0) + (0,) * len(rows))(
             trainable, frozen, data, ids_c, keys_c, valid_c, *rows)
       upload = comm.on_wire(out["update"], wire)  # what the server receives
+      if round_spec.compression != "none":
+        # Stochastic rounding with the client's own key; the server decodes (unbiased).
+        upload = jax.vmap(lambda u, k: compression.compress(
+            u, jax.random.fold_in(k, 3), round_spec.compression, round_spec.compression_block,
+            round_spec.compression_fraction)[0])(upload, keys_c)
       finite = jax.vmap(_all_finite)(upload)
       ok = valid_c & finite
       # Non-finite updates become zeros before anything multiplies them (0 * NaN is NaN).

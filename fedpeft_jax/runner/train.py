@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
 from fedpeft_jax import rng as rng_lib
+from fedpeft_jax.federated import compression
 from fedpeft_jax.federated import (ClientSpec, RoundSpec,
                                    auto_clients_per_chunk, build_algorithm, build_cache,
                                    choose_input, comm_cost, compiled_round_bytes,
@@ -87,8 +88,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   params = init_params(config, model, jnp.asarray(rng_lib.stream_key_data(config.seed, "init")))
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
+  upload = (0 if fed.compression == "none" else compression.encoded_bytes(
+      trainable, fed.compression, fed.compression_block, fed.compression_fraction))
   cost = comm_cost(trainable, params, base_param_shapes(config, dataset.num_classes),
-                   fed.wire_dtype)
+                   fed.wire_dtype, upload_bytes=upload)
 
   num_devices = len(jax.devices())
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
@@ -148,7 +151,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   def build(chunk: int):
     rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
                       max_update_norm=fed.max_update_norm, dp=privacy.server,
-                      min_slots=min_slots, wire_dtype=fed.wire_dtype)
+                      min_slots=min_slots, wire_dtype=fed.wire_dtype,
+                      compression=fed.compression, compression_block=fed.compression_block,
+                      compression_fraction=fed.compression_fraction)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes
 from fedpeft_jax.data import METHODS as PARTITION_METHODS
-from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
+from fedpeft_jax.federated import COMPRESSIONS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
 from fedpeft_jax.models import MODEL_DTYPES, POOLS, REGISTRY, VARIANTS, parse_variant
 from fedpeft_jax.peft.config import default_config as default_peft_config
@@ -348,6 +348,11 @@ def _validate_federated(config: Any) -> None:
   _int(config, f + "eval_every", 1)
   _int(config, f + "eval_batch_size", 1)
   _choice(config, f + "wire_dtype", WIRE_DTYPES)
+  if _choice(config, f + "compression", COMPRESSIONS) == "topk":
+    _fail(f + "compression", "is 'topk', whose error-feedback residual the round does not carry "
+          "yet; use 'int8' or 'int4'")
+  _int(config, f + "compression_block", 0)
+  _num(config, f + "compression_fraction", 0.0, 1.0, low_open=True)
   _choice(config, f + "feature_cache", FEATURE_CACHE_MODES)
 
 

@@ -1,0 +1,60 @@
+"""Compressed uploads inside the round and in the byte accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fedpeft_jax import peft
+from fedpeft_jax.federated import RoundSpec, build_algorithm, comm_cost, plan_round
+from fedpeft_jax.federated.compression import encoded_bytes
+from fedpeft_jax.models import build_model
+from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.runner.train import run
+from tests.test_federated import affine_client, flat, setup
+
+
+@pytest.mark.parametrize("method,levels", [("int8", 127), ("int4", 7)])
+def test_quantized_round_is_within_a_step_of_the_exact_mean(method, levels):
+  sizes = (6, 10, 4)
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  got = {}
+  for m in ("none", method):
+    algo = build_algorithm(model, client_tx, server_tx, cspec, RoundSpec(1, 1, compression=m),
+                           4, client_update=affine_client)
+    state, _ = algo.apply(algo.init(trainable, seed=0), frozen, data, plan_round(0, 0, 3, 3))
+    got[m] = flat(state.trainable)
+  w = np.asarray(sizes, np.float64) / sum(sizes)
+  moved = 0
+  for k, x in flat(trainable).items():
+    updates = [0.37 * x + 0.01 * (i + 1) for i in range(3)]
+    steps = [np.max(np.abs(u)) / levels for u in updates]  # per-tensor absmax scale
+    bound = sum(wi * s for wi, s in zip(w, steps))
+    diff = np.abs(got[method][k] - got["none"][k])
+    assert np.all(diff <= bound * (1 + 1e-5) + 1e-7), k
+    moved += int(np.any(diff > 0))
+  assert moved > 0
+
+
+def test_int8_bytes_by_hand_and_through_a_run(tmp_path):
+  c = repo_config("tiny").get_config("bias,rounds=2")
+  c.federated.compression = "int8"
+  summary = run(c, str(tmp_path / "int8"), progress=False)
+  rows = [json.loads(x) for x in open(os.path.join(tmp_path, "int8", "metrics.jsonl"))]
+  model_params = summary["trainable_params"]
+  from_run = rows[0]["bytes_up"] / rows[0]["clients_reporting"]
+  # int8 values + one float32 scale per trainable tensor.
+  model = build_model(c, 10)
+  shapes = jax.eval_shape(lambda k: model.init(k, np.zeros((1, 16, 16, 3), np.float32)),
+                          jax.random.PRNGKey(0))["params"]
+  trainable, _ = peft.split(shapes, peft.trainable_mask(shapes, c.peft))
+  mask_leaves = len(jax.tree_util.tree_leaves(trainable))
+  assert from_run == model_params * 1 + 4 * mask_leaves
+  assert encoded_bytes(trainable, "int8") == from_run
+  assert rows[0]["bytes_down"] / rows[0]["clients_sampled"] == model_params * 4
+  cost = comm_cost(trainable, shapes, shapes, "float32", upload_bytes=int(from_run))
+  assert cost.round_bytes(3, 2)["bytes_up"] == 2 * from_run
