@@ -83,8 +83,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.eval_batch_size = 256
   c.federated.wire_dtype = "float32"  # dtype of the transmitted trainable params.
   # Upload compression: 'none', 'int8' / 'int4' (absmax scales, stochastic rounding: the
-  # decoded update is unbiased) or 'topk' (not wired into the round yet). Downloads stay
-  # at wire_dtype.
+  # decoded update is unbiased) or 'topk' (largest entries, with each client's error-feedback
+  # residual kept in per-client state). Downloads stay at wire_dtype.
   c.federated.compression = "none"
   c.federated.compression_block = 0  # int8/int4: values per scale (0 = one per tensor)
   c.federated.compression_fraction = 0.1  # topk: share of each tensor's entries sent

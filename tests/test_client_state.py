@@ -79,8 +79,8 @@ def test_state_follows_each_reporting_client(chunk):
     state, _ = algo.apply(state, frozen, data, plan)
   count, acc = numpy_bookkeeping(round_plans)
   assert any(p.num_reporting < p.num_sampled for p in round_plans)  # dropouts happened
-  np.testing.assert_array_equal(np.asarray(state.clients["count"]), count)
-  np.testing.assert_array_equal(np.asarray(state.clients["acc"]), acc)
+  np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"]), count)
+  np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"]), acc)
 
 
 def test_chunking_does_not_change_state_or_model():
@@ -104,8 +104,8 @@ def test_padding_and_nonfinite_slots_never_write():
   state, m = algo.apply(state, frozen, data, plan)
   assert int(m["clients_nonfinite"]) == 1
   count, acc = numpy_bookkeeping([plan], skip=(2,))
-  np.testing.assert_array_equal(np.asarray(state.clients["count"]), count)
-  np.testing.assert_array_equal(np.asarray(state.clients["acc"]), acc)
+  np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"]), count)
+  np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"]), acc)
 
 
 def test_state_is_checkpointed_and_resume_is_exact(tmp_path):
@@ -145,8 +145,8 @@ MULTI_DEVICE = textwrap.dedent("""
       for plan in plans():
         state, _ = algo.apply(state, frozen, data, plan)
       count, acc = numpy_bookkeeping(plans())
-      np.testing.assert_array_equal(np.asarray(state.clients["count"]), count)
-      np.testing.assert_array_equal(np.asarray(state.clients["acc"]), acc)
+      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"]), count)
+      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"]), acc)
     print("OK", len(jax.devices()))
 """)
 

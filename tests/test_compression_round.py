@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -58,3 +59,37 @@ def test_int8_bytes_by_hand_and_through_a_run(tmp_path):
   assert rows[0]["bytes_down"] / rows[0]["clients_sampled"] == model_params * 4
   cost = comm_cost(trainable, shapes, shapes, "float32", upload_bytes=int(from_run))
   assert cost.round_bytes(3, 2)["bytes_up"] == 2 * from_run
+
+
+def pattern_client(trainable, frozen, data, client_id, key, active=True):
+  """Sends the same update every round: a per-client pattern of many magnitudes."""
+  c = (client_id + 1).astype(jnp.float32)
+  update = jax.tree_util.tree_map(
+      lambda x: ((jnp.arange(x.size) % 7).reshape(x.shape) - 3.0) * 0.01 * c
+      + 0.001 * jnp.arange(x.size).reshape(x.shape), trainable)
+  return {"update": update, "num_examples": jnp.where(active, data.sizes[client_id], 0
+                                                      ).astype(jnp.float32),
+          "loss": jnp.zeros((), jnp.float32), "steps": jnp.where(active, 1, 0),
+          "poisson_dropped": jnp.zeros((), jnp.int32)}
+
+
+def test_topk_error_feedback_through_the_round():
+  """Server model + weighted residuals = every update ever computed (Stich et al. 2018):
+  x_T - x_0 = sum_i w_i (T u_i - e_i,T) when every client reports every round."""
+  sizes, rounds = (6, 10, 4), 5
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  algo = build_algorithm(model, client_tx, server_tx, cspec,
+                         RoundSpec(1, 1, compression="topk", compression_fraction=0.25,
+                                   num_clients=3), 4, client_update=pattern_client)
+  state = algo.init(trainable, seed=0)
+  for r in range(rounds):
+    state, _ = algo.apply(state, frozen, data, plan_round(0, r, 3, 3))
+  w = np.asarray(sizes, np.float64) / sum(sizes)
+  residual = flat(jax.tree_util.tree_map(np.asarray, state.clients["residual"]))
+  updates = [flat(pattern_client(trainable, frozen, data, jnp.int32(i), None)["update"])
+             for i in range(3)]
+  got = flat(state.trainable)
+  for k, x in flat(trainable).items():
+    want = sum(wi * (rounds * u[k] - residual[k][i]) for i, (wi, u) in enumerate(zip(w, updates)))
+    np.testing.assert_allclose(got[k] - x, want, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert np.any(residual[k] != 0) or x.size <= 4  # top-k held entries back

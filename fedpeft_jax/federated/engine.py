@@ -51,6 +51,9 @@ class RoundSpec:
   compression: str = "none"
   compression_block: int = 0  # int8/int4: values per absmax scale (0 = one per tensor)
   compression_fraction: float = 0.1  # topk: share of each tensor's entries sent
+  # Clients in the population: needed when the round keeps per-client state of its own
+  # (topk's error-feedback residual).
+  num_clients: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +126,11 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   aggregator = aggregator or default_aggregator(round_spec)
   compression.check_compression(round_spec.compression, round_spec.compression_block,
                                 round_spec.compression_fraction)
-  if round_spec.compression == "topk":
-    raise ValueError("federated.compression='topk' needs the per-client error-feedback residual "
-                     "(client state), which the round does not carry yet; use int8 or int4")
+  # top-k keeps each client's error-feedback residual (Stich et al. 2018) in client state.
+  error_feedback = round_spec.compression == "topk"
+  if error_feedback and round_spec.num_clients <= 0:
+    raise ValueError("federated.compression='topk' keeps a residual per client: RoundSpec."
+                     "num_clients must be the number of clients (federated.num_clients)")
   if client_update is None:
     client_update = make_client_update(model, client_tx, client_spec, num_classes)
   private = round_spec.dp.enabled or client_spec.dp.mechanism != "none"
@@ -143,12 +148,18 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         dp_key = np.asarray(multihost_utils.broadcast_one_to_all(dp_key))
     elif dp_key is None:
       dp_key = rng_lib.stream_key_data(seed, "dp")
-    clients = None
+    def per_client(one, num):
+      return jax.tree_util.tree_map(
+          lambda x: np.broadcast_to(np.asarray(x), (num,) + np.shape(x)), one)
+    # Per-client state: the rule's own ("rule") and the round's ("residual"), if any.
+    clients = {}
     if client_state is not None:
-      one = client_state.init(trainable)
-      clients = jax.tree_util.tree_map(
-          lambda x: np.broadcast_to(np.asarray(x), (client_state.num_clients,) + np.shape(x)),
-          one)
+      clients["rule"] = per_client(client_state.init(trainable), client_state.num_clients)
+    if error_feedback:
+      clients["residual"] = per_client(
+          jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), trainable),
+          round_spec.num_clients)
+    clients = clients or None
     state = server_lib.init_server_state(trainable, server_tx,
                                          rng_lib.stream_key_data(seed, "train"), dp_key,
                                          clip_norm, clients)
@@ -165,22 +176,33 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
       keys_c = jax.random.wrap_key_data(keys_c)
-      rows = () if clients is None else (
-          jax.tree_util.tree_map(lambda x: x[ids_c], clients),)  # this chunk's client rows
+      # This chunk's rows of the per-client state.
+      rows = {} if clients is None else jax.tree_util.tree_map(lambda x: x[ids_c], clients)
+      rule_rows = (rows["rule"],) if "rule" in rows else ()
       if ids_c.shape[0] == 1:
         # One client per chunk: no vmap, the client's loop runs exactly its real steps.
         out = client_update(trainable, frozen, data, ids_c[0], keys_c[0], valid_c[0],
-                            *jax.tree_util.tree_map(lambda x: x[0], rows))
+                            *jax.tree_util.tree_map(lambda x: x[0], rule_rows))
         out = jax.tree_util.tree_map(lambda x: x[None], out)
       else:
-        out = jax.vmap(client_update, in_axes=(None, None, None, 0, 0, 0) + (0,) * len(rows))(
-            trainable, frozen, data, ids_c, keys_c, valid_c, *rows)
+        out = jax.vmap(client_update,
+                       in_axes=(None, None, None, 0, 0, 0) + (0,) * len(rule_rows))(
+            trainable, frozen, data, ids_c, keys_c, valid_c, *rule_rows)
       upload = comm.on_wire(out["update"], wire)  # what the server receives
+      new_rows = {}
       if round_spec.compression != "none":
-        # Stochastic rounding with the client's own key; the server decodes (unbiased).
-        upload = jax.vmap(lambda u, k: compression.compress(
-            u, jax.random.fold_in(k, 3), round_spec.compression, round_spec.compression_block,
-            round_spec.compression_fraction)[0])(upload, keys_c)
+        # Stochastic rounding with the client's own key, or top-k of update + residual; the
+        # server decodes. The residual of what top-k did not send stays with the client.
+        def encode(u, k, r):
+          decoded, residual, _ = compression.compress(
+              u, jax.random.fold_in(k, 3), round_spec.compression, round_spec.compression_block,
+              round_spec.compression_fraction, r)
+          return decoded, residual
+        upload, residual = jax.vmap(encode)(upload, keys_c, rows.get("residual"))
+        if error_feedback:
+          new_rows["residual"] = residual
+      if "rule" in rows:
+        new_rows["rule"] = out["client_state"]
       finite = jax.vmap(_all_finite)(upload)
       ok = valid_c & finite
       # Non-finite updates become zeros before anything multiplies them (0 * NaN is NaN).
@@ -207,8 +229,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           "poisson_dropped": carry["poisson_dropped"] + jnp.sum(
               jnp.where(valid_c, out["poisson_dropped"], 0)),
       }
-      new_rows = out["client_state"] if clients is not None else None
-      return new, (c.norms.astype(jnp.float32), ok, new_rows)
+      return new, (c.norms.astype(jnp.float32), ok, new_rows or None)
 
     return jax.lax.scan(chunk_body, init_carry, (ids, valid, keys))
 
@@ -250,7 +271,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     if clients is not None:
       # Each reporting client's new row goes back to its index; padding and non-finite
       # slots point past the end and are dropped (a slot never overwrites another's row).
-      num = client_state.num_clients
+      num = jax.tree_util.tree_leaves(clients)[0].shape[0]
       target = jnp.where(ok.reshape(-1), ids.reshape(-1), num)
       clients = jax.tree_util.tree_map(
           lambda old, rows: old.at[target].set(rows.reshape((-1,) + old.shape[1:]),

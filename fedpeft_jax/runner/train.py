@@ -153,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                       max_update_norm=fed.max_update_norm, dp=privacy.server,
                       min_slots=min_slots, wire_dtype=fed.wire_dtype,
                       compression=fed.compression, compression_block=fed.compression_block,
-                      compression_fraction=fed.compression_fraction)
+                      compression_fraction=fed.compression_fraction,
+                      num_clients=fed.num_clients)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh)
 

@@ -348,9 +348,7 @@ def _validate_federated(config: Any) -> None:
   _int(config, f + "eval_every", 1)
   _int(config, f + "eval_batch_size", 1)
   _choice(config, f + "wire_dtype", WIRE_DTYPES)
-  if _choice(config, f + "compression", COMPRESSIONS) == "topk":
-    _fail(f + "compression", "is 'topk', whose error-feedback residual the round does not carry "
-          "yet; use 'int8' or 'int4'")
+  _choice(config, f + "compression", COMPRESSIONS)
   _int(config, f + "compression_block", 0)
   _num(config, f + "compression_fraction", 0.0, 1.0, low_open=True)
   _choice(config, f + "feature_cache", FEATURE_CACHE_MODES)
