@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,7 +12,7 @@ import pytest
 from fedpeft_jax.federated import (ClientStateSpec, RoundPlan, RoundSpec, build_algorithm,
                                    client_state_bytes, plan_round)
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
-from tests.test_federated import setup
+from tests.test_federated import run_on_cpu_devices, setup
 
 NUM_CLIENTS = 6
 
@@ -152,10 +149,4 @@ MULTI_DEVICE = textwrap.dedent("""
 
 
 def test_state_on_four_cpu_devices():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE.format(root=root)], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=root)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK 4" in proc.stdout
+  run_on_cpu_devices(MULTI_DEVICE)

@@ -408,14 +408,20 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
-def test_four_cpu_devices_match_single_device():
+def run_on_cpu_devices(script: str, count: int = 4) -> None:
+  """Runs `script` (formatted with the repo root as {root}) in a fresh process with `count`
+  forced CPU devices; it must exit 0 and print 'OK <count>'."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE.format(root=root)], env=env,
+  proc = subprocess.run([sys.executable, "-c", script.format(root=root)], env=env,
                         capture_output=True, text=True, timeout=600, cwd=root)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK 4" in proc.stdout
+  assert f"OK {count}" in proc.stdout
+
+
+def test_four_cpu_devices_match_single_device():
+  run_on_cpu_devices(MULTI_DEVICE)
 
 
 def test_auto_clients_per_chunk_rule_of_thumb():
