@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.runner.config_files import repo_config
 from fedpeft_jax.runner.train import run
+from tests.test_runner import _final_params
 
 
 def _dp_config(rounds: int = 2):
@@ -28,14 +27,6 @@ def _dp_config(rounds: int = 2):
   c.privacy.sampling = "poisson"  # clients drawn from the secret stream
   c.checkpoint_every = 1
   return c
-
-
-def _state(workdir: str) -> dict:
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  state = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def _published(workdir: str) -> str:
@@ -51,7 +42,7 @@ def test_two_dp_runs_differ_and_publish_neither_key_nor_non_private_fields(tmp_p
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   run(config, a, progress=False)
   run(config, b, progress=False)
-  sa, sb = _state(a), _state(b)
+  sa, sb = _final_params(a), _final_params(b)
   assert not np.array_equal(sa["dp_rng"], sb["dp_rng"])
   assert any(not np.array_equal(sa[k], sb[k]) for k in sa if k.startswith("trainable"))
   # The secret is in no published file (as decimal words or as the sampling seed).
@@ -87,7 +78,7 @@ def test_killed_and_resumed_dp_run_equals_itself(tmp_path, monkeypatch):
   run(config, killed, progress=False, stop_after_round=1)
   monkeypatch.setattr(rng_lib, "secret_key_data", lambda: pytest.fail("restart drew a new key"))
   run(config, killed, progress=False)
-  sw, sk = _state(whole), _state(killed)
+  sw, sk = _final_params(whole), _final_params(killed)
   for k in sw:
     assert np.array_equal(sw[k], sk[k]), k
   rows = [[json.loads(x) for x in open(os.path.join(w, "metrics.jsonl"))] for w in (whole, killed)]
@@ -100,7 +91,7 @@ def test_reproducible_noise_derives_the_key_from_the_seed(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   run(config, a, progress=False)
   run(config, b, progress=False)
-  sa, sb = _state(a), _state(b)
+  sa, sb = _final_params(a), _final_params(b)
   assert np.array_equal(sa["dp_rng"], rng_lib.stream_key_data(config.seed, "dp"))
   for k in sa:
     assert np.array_equal(sa[k], sb[k]), k

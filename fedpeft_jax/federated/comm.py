@@ -14,9 +14,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fedpeft_jax.peft.partition import count
+from fedpeft_jax.peft.partition import count, nbytes
 
 PyTree = Any
 # config.federated.wire_dtype: the dtype parameters travel in.
@@ -39,9 +38,7 @@ def on_wire(tree: PyTree, wire_dtype: Any) -> PyTree:
 
 def payload_bytes(tree: PyTree, wire_dtype: Any) -> int:
   """Bytes of the arrays `to_wire(tree)` makes (shapes only: `tree` may be abstract)."""
-  sent = jax.eval_shape(lambda t: to_wire(t, wire_dtype), tree)
-  return int(sum(np.prod(x.shape, dtype=np.int64) * x.dtype.itemsize
-                 for x in jax.tree_util.tree_leaves(sent)))
+  return nbytes(jax.eval_shape(lambda t: to_wire(t, wire_dtype), tree))
 
 
 @dataclasses.dataclass(frozen=True)

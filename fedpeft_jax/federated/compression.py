@@ -33,9 +33,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
+
+from fedpeft_jax.peft.partition import nbytes
 
 PyTree = Any
 # config.federated.compression: how client updates are encoded for upload.
@@ -193,8 +194,7 @@ def compressed_bytes(payload: PyTree) -> int:
   """Bytes of the payload's arrays (values, indices, scales), from shapes only: `payload`
   may be abstract (`jax.eval_shape`) or traced. An uncompressed tree counts its leaves.
   A payload batched over clients counts all of them; inside `vmap` it is one client's."""
-  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(payload)))
+  return nbytes(payload)
 
 
 def compress(tree: PyTree, key: jax.Array, method: str, block: int = 0, fraction: float = 1.0,

@@ -31,6 +31,7 @@ from fedpeft_jax.federated.client import ClientSpec, make_client_update
 from fedpeft_jax.federated.layout import layout_clients
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, to_global
 from fedpeft_jax.federated.sampling import RoundPlan
+from fedpeft_jax.peft.partition import nbytes
 
 PyTree = Any
 
@@ -73,7 +74,7 @@ class ClientStateSpec:
 
 def client_state_bytes(state: server_lib.ServerState) -> int:
   """Bytes the per-client state holds on one device (0 without one)."""
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state.clients)))
+  return nbytes(state.clients)
 
 
 class FederatedAlgorithm(NamedTuple):
