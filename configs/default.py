@@ -88,6 +88,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.compression = "none"
   c.federated.compression_block = 0  # int8/int4: values per scale (0 = one per tensor)
   c.federated.compression_fraction = 0.1  # topk: share of each tensor's entries sent
+  # Personalisation: comma-separated regexes over trainable param paths ('a/b/c') whose
+  # leaves stay on each client (per-client state), never uploaded or averaged:
+  # 'head' = FedPer, 'lora_b' = FedSA-LoRA. '' = none.
+  c.federated.personal = ""
+  # 'none' (personal and shared leaves trained together), 'fedrep' (personal_epochs on the
+  # personal leaves first, then local_epochs on the shared ones) or 'fedbabu' (personal
+  # leaves frozen at init during training, fine-tuned per client before evaluation).
+  c.federated.personal_schedule = "none"
+  c.federated.personal_epochs = 1  # fedrep: local epochs on the personal leaves.
+  c.federated.personal_finetune_epochs = 1  # fedbabu: local fine-tuning epochs.
+  # Also score the global model on per-client test sets (always on with `personal`).
+  c.federated.eval_per_client = False
+  # Per-client test set size (0 = the client's share of the test split, by training size).
+  c.federated.local_test_size = 0
 
   c.privacy = default_privacy_config()
 

@@ -1,8 +1,9 @@
 """Named random streams: every consumer of randomness gets its own, split once from the seed.
 
-A run's randomness has five independent uses: parameter `init`, `data` (subsampling and
+A run's randomness has six independent uses: parameter `init`, `data` (subsampling and
 the client partition), client `sampling`, client `train`ing (shuffles, augmentation,
-dropout) and `dp` (noise and the Poisson sampling of clients and examples). Each is
+dropout), `dp` (noise and the Poisson sampling of clients and examples) and `personal`
+(per-client test sets and FedBABU's fine-tuning before personalised evaluation). Each is
 derived from (seed, stream name), so changing one (e.g. the init) never shifts another.
 
 The `dp` stream is the exception: its key must not be derivable from anything published
@@ -20,7 +21,7 @@ import secrets
 import jax
 import numpy as np
 
-STREAMS = ("init", "data", "sampling", "train", "dp")
+STREAMS = ("init", "data", "sampling", "train", "dp", "personal")
 
 
 def _key_shape() -> tuple[int, ...]:

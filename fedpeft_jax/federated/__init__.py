@@ -11,11 +11,13 @@ from fedpeft_jax.federated.compression import COMPRESSIONS, compress, compressed
 from fedpeft_jax.federated.engine import (ClientStateSpec, FederatedAlgorithm, RoundSpec,
                                           build_algorithm, client_state_bytes,
                                           default_aggregator)
-from fedpeft_jax.federated.evaluation import make_evaluate, place_eval_set
+from fedpeft_jax.federated.evaluation import make_client_evaluate, make_evaluate, place_eval_set
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES, InputSpec, build_cache, choose_input
 from fedpeft_jax.federated.layout import (MEMORY_FRACTION, auto_clients_per_chunk,
                                           compiled_round_bytes, device_bytes_limit, layout_clients)
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, split_rows, to_global
+from fedpeft_jax.federated.personal import (PERSONAL_SCHEDULES, make_finetune,
+                                            make_personal_update, split_personal)
 from fedpeft_jax.federated.sampling import RoundPlan, plan_round, resolve_clients_per_round
 from fedpeft_jax.federated.server import (FEDOPT_KINDS, SERVER_OPTIMIZERS, make_server_optimizer,
                                           scale_by_fedopt)
@@ -26,7 +28,8 @@ __all__ = [
     "CLIENT_OPTIMIZERS", "ClientDP", "ClientSpec", "make_client_optimizer", "make_client_update",
     "masked_cross_entropy", "WIRE_DTYPES", "CommCost", "comm_cost", "on_wire", "payload_bytes",
     "to_wire", "COMPRESSIONS", "compress", "compressed_bytes", "ClientStateSpec", "client_state_bytes", "FederatedAlgorithm", "RoundSpec", "build_algorithm", "default_aggregator",
-    "make_evaluate", "place_eval_set", "FEATURE_CACHE_MODES", "InputSpec", "build_cache",
+    "make_client_evaluate", "make_evaluate", "place_eval_set", "PERSONAL_SCHEDULES",
+    "make_finetune", "make_personal_update", "split_personal", "FEATURE_CACHE_MODES", "InputSpec", "build_cache",
     "choose_input", "MEMORY_FRACTION", "auto_clients_per_chunk", "compiled_round_bytes",
     "device_bytes_limit", "layout_clients", "AXIS", "host_value", "make_mesh", "replicate",
     "split_rows", "to_global", "RoundPlan", "plan_round", "resolve_clients_per_round",

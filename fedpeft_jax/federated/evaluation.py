@@ -1,4 +1,5 @@
-"""Test-set evaluation of the global model, split over the mesh inside one jit."""
+"""Test-set evaluation inside one jit, split over the mesh: the global model on the test split
+(`make_evaluate`), and every client's model on its own local test set (`make_client_evaluate`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import features
 from fedpeft_jax.federated.mesh import AXIS, make_mesh, split_rows
+from fedpeft_jax.peft.partition import merge
 
 PyTree = Any
 
@@ -74,5 +76,85 @@ def make_evaluate(model: nn.Module, batch_size: int, image_size: int,
       labels = jnp.pad(labels, (0, pad), constant_values=-1)
     correct, loss, n = sharded(params, examples, labels)
     return {"accuracy": correct / n, "loss": loss / n}
+
+  return evaluate
+
+
+def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
+                         mesh: Optional[Mesh] = None,
+                         inputs: Optional[features.InputSpec] = None,
+                         adapt: Optional[Callable[..., PyTree]] = None,
+                         clients_per_chunk: int = 1) -> Callable[..., dict]:
+  """Every client's accuracy on its own local test set, in one jit:
+
+    evaluate(shared, frozen, personal, test, train, key) -> {'accuracy': [num_clients],
+        'loss': [num_clients], 'examples': [num_clients], 'mean', 'min', 'max'}
+
+  Client k scores merge(shared, personal_k, frozen) on the rows of `test` (a `ClientData`
+  over the test split, from `data.partition_test`) that are its own. `personal` is None
+  (every client uses the global model) or a pytree whose leaves lead with [num_clients]
+  (client k uses row k). `adapt(personal_k, merge(shared, frozen), train, k, key_k)`, if
+  given, replaces row k before scoring (FedBABU's local fine-tuning on `train`, the
+  clients' training `ClientData`); `key_k` = fold_in(key, k), so results do not depend
+  on the device layout.
+
+  'mean', 'min' and 'max' are over clients with a non-empty test set (each client's
+  accuracy counts once, as in personalised-FL papers, not weighted by test size); a client
+  without test data has accuracy NaN. Clients are split over `mesh`'s devices and, on each,
+  evaluated `clients_per_chunk` at a time (vmapped), chunks in sequence (`lax.map`).
+  """
+  mesh = mesh if mesh is not None else make_mesh()
+  num_devices = mesh.devices.size
+  inputs = inputs or features.images_input(image_size)
+
+  def one_client(shared, frozen, personal, test, train, key, client):
+    row_k = None
+    if personal is not None:
+      row_k = jax.tree_util.tree_map(lambda x: x[client], personal)
+      if adapt is not None:
+        row_k = adapt(row_k, merge(shared, frozen), train,
+                      client, jax.random.fold_in(key, client))
+    params = merge(shared, frozen) if row_k is None else merge(merge(shared, row_k), frozen)
+    index, mask = fdata.eval_schedule(test.max_n, batch_size)
+    row, size = test.indices[client], test.sizes[client]
+
+    def body(carry, xs):
+      idx, m = xs
+      x = inputs.prepare(test.images[row[idx]], None, "none", train=False)
+      logits = inputs.logits(model, params, x, train=False)
+      y = test.labels[row[idx]]
+      valid = (m & (idx < size)).astype(jnp.float32)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+      return (carry[0] + jnp.sum(correct * valid), carry[1] + jnp.sum(ce * valid)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (correct, loss), _ = jax.lax.scan(body, (zero, zero), (index, mask))
+    return correct, loss
+
+  def local(shared, frozen, personal, test, train, key, clients):
+    return jax.lax.map(
+        lambda c: one_client(shared, frozen, personal, test, train, key, c),
+        clients[0], batch_size=clients_per_chunk)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 6 + (P(AXIS),),
+                          out_specs=P(AXIS), check_vma=False)
+
+  @jax.jit
+  def evaluate(shared: PyTree, frozen: PyTree, personal: Optional[PyTree], test: Any,
+               train: Any, key: jax.Array) -> dict:
+    num = test.sizes.shape[0]
+    per_device = -(-num // num_devices)
+    # Padding slots evaluate client 0 again; their results are cut off below.
+    clients = jnp.arange(per_device * num_devices, dtype=jnp.int32) % num
+    correct, loss = sharded(shared, frozen, personal, test, train, key,
+                            clients.reshape(num_devices, per_device))
+    correct, loss = correct.reshape(-1)[:num], loss.reshape(-1)[:num]
+    n = test.sizes.astype(jnp.float32)
+    has = n > 0
+    accuracy = jnp.where(has, correct / jnp.maximum(n, 1.0), jnp.nan)
+    return {"accuracy": accuracy, "loss": jnp.where(has, loss / jnp.maximum(n, 1.0), jnp.nan),
+            "examples": n, "mean": jnp.nanmean(accuracy), "min": jnp.nanmin(accuracy),
+            "max": jnp.nanmax(accuracy)}
 
   return evaluate

@@ -28,18 +28,20 @@ from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.federated import compression
-from fedpeft_jax.federated import (ClientSpec, RoundSpec,
+from fedpeft_jax.federated import personal as personal_lib
+from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundSpec,
                                    auto_clients_per_chunk, build_algorithm, build_cache,
-                                   choose_input, comm_cost, compiled_round_bytes,
-                                   device_bytes_limit, host_value, make_client_optimizer,
-                                   make_evaluate, make_mesh, make_server_optimizer,
+                                   choose_input, client_state_bytes, comm_cost, compiled_round_bytes,
+                                   device_bytes_limit, host_value, make_client_evaluate,
+                                   make_client_optimizer, make_evaluate, make_mesh, make_server_optimizer,
                                    place_eval_set, plan_round, replicate,
                                    resolve_clients_per_round)
 from fedpeft_jax.models.factory import base_param_shapes, build_model, init_params
 from fedpeft_jax.privacy import PrivacyPlan, poisson_capacity
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
-from fedpeft_jax.runner.validate import parse_clients_per_chunk, validate_config
+from fedpeft_jax.runner.validate import (as_config_error, parse_clients_per_chunk,
+                                         validate_config)
 
 PyTree = Any
 
@@ -88,6 +90,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   params = init_params(config, model, jnp.asarray(rng_lib.stream_key_data(config.seed, "init")))
   mask = peft.trainable_mask(params, config.peft)
   trainable, frozen = peft.split(params, mask)
+  # Personalisation: the server holds and sends only the shared leaves; the personal ones
+  # start at their init on every client (`federated.personal`).
+  personal_init = None
+  if fed.personal:
+    trainable, personal_init = as_config_error(
+        "federated", lambda: personal_lib.split_personal(trainable, fed.personal))
+  babu = fed.personal_schedule == "fedbabu"
+  if babu and personal_init is not None:
+    personal_init = personal_lib.fedbabu_init(personal_init, jax.random.fold_in(
+        jax.random.wrap_key_data(jnp.asarray(rng_lib.stream_key_data(config.seed, "init"))), 1))
+  per_client_eval = personal_init is not None or fed.eval_per_client
   upload = (0 if fed.compression == "none" else compression.encoded_bytes(
       trainable, fed.compression, fed.compression_block, fed.compression_fraction))
   cost = comm_cost(trainable, params, base_param_shapes(config, dataset.num_classes),
@@ -133,11 +146,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                     bias_correction=fed.server_bias_correction)
   mesh = make_mesh()
   # The frozen backbone lives on device once, in the compute dtype (no cast per step).
-  frozen_dev = replicate(optax.tree.cast(frozen, model.dtype), mesh)
+  base_frozen_dev = replicate(optax.tree.cast(frozen, model.dtype), mesh)
+  personal_dev = None if personal_init is None else replicate(personal_init, mesh)
+  # What the round holds fixed (FedBABU also freezes the personal leaves at their init), and
+  # the global model's fixed part: the personal leaves at init, where a new client starts.
+  frozen_dev = peft.merge(base_frozen_dev, personal_dev) if babu else base_frozen_dev
+  global_frozen_dev = (base_frozen_dev if personal_dev is None
+                       else peft.merge(base_frozen_dev, personal_dev))
+  client_rule, client_state = None, None
+  if personal_init is not None and not babu:
+    client_rule = personal_lib.make_personal_update(
+        model, client_tx, cspec, dataset.num_classes, fed.personal_schedule,
+        fed.personal_epochs)
+    client_state = ClientStateSpec(init=lambda _: personal_init, num_clients=fed.num_clients)
   host_data = fdata.client_data(dataset, part, device=jax.local_devices(backend="cpu")[0])
   test_examples = np.asarray(dataset.test_images)
   if inputs.kind != "images":
-    cached_params = peft.merge(trainable, frozen)  # the prefix reads frozen leaves only
+    cached_params = params  # the prefix reads frozen leaves only
     host_data = dataclasses.replace(host_data, images=np.asarray(build_cache(
         model, cached_params, np.asarray(dataset.train_images), inputs, fed.eval_batch_size)))
     test_examples = np.asarray(build_cache(model, cached_params, test_examples, inputs,
@@ -147,6 +172,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   client_data = replicate(host_data, mesh)
   evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size, mesh=mesh,
                            inputs=inputs)
+  local_eval = None
+  if per_client_eval:
+    # Each client's local test set follows its training class mix (data.partition_test).
+    test_part = fdata.partition_test(dataset.test_labels, part, fed.local_test_size,
+                                     seed=rng_lib.stream_seed(config.seed, "personal"))
+    local_test = replicate(fdata.client_data(fdata.as_test_source(
+        dataclasses.replace(dataset, test_images=test_examples)), test_part), mesh)
+    local_eval = make_client_evaluate(
+        model, fed.eval_batch_size, config.model.image_size, mesh=mesh, inputs=inputs,
+        adapt=(personal_lib.make_finetune(model, client_tx, cspec, dataset.num_classes,
+                                          fed.personal_finetune_epochs) if babu else None))
+    # FedBABU: every client fine-tunes its copy of the initial personal leaves.
+    babu_rows = (replicate(jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(np.asarray(x), (fed.num_clients,) + np.shape(x)),
+        personal_init), mesh) if babu else None)
+    personal_key = jax.random.wrap_key_data(
+        jnp.asarray(rng_lib.stream_key_data(config.seed, "personal")))
 
   def build(chunk: int):
     rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
@@ -156,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                       compression_fraction=fed.compression_fraction,
                       num_clients=fed.num_clients)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
-                           mesh=mesh)
+                           mesh=mesh, client_update=client_rule, client_state=client_state)
 
   def round_bytes(chunk: int) -> Optional[int]:  # XLA's plan for one round at this chunk
     trial = build(chunk)
@@ -239,6 +281,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     row: dict[str, Any] = {"round": r + 1}
     if ev is not None:
       row.update({"test_accuracy": float(ev["accuracy"]), "test_loss": float(ev["loss"])})
+    if ev is not None and "clients" in ev:
+      row.update({"personalized_accuracy": float(ev["clients"]["mean"]),
+                  "personalized_accuracy_min": float(ev["clients"]["min"]),
+                  "personalized_accuracy_max": float(ev["clients"]["max"])})
     row.update({
         "train_loss": float(m["train_loss"]),
         "clients_sampled": plan.num_sampled,
@@ -285,7 +331,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     state, m = algo.apply(state, frozen_dev, client_data, plan)
     ev = None
     if (r + 1) % fed.eval_every == 0 or r + 1 == fed.rounds:
-      ev = evaluate(peft.merge(state.trainable, frozen_dev), test_images, test_labels)
+      ev = evaluate(peft.merge(state.trainable, global_frozen_dev), test_images, test_labels)
+      if local_eval is not None:
+        rows = state.clients["rule"] if client_state is not None else babu_rows
+        ev["clients"] = local_eval(state.trainable, base_frozen_dev, rows, local_test,
+                                   client_data, jax.random.fold_in(personal_key, r))
     privacy.record(plan.reporting)
     b = cost.round_bytes(plan.num_sampled, plan.num_reporting)
     cumulative["bytes"] += b["bytes_down"] + b["bytes_up"]
@@ -320,6 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
   rows = metrics_log.read()
   accs = [x["test_accuracy"] for x in rows if "test_accuracy" in x]
+  personalized = [x["personalized_accuracy"] for x in rows if "personalized_accuracy" in x]
   summary = {
       "dataset": config.data.dataset,
       "method": config.peft.method,
@@ -328,6 +379,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "stopped_early_for_privacy_budget": stopped_early,
       "final_accuracy": accs[-1] if accs else None,
       "best_accuracy": max(accs) if accs else None,
+      "final_personalized_accuracy": personalized[-1] if personalized else None,
+      "personal": fed.personal,
+      "personal_schedule": fed.personal_schedule if fed.personal else None,
+      # What each client keeps for itself, never sent.
+      "personal_params_per_client": (0 if personal_init is None
+                                     else peft.count(personal_init)),
+      "client_state_bytes": client_state_bytes(state),
       "trainable_params": cost.trainable_params,
       "total_params": cost.total_params,
       "bytes_per_transfer": cost.trainable_bytes,

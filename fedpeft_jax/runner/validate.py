@@ -19,6 +19,7 @@ from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes
 from fedpeft_jax.data import METHODS as PARTITION_METHODS
 from fedpeft_jax.federated import COMPRESSIONS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
+from fedpeft_jax.federated.personal import PERSONAL_SCHEDULES, parse_patterns
 from fedpeft_jax.models import MODEL_DTYPES, POOLS, REGISTRY, VARIANTS, parse_variant
 from fedpeft_jax.peft.config import default_config as default_peft_config
 from fedpeft_jax.peft.config import validate as validate_peft
@@ -102,8 +103,10 @@ def _bool(config: Any, field: str) -> bool:
   return v
 
 
-def _wrap(prefix: str, fn: Callable[[], Any]) -> Any:
-  """Runs another module's validator, turning its ValueError into a ConfigError."""
+def as_config_error(prefix: str, fn: Callable[[], Any]) -> Any:
+  """Runs `fn` (another module's validator, or a runner step that checks the config against
+  the model), turning a ValueError whose message starts with a field under `prefix` into a
+  ConfigError (a one-line error at the command line)."""
   try:
     return fn()
   except ConfigError:
@@ -256,7 +259,7 @@ def _check_fits(name: str, kwargs: dict[str, Any], sizes: dict[str, int], rep: i
 def _validate_peft(config: Any, depth: int) -> None:
   peft = _get(config, "peft")
   _check_fields(peft, default_peft_config(), "peft")
-  _wrap("peft", lambda: validate_peft(peft))
+  as_config_error("peft", lambda: validate_peft(peft))
   k = peft.get("last_blocks", 0)
   if k > depth:
     _fail("peft.last_blocks", f"({k}) exceeds the number of encoder blocks of the model "
@@ -306,7 +309,7 @@ def _validate_data(config: Any) -> None:
   if not isinstance(classes, str):
     _fail("data.classes", f"must be a string of comma-separated class ids ('' = all), got "
           f"{classes!r}")
-  _wrap("data", lambda: parse_classes(classes))
+  as_config_error("data", lambda: parse_classes(classes))
   _choice(config, "data.augment", ("auto",) + tuple(AUGMENTS))
   _int(config, "data.resolution", 1)
   _int(config, "data.host_resolution", 0)
@@ -354,10 +357,28 @@ def _validate_federated(config: Any) -> None:
   _choice(config, f + "feature_cache", FEATURE_CACHE_MODES)
 
 
+def _validate_personal(config: Any) -> None:
+  f = "federated."
+  personal = _get(config, f + "personal")
+  patterns = as_config_error("federated", lambda: parse_patterns(personal))
+  schedule = _choice(config, f + "personal_schedule", PERSONAL_SCHEDULES)
+  if schedule != "none" and not patterns:
+    _fail(f + "personal_schedule", f"is {schedule!r} but config.federated.personal is empty; "
+          "name the personal leaves, e.g. federated.personal=head")
+  _int(config, f + "personal_epochs", 1)
+  _int(config, f + "personal_finetune_epochs", 1)
+  _bool(config, f + "eval_per_client")
+  _int(config, f + "local_test_size", 0)
+  mechanism = _get(config, "privacy.mechanism")
+  if patterns and mechanism != "none":
+    _fail(f + "personal", f"with privacy.mechanism={mechanism!r}: personal training is not "
+          "in the privacy accounting; set federated.personal='' or privacy.mechanism=none")
+
+
 def _validate_privacy(config: Any) -> None:
   privacy = _get(config, "privacy")
   _check_fields(privacy, default_privacy_config(), "privacy")
-  _wrap("privacy", lambda: validate_privacy(privacy))
+  as_config_error("privacy", lambda: validate_privacy(privacy))
 
 
 def validate_config(config: Any) -> None:
@@ -372,5 +393,6 @@ def validate_config(config: Any) -> None:
   sizes = _validate_model(config)
   _validate_peft(config, sizes["depth"])
   _validate_federated(config)
+  _validate_personal(config)
   _validate_data(config)
   _validate_privacy(config)

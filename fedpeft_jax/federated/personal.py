@@ -1,0 +1,155 @@
+"""Personalised federated PEFT: parameters that stay on the client.
+
+`federated.personal` names trainable leaves by regex over their '/'-joined paths. Those
+leaves are *personal*: each client keeps its own copy in the round's per-client state
+(`engine.ClientStateSpec`), trains it locally, and never uploads it; the server averages
+and sends only the *shared* rest, so the byte counts exclude the personal leaves.
+
+* `personal="head"` with schedule "none" is FedPer (Arivazhagan et al. 2019): body shared,
+  head local, both trained together each round.
+* `personal="lora_b"` is FedSA-LoRA (Guo et al., ICLR 2025): LoRA's A matrices are shared,
+  its B matrices stay local.
+* schedule "fedrep" is FedRep (Collins et al., ICML 2021): each round a client first trains
+  its personal part for `personal_epochs` epochs with the shared part fixed, then the
+  shared part for `local_epochs` with its new personal part fixed.
+* schedule "fedbabu" is FedBABU (Oh et al., ICLR 2022): the personal part (the head) stays
+  frozen at its initial value during federated training, so only the body learns; before
+  personalised evaluation each client fine-tunes its own copy of the head for
+  `personal_finetune_epochs` on its training data (`make_finetune`).
+
+Personalised accuracy is computed by `evaluation.make_client_evaluate` on per-client test
+sets (`data.partition_test`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedpeft_jax.federated.client import ClientSpec, make_client_update
+from fedpeft_jax.peft.partition import flatten, mask_from_patterns, merge, split
+
+PyTree = Any
+PERSONAL_SCHEDULES = ("none", "fedrep", "fedbabu")
+
+
+def parse_patterns(personal: str) -> tuple[str, ...]:
+  """'head,lora_b' -> ('head', 'lora_b'); each a valid regex (else a named ValueError)."""
+  if not isinstance(personal, str):
+    raise ValueError(f"federated.personal must be a string of comma-separated regexes, got "
+                     f"{personal!r}")
+  patterns = tuple(p.strip() for p in personal.split(",") if p.strip())
+  for p in patterns:
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"federated.personal: {p!r} is not a valid regex ({e})") from e
+  return patterns
+
+
+def split_personal(trainable: PyTree, personal: str) -> tuple[dict, dict]:
+  """(shared, personal) parts of the trainable subtree, by `federated.personal`'s regexes
+  (re.search on each '/'-joined path). Errors name the field when the patterns select no
+  trainable leaf (a typo would otherwise silently run plain FedAvg) or every one (nothing
+  would be federated)."""
+  patterns = parse_patterns(personal)
+  if not patterns:
+    raise ValueError("federated.personal is empty: give regexes over trainable param paths")
+  mask = mask_from_patterns(trainable, include=patterns)
+  chosen = [p for p, m in flatten(mask).items() if m]
+  paths = list(flatten(trainable))
+  if not chosen:
+    raise ValueError(f"federated.personal {personal!r} matches no trainable parameter; "
+                     f"trainable paths look like {paths[:3]} (e.g. 'head' or 'lora_b')")
+  if len(chosen) == len(paths):
+    raise ValueError(f"federated.personal {personal!r} matches every trainable parameter, so "
+                     "nothing would be shared; narrow it (e.g. 'head') or train more leaves")
+  personal_part, shared = split(trainable, mask)
+  return shared, personal_part
+
+
+def _split_like(tree: PyTree, shared: PyTree, personal: PyTree) -> tuple[dict, dict]:
+  """`tree` (laid out like merge(shared, personal)) split back into those two parts."""
+  mask = merge(jax.tree_util.tree_map(lambda _: True, shared),
+               jax.tree_util.tree_map(lambda _: False, personal))
+  return split(tree, mask)
+
+
+def make_personal_update(model: Any, client_tx: optax.GradientTransformation,
+                         spec: ClientSpec, num_classes: int, schedule: str = "none",
+                         personal_epochs: int = 1) -> Callable[..., dict]:
+  """The stateful client rule of FedPer / FedSA-LoRA ("none") or FedRep ("fedrep"):
+
+    client_update(shared, frozen, data, client_id, key, active, personal_row) -> dict
+
+  with the default rule's outputs (`make_client_update`) for the shared part (`update` is
+  the shared update only, so only it is uploaded and averaged) and the client's new
+  personal leaves as `client_state`. Local training itself is the default rule's, called on
+  the parts it trains; nothing about steps, DP or optimisers is re-implemented here.
+  """
+  if schedule not in ("none", "fedrep"):
+    raise ValueError(f"federated.personal_schedule {schedule!r}: the stateful rule is for "
+                     "'none' (FedPer, FedSA-LoRA) or 'fedrep'; FedBABU keeps no client state")
+  joint = make_client_update(model, client_tx, spec, num_classes)
+  # Epochs, not steps: federated.local_steps caps the shared phase only.
+  personal_spec = dataclasses.replace(spec, local_epochs=personal_epochs, local_steps=0)
+  personal_only = make_client_update(model, client_tx, personal_spec, num_classes)
+
+  def together(shared, frozen, data, client_id, key, active, personal_row):
+    out = joint(merge(shared, personal_row), frozen, data, client_id, key, active)
+    shared_update, personal_update = _split_like(out["update"], shared, personal_row)
+    return {**out, "update": shared_update,
+            "client_state": optax.tree.add(personal_row, personal_update)}
+
+  def fedrep(shared, frozen, data, client_id, key, active, personal_row):
+    # Phase 1: the personal part with the (received) shared part fixed; phase 2: the shared
+    # part with the new personal part fixed. Independent keys per phase.
+    head = personal_only(personal_row, merge(shared, frozen), data, client_id,
+                         jax.random.fold_in(key, 1), active)
+    new_personal = optax.tree.add(personal_row, head["update"])
+    body = joint(shared, merge(new_personal, frozen), data, client_id,
+                 jax.random.fold_in(key, 2), active)
+    steps = head["steps"] + body["steps"]
+    loss = (head["loss"] * head["steps"] + body["loss"] * body["steps"]) / jnp.maximum(steps, 1)
+    return {**body, "steps": steps, "loss": loss,
+            "poisson_dropped": head["poisson_dropped"] + body["poisson_dropped"],
+            "client_state": new_personal}
+
+  return together if schedule == "none" else fedrep
+
+
+def make_finetune(model: Any, client_tx: optax.GradientTransformation, spec: ClientSpec,
+                  num_classes: int, epochs: int) -> Callable[..., PyTree]:
+  """FedBABU's local adaptation: finetune(personal, fixed, data, client_id, key) -> the
+  personal leaves after `epochs` local epochs on the client's training data, everything
+  else (`fixed` = shared + frozen) held still. The default client rule does the training."""
+  if epochs < 1:
+    raise ValueError(f"federated.personal_finetune_epochs must be >= 1, got {epochs}")
+  tune = make_client_update(model, client_tx,
+                            dataclasses.replace(spec, local_epochs=epochs, local_steps=0),
+                            num_classes)
+
+  def finetune(personal, fixed, data, client_id, key):
+    out = tune(personal, fixed, data, client_id, key, True)
+    return optax.tree.add(personal, out["update"])
+
+  return finetune
+
+
+def fedbabu_init(personal: PyTree, key: jax.Array) -> PyTree:
+  """FedBABU's frozen head must be random: a zero-initialised kernel (this ViT's head, as
+  in big_vision) passes no gradient to the body, which would then never learn. Matrices
+  that are identically zero are drawn from LeCun normal (Flax Dense's default init);
+  everything else (biases, non-zero inits) is kept."""
+  leaves, treedef = jax.tree_util.tree_flatten(personal)
+  init = jax.nn.initializers.lecun_normal()
+  out = [init(jax.random.fold_in(key, i), x.shape, x.dtype)
+         if x.ndim >= 2 and not np.any(np.asarray(x)) else x
+         for i, x in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, out)
