@@ -25,7 +25,8 @@ from fedpeft_jax.federated.personal import fedbabu_init
 from fedpeft_jax.runner.config_files import repo_config
 from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError, validate_config
-from tests.test_federated import IMAGE, NUM_CLASSES, flat, make_data, tiny_model
+from tests.test_federated import (IMAGE, NUM_CLASSES, flat, make_data, run_on_cpu_devices,
+                                  tiny_model)
 from tests.test_runner import _final_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,3 +315,34 @@ def test_personal_matching_nothing_is_one_line_at_the_cli(tmp_path):
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
   assert "config.federated.personal 'pre_logits' matches no trainable parameter" in lines[0]
   assert not workdir.exists()
+
+
+FOUR_DEVICES = """
+import sys; sys.path.insert(0, {root!r})
+import jax, numpy as np
+from fedpeft_jax import peft
+from fedpeft_jax.federated import make_client_evaluate, make_finetune, make_mesh, split_personal
+from fedpeft_jax.federated import ClientSpec
+import optax
+from tests.test_federated import IMAGE, NUM_CLASSES, make_data, tiny_model
+model, params = tiny_model("bias")
+trainable, frozen = peft.split(params, peft.trainable_mask(params, model.peft))
+shared, head = split_personal(trainable, "head")
+rows = jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (5,) + x.shape), head)
+train, test = make_data([4, 3, 6, 2, 5], seed=1), make_data([5, 0, 7, 3, 6], seed=2)
+spec = ClientSpec(batch_size=4, local_epochs=1, max_examples=6, image_size=IMAGE, augment="none")
+tune = make_finetune(model, optax.sgd(0.1), spec, NUM_CLASSES, epochs=2)
+out = []
+for devices in (jax.devices()[:1], jax.devices()):
+  ev = make_client_evaluate(model, 4, IMAGE, mesh=make_mesh(devices), adapt=tune)
+  out.append(np.asarray(ev(shared, frozen, rows, test, train, jax.random.PRNGKey(4))["accuracy"]))
+np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+assert np.isnan(out[1][1]) and not np.isnan(out[1][0])
+print("OK", len(jax.devices()))
+"""
+
+
+def test_client_evaluate_on_four_cpu_devices_matches_one():
+  """Clients split over 4 devices (5 clients: one padding slot), FedBABU adaptation keyed
+  by client id: the same accuracies as on one device."""
+  run_on_cpu_devices(FOUR_DEVICES)
