@@ -442,7 +442,11 @@ def personal_section(rows: Sequence[dict[str, Any]]) -> str:
     means = ", ".join(f"{np.mean(g):+.1f} at alpha {a:g}" for a, g in gains.items())
     reading.append(f"- Mean gain of the personalised schemes over the global model "
                    f"(points): {means}.")
-  return ("### Personalisation (LoRA, per-client test sets)\n\n" + table
+  head_personal = [s for s, o in SCHEMES.items() if o.get("federated.personal") == "head"]
+  note = (f"Global test accuracy is the server's model on the shared test set. With a personal "
+          f"head ({', '.join(head_personal)}) the server never trains a head, so that column "
+          "scores the initial head, not the scheme; compare the personalised columns.")
+  return ("### Personalisation (LoRA, per-client test sets)\n\n" + table + "\n\n" + note
           + "\n\n**Reading.**\n\n" + "\n".join(reading))
 
 
