@@ -22,6 +22,7 @@ from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundPlan, Round
                                    make_finetune, make_personal_update, make_server_optimizer,
                                    plan_round, split_personal)
 from fedpeft_jax.federated.personal import fedbabu_init
+from fedpeft_jax.privacy.plan import NON_PRIVATE_METRICS
 from fedpeft_jax.runner.config_files import repo_config
 from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError, validate_config
@@ -346,3 +347,11 @@ def test_client_evaluate_on_four_cpu_devices_matches_one():
   """Clients split over 4 devices (5 clients: one padding slot), FedBABU adaptation keyed
   by client id: the same accuracies as on one device."""
   run_on_cpu_devices(FOUR_DEVICES)
+
+
+def test_per_client_accuracy_is_not_private():
+  """Each client's test set follows its training class mix: under every DP mechanism the
+  per-client accuracies are data statistics no epsilon covers, dropped unless asked."""
+  for mechanism in ("paper_gaussian", "dp_sgd", "dp_fedavg"):
+    assert {"personalized_accuracy", "personalized_accuracy_min", "personalized_accuracy_max",
+            "final_personalized_accuracy"} <= set(NON_PRIVATE_METRICS[mechanism])

@@ -37,8 +37,10 @@ from fedpeft_jax.privacy.mechanisms import (default_count_stddev, poisson_capaci
 #   train_loss (mean of the real losses), clients_nonfinite (whether an update came out
 #   NaN/inf: clipping does not bound a NaN) and clients_contributed (reporting minus those).
 _UNNOISED = ("train_loss", "clients_contributed", "clients_nonfinite")
-# The partition's per-client sizes and label statistics (summary 'partition').
-_DATA_STATISTICS = ("partition",)
+# The partition's per-client sizes and label statistics (summary 'partition'), and the
+# per-client evaluation: each client's test set follows its training class mix.
+_DATA_STATISTICS = ("partition", "personalized_accuracy", "personalized_accuracy_min",
+                    "personalized_accuracy_max", "final_personalized_accuracy")
 # Who took part: what Poisson sampling of clients hides under DP-FedAvg (the unit is a
 # client), so counts of clients and everything derived from them (steps, bytes, time).
 _PARTICIPATION = ("clients_sampled", "clients_reporting", "local_steps", "executed_steps",
