@@ -12,10 +12,11 @@ and sends only the *shared* rest, so the byte counts exclude the personal leaves
 * schedule "fedrep" is FedRep (Collins et al., ICML 2021): each round a client first trains
   its personal part for `personal_epochs` epochs with the shared part fixed, then the
   shared part for `local_epochs` with its new personal part fixed.
-* schedule "fedbabu" is FedBABU (Oh et al., ICLR 2022): the personal part (the head) stays
-  frozen at its initial value during federated training, so only the body learns; before
-  personalised evaluation each client fine-tunes its own copy of the head for
-  `personal_finetune_epochs` on its training data (`make_finetune`).
+* schedule "fedbabu" is FedBABU (Oh et al., ICLR 2022): the personal part (the head only)
+  stays frozen at its initial value during federated training, so only the body learns;
+  before personalised evaluation each client fine-tunes its own copy of the head for
+  `personal_finetune_epochs` on its training data (`make_finetune`), as the paper's
+  abstract describes. (Its experiments also fine-tune the body; that variant is not here.)
 
 Personalised accuracy is computed by `evaluation.make_client_evaluate` on per-client test
 sets (`data.partition_test`).
@@ -37,6 +38,7 @@ from fedpeft_jax.peft.partition import flatten, mask_from_patterns, merge, split
 
 PyTree = Any
 PERSONAL_SCHEDULES = ("none", "fedrep", "fedbabu")
+HEAD_PREFIX = "head/"  # the classifier's params (models.ViT's `head` Dense)
 
 
 def parse_patterns(personal: str) -> tuple[str, ...]:
@@ -72,6 +74,17 @@ def split_personal(trainable: PyTree, personal: str) -> tuple[dict, dict]:
                      "nothing would be shared; narrow it (e.g. 'head') or train more leaves")
   personal_part, shared = split(trainable, mask)
   return shared, personal_part
+
+
+def check_fedbabu(personal: PyTree) -> None:
+  """FedBABU freezes the classifier head during training and fine-tunes it per client:
+  its personal part must be head leaves only (a frozen random LoRA B, say, would distort
+  the backbone for good)."""
+  other = [p for p in flatten(personal) if not p.startswith(HEAD_PREFIX)]
+  if other:
+    raise ValueError(f"federated.personal_schedule 'fedbabu' keeps the classifier head "
+                     f"frozen, so federated.personal must select only {HEAD_PREFIX} leaves; "
+                     f"it also selects {other[:3]} (use federated.personal=head)")
 
 
 def _split_like(tree: PyTree, shared: PyTree, personal: PyTree) -> tuple[dict, dict]:
@@ -143,10 +156,10 @@ def make_finetune(model: Any, client_tx: optax.GradientTransformation, spec: Cli
 
 
 def fedbabu_init(personal: PyTree, key: jax.Array) -> PyTree:
-  """FedBABU's frozen head must be random: a zero-initialised kernel (this ViT's head, as
-  in big_vision) passes no gradient to the body, which would then never learn. Matrices
-  that are identically zero are drawn from LeCun normal (Flax Dense's default init);
-  everything else (biases, non-zero inits) is kept."""
+  """FedBABU's frozen head (`check_fedbabu`) must be random: a zero-initialised kernel (this
+  ViT's head, as in big_vision) passes no gradient to the body, which would then never
+  learn. Matrices that are identically zero are drawn from LeCun normal (Flax Dense's default
+  init); everything else (biases, non-zero inits) is kept."""
   leaves, treedef = jax.tree_util.tree_flatten(personal)
   init = jax.nn.initializers.lecun_normal()
   out = [init(jax.random.fold_in(key, i), x.shape, x.dtype)

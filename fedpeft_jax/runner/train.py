@@ -64,6 +64,15 @@ def load_data(config: ml_collections.ConfigDict):
   return dataset, part
 
 
+def local_test_partition(test_labels: np.ndarray, part: Any, size: int, seed: int) -> Any:
+  """Per-client test sets (`data.partition_test`); a test split that cannot supply them is
+  the config's `federated.local_test_size` error."""
+  try:
+    return fdata.partition_test(test_labels, part, size, seed=seed)
+  except ValueError as e:
+    raise ValueError(f"federated.local_test_size ({size}): {e}") from e
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         stop_after_round: Optional[int] = None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the summary dict."""
@@ -98,6 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         "federated", lambda: personal_lib.split_personal(trainable, fed.personal))
   babu = fed.personal_schedule == "fedbabu"
   if babu and personal_init is not None:
+    as_config_error("federated", lambda: personal_lib.check_fedbabu(personal_init))
     personal_init = personal_lib.fedbabu_init(personal_init, jax.random.fold_in(
         jax.random.wrap_key_data(jnp.asarray(rng_lib.stream_key_data(config.seed, "init"))), 1))
   per_client_eval = personal_init is not None or fed.eval_per_client
@@ -175,8 +185,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   local_eval = None
   if per_client_eval:
     # Each client's local test set follows its training class mix (data.partition_test).
-    test_part = fdata.partition_test(dataset.test_labels, part, fed.local_test_size,
-                                     seed=rng_lib.stream_seed(config.seed, "personal"))
+    test_part = as_config_error("federated", lambda: local_test_partition(
+        dataset.test_labels, part, fed.local_test_size,
+        rng_lib.stream_seed(config.seed, "personal")))
     local_test = replicate(fdata.client_data(fdata.as_test_source(
         dataclasses.replace(dataset, test_images=test_examples)), test_part), mesh)
     local_eval = make_client_evaluate(

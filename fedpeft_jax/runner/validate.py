@@ -393,6 +393,6 @@ def validate_config(config: Any) -> None:
   sizes = _validate_model(config)
   _validate_peft(config, sizes["depth"])
   _validate_federated(config)
-  _validate_personal(config)
   _validate_data(config)
   _validate_privacy(config)
+  _validate_personal(config)
