@@ -68,8 +68,8 @@ def test_fedex_residual_recovers_the_average_model(per_client):
   a_mean, b_mean = np.einsum("k,kir->ir", w, a), np.einsum("k,kro->ro", w, b)
   np.testing.assert_allclose(agg.a, a_mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(agg.b, b_mean, rtol=1e-5, atol=1e-6)
-  merged = wt + np.asarray(agg.delta_w, np.float64) + s * np.asarray(agg.a, np.float64) @ np.asarray(
-      agg.b, np.float64)
+  a_new, b_new = np.asarray(agg.a, np.float64), np.asarray(agg.b, np.float64)
+  merged = wt + np.asarray(agg.delta_w, np.float64) + s * a_new @ b_new
   target = sum(w[i] * (wt + s_k[i] * a[i] @ b[i]) for i in range(K))
   np.testing.assert_allclose(merged, target, atol=1e-5)
   assert np.abs(np.asarray(agg.delta_w)).max() > 1e-2  # the residual is not trivially zero
@@ -136,12 +136,14 @@ TARGETS = "query,key,value,out,mlp_fc1,mlp_fc2"
 
 @pytest.fixture(scope="module")
 def vit() -> tuple[ViT, dict, jax.Array, float]:
-  cfg = peft.method_config("lora", targets=TARGETS, alpha=4.0, rank=4)
+  cfg = peft.method_config("lora", targets=TARGETS, alpha=8.0, rank=4)  # scaling 2, not 1
   model = ViT(variant=None, hidden_size=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4,
               image_size=8, num_classes=4, peft=cfg)
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
   params = model.init(jax.random.PRNGKey(0), images)["params"]
-  return model, params, images, peft.to_spec(cfg).lora_scaling
+  scaling = peft.to_spec(cfg).lora_scaling
+  assert scaling == 2.0
+  return model, params, images, scaling
 
 
 def _clients(params: dict, num: int = 3, seed: int = 0) -> list[dict]:
