@@ -161,12 +161,12 @@ def _clients(params: dict, num: int = 3, seed: int = 0) -> list[dict]:
 def _np_effective(flat: dict, scaling: float) -> dict[str, np.ndarray]:
   """W + s A B in float64, reshaped (row-major) to each kernel."""
   out = {}
-  for p in flat:
+  for p, a in flat.items():
     m = la._PAIR.match(p)
     if m and m.group(2) == "a":
       kernel = np.asarray(flat[f"{m.group(1)}/kernel"], np.float64)
-      prod = np.asarray(flat[p], np.float64) @ np.asarray(flat[f"{m.group(1)}_lora/lora_b"],
-                                                          np.float64)
+      b = np.asarray(flat[f"{m.group(1)}_lora/lora_b"], np.float64)
+      prod = np.asarray(a, np.float64) @ b
       out[f"{m.group(1)}/kernel"] = kernel + scaling * prod.reshape(kernel.shape)
   return out
 

@@ -39,7 +39,8 @@ is exact whatever the mix of ranks; the returned A', B' are then used with `scal
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ from fedpeft_jax.peft.layers import kaiming_uniform_a_sqrt5
 from fedpeft_jax.peft.partition import flatten, unflatten
 
 PyTree = Any
-Scaling = Union[float, jax.Array]
+Scaling = float | jax.Array
 
 LORA_AGGREGATIONS = ("fedit", "ffa", "fedex", "flora")
 # Rules that change the frozen target weights (the server must hold and send them).
@@ -62,14 +63,14 @@ class LoraAggregate(NamedTuple):
   """One target's aggregate: the new global factors and what to add to the frozen weight."""
   a: jax.Array  # [in, r] global A
   b: jax.Array  # [r, out] global B
-  delta_w: Optional[jax.Array]  # [in, out] to add to the target kernel; None: nothing to fold
+  delta_w: jax.Array | None  # [in, out] to add to the target kernel; None: nothing to fold
 
 
 # ----------------------------------------------------------------------------- ranks
 
 
-def client_ranks(spec: Union[int, str, Sequence[int]], num_clients: int, seed: int,
-                 max_rank: Optional[int] = None) -> np.ndarray:
+def client_ranks(spec: int | str | Sequence[int], num_clients: int, seed: int,
+                 max_rank: int | None = None) -> np.ndarray:
   """Per-client LoRA ranks [num_clients] (int32) from `peft.lora.client_ranks`.
 
   `spec` is an int (every client), a list of ints or a comma string "r1,...,rK" (one per
@@ -157,7 +158,7 @@ def normalize_weights(weights: jax.Array) -> jax.Array:
 
 
 def _prepare(a: jax.Array, b: jax.Array, weights: jax.Array,
-             mask: Optional[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+             mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
   if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
     raise ValueError(f"LoRA factors must be stacked A [K, in, r] and B [K, r, out]; got "
                      f"{a.shape} and {b.shape}")
@@ -170,13 +171,13 @@ def _mean(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.tensordot(w.astype(x.dtype), x, axes=1, precision=_HIGHEST)
 
 
-def _client_scaling(scaling: Scaling, client_scaling: Optional[jax.Array], k: int) -> jax.Array:
+def _client_scaling(scaling: Scaling, client_scaling: jax.Array | None, k: int) -> jax.Array:
   s = scaling if client_scaling is None else client_scaling
   return jnp.broadcast_to(jnp.asarray(s, jnp.float32), (k,))
 
 
 def weighted_product(a: jax.Array, b: jax.Array, weights: jax.Array,
-                     client_scaling: Scaling = 1.0, mask: Optional[jax.Array] = None) -> jax.Array:
+                     client_scaling: Scaling = 1.0, mask: jax.Array | None = None) -> jax.Array:
   """sum_k w_k s_k A_k B_k [in, out]: the exact average of the clients' LoRA deltas."""
   a, b, w = _prepare(a, b, weights, mask)
   coef = (w * _client_scaling(client_scaling, None, a.shape[0])).astype(a.dtype)
@@ -184,7 +185,7 @@ def weighted_product(a: jax.Array, b: jax.Array, weights: jax.Array,
 
 
 def fedit(a: jax.Array, b: jax.Array, weights: jax.Array,
-          mask: Optional[jax.Array] = None) -> LoraAggregate:
+          mask: jax.Array | None = None) -> LoraAggregate:
   """FedIT (Zhang et al., ICASSP 2024): A' = sum w_k A_k, B' = sum w_k B_k, nothing folded.
   The baseline whose product A'B' is not the average of the products."""
   a, b, w = _prepare(a, b, weights, mask)
@@ -192,7 +193,7 @@ def fedit(a: jax.Array, b: jax.Array, weights: jax.Array,
 
 
 def ffa(a: jax.Array, b: jax.Array, weights: jax.Array,
-        mask: Optional[jax.Array] = None) -> LoraAggregate:
+        mask: jax.Array | None = None) -> LoraAggregate:
   """FFA-LoRA (Sun et al., ICLR 2024): A is frozen at the shared init, so only B is averaged
   and A (sum w_k B_k) = sum w_k A B_k exactly. A is not communicated: the server keeps its
   own copy, returned here as client 0's (identical across clients by construction)."""
@@ -201,8 +202,8 @@ def ffa(a: jax.Array, b: jax.Array, weights: jax.Array,
 
 
 def fedex(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling,
-          client_scaling: Optional[jax.Array] = None,
-          mask: Optional[jax.Array] = None) -> LoraAggregate:
+          client_scaling: jax.Array | None = None,
+          mask: jax.Array | None = None) -> LoraAggregate:
   """FedEx-LoRA (Singhal et al., 2025): FedIT's A', B' plus the residual
   dW = sum_k w_k s_k A_k B_k - s A'B' for the frozen weight, so that W + dW + s A'B' is
   exactly sum_k w_k (W + s_k A_k B_k): the averaged model, not an approximation of it."""
@@ -215,8 +216,8 @@ def fedex(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling,
 
 
 def stack_adapters(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling = 1.0,
-                   client_scaling: Optional[jax.Array] = None,
-                   mask: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                   client_scaling: jax.Array | None = None,
+                   mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """FLoRA's stacking: A_stack [in, K r] = [w_1 s_1 A_1 | ... | w_K s_K A_K] and
   B_stack [K r, out] = [B_1; ...; B_K], so A_stack B_stack = sum_k w_k s_k A_k B_k. Each
   client's own scaling goes into its A block; padded rank slots are zero columns / rows."""
@@ -228,8 +229,8 @@ def stack_adapters(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scal
 
 
 def flora(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling, key: jax.Array,
-          client_scaling: Optional[jax.Array] = None,
-          mask: Optional[jax.Array] = None) -> LoraAggregate:
+          client_scaling: jax.Array | None = None,
+          mask: jax.Array | None = None) -> LoraAggregate:
   """FLoRA (Wang et al., NeurIPS 2024): merge dW = A_stack B_stack (`stack_adapters`) into the
   frozen weight and restart LoRA from a fresh A (the model's init,
   `kaiming_uniform_a_sqrt5` on [in, r]) drawn from `key` and a zero B, so the global model
@@ -242,8 +243,8 @@ def flora(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling, key:
 
 
 def aggregate(rule: str, a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling = 1.0,
-              key: Optional[jax.Array] = None, client_scaling: Optional[jax.Array] = None,
-              mask: Optional[jax.Array] = None) -> LoraAggregate:
+              key: jax.Array | None = None, client_scaling: jax.Array | None = None,
+              mask: jax.Array | None = None) -> LoraAggregate:
   """Dispatch one target to `rule` (one of LORA_AGGREGATIONS)."""
   if rule == "fedit":
     return fedit(a, b, weights, mask)
@@ -274,9 +275,9 @@ def lora_targets(params: PyTree) -> dict[str, dict[str, str]]:
 
 
 def aggregate_lora_tree(client_params: PyTree, weights: jax.Array, rule: str,
-                        scaling: Scaling = 1.0, key: Optional[jax.Array] = None,
-                        client_scaling: Optional[jax.Array] = None,
-                        mask: Optional[jax.Array] = None) -> tuple[dict, dict]:
+                        scaling: Scaling = 1.0, key: jax.Array | None = None,
+                        client_scaling: jax.Array | None = None,
+                        mask: jax.Array | None = None) -> tuple[dict, dict]:
   """Apply `rule` to every LoRA pair of `client_params` (leaves stacked [K, ...]).
 
   Returns (lora, deltas): `lora` the nested tree of the aggregated lora_a / lora_b leaves
@@ -354,8 +355,24 @@ def tree_weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
 
 
 __all__ = [
-    "LORA_AGGREGATIONS", "FOLDING_AGGREGATIONS", "LoraAggregate", "client_ranks",
-    "client_scalings", "rank_mask", "apply_rank_mask", "normalize_weights", "weighted_product",
-    "fedit", "ffa", "fedex", "stack_adapters", "flora", "aggregate", "lora_targets",
-    "aggregate_lora_tree", "fold_deltas", "effective_weights", "tree_weighted_mean",
+  "FOLDING_AGGREGATIONS",
+  "LORA_AGGREGATIONS",
+  "LoraAggregate",
+  "aggregate",
+  "aggregate_lora_tree",
+  "apply_rank_mask",
+  "client_ranks",
+  "client_scalings",
+  "effective_weights",
+  "fedex",
+  "fedit",
+  "ffa",
+  "flora",
+  "fold_deltas",
+  "lora_targets",
+  "normalize_weights",
+  "rank_mask",
+  "stack_adapters",
+  "tree_weighted_mean",
+  "weighted_product",
 ]
