@@ -46,6 +46,8 @@ def test_fedit_is_the_weighted_mean_and_misses_the_mean_of_products():
   gap = np.asarray(agg.a, np.float64) @ np.asarray(agg.b, np.float64) - _np_mean_of_products(
       a, b, w, np.ones(K))
   assert np.abs(gap).max() > 0.1
+  np.testing.assert_allclose(la.weighted_product(_j(a), _j(b), _j(raw), 0.5),
+                             _np_mean_of_products(a, b, w, np.full(K, 0.5)), rtol=1e-5, atol=1e-5)
 
 
 def test_ffa_with_a_shared_a_is_exact():

@@ -348,12 +348,6 @@ def effective_weights(params: PyTree, scaling: Scaling) -> dict[str, jax.Array]:
   return out
 
 
-def tree_weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
-  """sum_k w_k x_k over the leading axis of every leaf (weights normalised)."""
-  w = normalize_weights(weights)
-  return jax.tree.map(lambda x: _mean(x, w), stacked)
-
-
 __all__ = [
   "FOLDING_AGGREGATIONS",
   "LORA_AGGREGATIONS",
@@ -373,6 +367,5 @@ __all__ = [
   "normalize_weights",
   "rank_mask",
   "stack_adapters",
-  "tree_weighted_mean",
   "weighted_product",
 ]
