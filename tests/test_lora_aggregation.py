@@ -209,7 +209,7 @@ def test_tree_rule_merges_to_the_average_of_client_models(vit, rule):
   fl = peft.flatten(lora)
   assert set(fl) == {p for v in targets.values() for p in (v["a"], v["b"])}
   # The new global model: the (shared) frozen kernels plus the residuals, with the new factors.
-  merged = peft.flatten(la.fold_deltas(params, deltas))
+  merged = peft.flatten(la.fold_into(params, deltas))
   merged.update(fl)
   got = _np_effective({p: np.asarray(v) for p, v in merged.items()}, s)
   want = {p: sum(w[i] * e for i, e in enumerate(_np_effective(c, s)[p] for c in clients))
@@ -248,7 +248,7 @@ def test_tree_errors(vit):
   with pytest.raises(ValueError, match="no '<target>_lora"):
     la.aggregate_lora_tree({"head": {"kernel": jnp.ones((3, 2, 2))}}, jnp.ones(3), "fedit")
   with pytest.raises(ValueError, match="no kernel"):
-    la.fold_deltas({"head": {"kernel": jnp.ones((2, 2))}}, {"x": {"kernel": jnp.ones((2, 2))}})
+    la.fold_into({"head": {"kernel": jnp.ones((2, 2))}}, {"x": {"kernel": jnp.ones((2, 2))}})
 
 
 # ----------------------------------------------------------------------------- ranks

@@ -38,6 +38,7 @@ is exact whatever the mix of ranks; the returned A', B' are then used with `scal
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -97,12 +98,14 @@ def client_ranks(spec: int | str | Sequence[int], num_clients: int, seed: int,
       raise ValueError(f"{field}: no rank given")
     return out
 
+  allowed = None
   if isinstance(spec, str):
     text = spec.strip()
     if text.startswith("uniform:"):
       choices = ints([s for s in text[len("uniform:"):].split(",") if s.strip()], "rank")
       rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x10A5]))
       ranks = np.asarray(choices, np.int64)[rng.integers(0, len(choices), num_clients)]
+      allowed = np.asarray(choices, np.int64)  # every listed rank, drawn or not, is checked
     elif ":" in text:
       raise ValueError(f"{field}: unknown distribution in {spec!r}; use a list of ranks "
                        "'r1,...,rK' or 'uniform:r1,r2,...'")
@@ -117,10 +120,11 @@ def client_ranks(spec: int | str | Sequence[int], num_clients: int, seed: int,
   if ranks.shape != (num_clients,):
     raise ValueError(f"{field}: {ranks.size} ranks for {num_clients} clients; give one per "
                      "client, a single rank or 'uniform:r1,r2,...'")
-  if (ranks <= 0).any():
-    raise ValueError(f"{field}: ranks must be > 0, got {sorted(set(ranks.tolist()))}")
-  if max_rank is not None and (ranks > int(max_rank)).any():
-    raise ValueError(f"{field}: rank {int(ranks.max())} exceeds peft.lora.rank ({max_rank}), "
+  listed = allowed if allowed is not None else ranks
+  if (listed <= 0).any():
+    raise ValueError(f"{field}: ranks must be > 0, got {sorted(set(listed.tolist()))}")
+  if max_rank is not None and (listed > int(max_rank)).any():
+    raise ValueError(f"{field}: rank {int(listed.max())} exceeds peft.lora.rank ({max_rank}), "
                      "the padded width every client's adapter lives in")
   return ranks.astype(np.int32)
 
@@ -176,12 +180,36 @@ def _client_scaling(scaling: Scaling, client_scaling: jax.Array | None, k: int) 
   return jnp.broadcast_to(jnp.asarray(s, jnp.float32), (k,))
 
 
+def product_sum(a: jax.Array, b: jax.Array, coefficients: jax.Array,
+                client_scaling: Scaling = 1.0, mask: jax.Array | None = None) -> jax.Array:
+  """sum_k c_k s_k A_k B_k [in, out] with the coefficients as given (not normalised): the
+  engine accumulates it chunk by chunk and divides by the round's weight sum once."""
+  if mask is not None:
+    a, b = apply_rank_mask(a, b, mask)
+  coef = (jnp.asarray(coefficients, jnp.float32)
+          * _client_scaling(client_scaling, None, a.shape[0])).astype(a.dtype)
+  return jnp.einsum("k,kir,kro->io", coef, a, b, precision=_HIGHEST)
+
+
 def weighted_product(a: jax.Array, b: jax.Array, weights: jax.Array,
                      client_scaling: Scaling = 1.0, mask: jax.Array | None = None) -> jax.Array:
   """sum_k w_k s_k A_k B_k [in, out]: the exact average of the clients' LoRA deltas."""
   a, b, w = _prepare(a, b, weights, mask)
-  coef = (w * _client_scaling(client_scaling, None, a.shape[0])).astype(a.dtype)
-  return jnp.einsum("k,kir,kro->io", coef, a, b, precision=_HIGHEST)
+  return product_sum(a, b, w, client_scaling)
+
+
+def fedex_residual(product_mean: jax.Array, a_new: jax.Array, b_new: jax.Array,
+                   scaling: Scaling) -> jax.Array:
+  """FedEx-LoRA's residual sum_k w_k s_k A_k B_k - s A'B' [in, out]: what the frozen weight
+  must absorb so that W + residual + s A'B' is the average model whatever A', B' are."""
+  approx = jnp.asarray(scaling, a_new.dtype) * jnp.matmul(a_new, b_new, precision=_HIGHEST)
+  return product_mean - approx
+
+
+def fresh_factors(key: jax.Array, d_in: int, r: int, d_out: int,
+                  dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """LoRA's init (`peft.layers.LoRA`): A from `kaiming_uniform_a_sqrt5` on [in, r], B zero."""
+  return kaiming_uniform_a_sqrt5(key, (d_in, r), dtype), jnp.zeros((r, d_out), dtype)
 
 
 def fedit(a: jax.Array, b: jax.Array, weights: jax.Array,
@@ -209,10 +237,8 @@ def fedex(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling,
   exactly sum_k w_k (W + s_k A_k B_k): the averaged model, not an approximation of it."""
   a, b, w = _prepare(a, b, weights, mask)
   a_mean, b_mean = _mean(a, w), _mean(b, w)
-  coef = (w * _client_scaling(scaling, client_scaling, a.shape[0])).astype(a.dtype)
-  exact = jnp.einsum("k,kir,kro->io", coef, a, b, precision=_HIGHEST)
-  approx = jnp.asarray(scaling, a.dtype) * jnp.matmul(a_mean, b_mean, precision=_HIGHEST)
-  return LoraAggregate(a_mean, b_mean, exact - approx)
+  exact = product_sum(a, b, w, _client_scaling(scaling, client_scaling, a.shape[0]))
+  return LoraAggregate(a_mean, b_mean, fedex_residual(exact, a_mean, b_mean, scaling))
 
 
 def stack_adapters(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling = 1.0,
@@ -238,8 +264,8 @@ def flora(a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling, key:
   a_stack, b_stack = stack_adapters(a, b, weights, scaling, client_scaling, mask)
   delta = jnp.matmul(a_stack, b_stack, precision=_HIGHEST)
   _, d_in, r = a.shape
-  fresh_a = kaiming_uniform_a_sqrt5(key, (d_in, r), a.dtype)
-  return LoraAggregate(fresh_a, jnp.zeros(b.shape[1:], b.dtype), delta)
+  fresh_a, fresh_b = fresh_factors(key, d_in, r, b.shape[2], a.dtype)
+  return LoraAggregate(fresh_a, fresh_b, delta)
 
 
 def aggregate(rule: str, a: jax.Array, b: jax.Array, weights: jax.Array, scaling: Scaling = 1.0,
@@ -282,7 +308,7 @@ def aggregate_lora_tree(client_params: PyTree, weights: jax.Array, rule: str,
 
   Returns (lora, deltas): `lora` the nested tree of the aggregated lora_a / lora_b leaves
   (unstacked; only B under FFA-LoRA when the tree holds no A), `deltas` the nested tree
-  {<target>/kernel: dW [in, out]} to add to the frozen weights with `fold_deltas` (empty
+  {<target>/kernel: dW [in, out]} to add to the frozen weights with `fold_into` (empty
   for fedit / ffa). Leaves other than LoRA factors are not touched: the engine's usual mean
   covers them. flora's `key` is split once per target (in sorted path order).
   """
@@ -318,22 +344,141 @@ def aggregate_lora_tree(client_params: PyTree, weights: jax.Array, rule: str,
   return unflatten(lora), unflatten(deltas)
 
 
-def fold_deltas(params: PyTree, deltas: PyTree) -> dict:
-  """`params` with each [in, out] delta of `deltas` reshaped to its kernel's shape (row-major,
-  the layout LoRA multiplies by) and added; an error for a delta without its kernel."""
-  fp, fd = flatten(params), flatten(deltas)
+def fold_into(frozen: PyTree, folded: PyTree | None) -> PyTree:
+  """The frozen tree as clients and evaluation see it: each [in, out] delta of `folded`
+  ({<target>/kernel: delta}, `ServerState.folded`) reshaped to its kernel's shape (row-major,
+  the layout LoRA multiplies by), added in float32 and cast back to the kernel's dtype (the
+  compute dtype of the frozen backbone). `folded` None or empty: `frozen` itself."""
+  if not folded:
+    return frozen
+  fp, fd = flatten(frozen), flatten(folded)
   missing = sorted(fd.keys() - fp.keys())
   if missing:
-    raise ValueError(f"fold_deltas: no kernel in params for {missing[:5]}; pass the tree that "
-                     "holds the frozen target weights")
+    raise ValueError(f"fold_into: no kernel in the frozen params for {missing[:5]}; the LoRA "
+                     "targets' kernels must be frozen (not trained) to fold deltas into them")
   out = dict(fp)
   for path, d in fd.items():
     kernel = fp[path]
     if np.prod(np.shape(kernel)) != np.prod(np.shape(d)):
-      raise ValueError(f"fold_deltas: delta {np.shape(d)} does not fit kernel {path!r} "
+      raise ValueError(f"fold_into: delta {np.shape(d)} does not fit kernel {path!r} "
                        f"{np.shape(kernel)}")
-    out[path] = kernel + d.reshape(kernel.shape).astype(kernel.dtype)
+    summed = jnp.asarray(kernel, jnp.float32) + jnp.reshape(d, np.shape(kernel)).astype(jnp.float32)
+    out[path] = summed.astype(kernel.dtype)
   return unflatten(out)
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+def folded_zeros(trainable: PyTree) -> dict:
+  """{<target>/kernel: float32 zeros [in, out]} for every LoRA pair of `trainable`: round 0's
+  `ServerState.folded` (NumPy, so it places like the rest of the initial state)."""
+  flat = flatten(trainable)
+  out = {}
+  for prefix, paths in lora_targets(trainable).items():
+    if "a" not in paths or "b" not in paths:
+      raise ValueError(f"LoRA target {prefix!r}: folding rules (fedex, flora) need both lora_a "
+                       "and lora_b trainable; peft.lora.freeze_a is FFA-LoRA's setting")
+    out[paths["kernel"]] = np.zeros((np.shape(flat[paths["a"]])[0],
+                                     np.shape(flat[paths["b"]])[1]), np.float32)
+  return unflatten(out)
+
+
+def _map_pairs(params: PyTree, fn: Any) -> dict:
+  """`params` with every LoRA pair (a, b) replaced by fn(prefix, a, b) -> (a, b)."""
+  flat = dict(flatten(params))
+  for i, (prefix, paths) in enumerate(lora_targets(params).items()):
+    flat[paths["a"]], flat[paths["b"]] = fn(i, flat[paths["a"]], flat[paths["b"]])
+  return unflatten(flat)
+
+
+def reinit_lora(trainable: PyTree, key: jax.Array) -> dict:
+  """`trainable` with every LoRA pair restarted (`fresh_factors`), target i (in sorted path
+  order) drawn from fold_in(key, i); other leaves untouched. FLoRA's restart."""
+  def fresh(i, a, b):
+    return fresh_factors(jax.random.fold_in(key, i), a.shape[0], a.shape[1], b.shape[1], a.dtype)
+  return _map_pairs(trainable, fresh)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRound:
+  """What a folding rule (fedex, flora) adds to the engine's round, as one pluggable piece:
+
+  * `client_start`: the factors client k starts from (A columns and B rows beyond its rank
+    zeroed; the identity with homogeneous ranks). With B = 0 (FLoRA's restart) the padded
+    slots then get zero gradients and stay exactly zero under SGD / Adam / weight decay.
+  * `products`: a chunk's sum_k c_k s A_k B_k per target, A_k, B_k the client's final
+    factors (start + decoded upload, rank-masked): the engine adds it to its running sums.
+  * `finalize`: from the round's sums and the server's new trainable tree, the delta to add
+    to `ServerState.folded` and the trainable tree the next round starts from.
+
+  Every client computes with the model's scaling s = alpha / r_max (padded ranks share one
+  model), so s is one number here.
+  """
+  rule: str
+  scaling: float
+  ranks: tuple[int, ...] = ()  # per client id; () = every client at the model's rank
+
+  def __post_init__(self):
+    if self.rule not in FOLDING_AGGREGATIONS:
+      raise ValueError(f"LoraRound: {self.rule!r} folds nothing; folding rules: "
+                       f"{', '.join(FOLDING_AGGREGATIONS)}")
+    if self.ranks and self.rule != "flora":
+      raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
+                       "FedIT and FedEx-LoRA average factors of one shape")
+
+  def _mask(self, client_ids: jax.Array, r_max: int) -> jax.Array:
+    return rank_mask(jnp.asarray(self.ranks, jnp.int32)[client_ids], r_max)
+
+  def client_start(self, trainable: PyTree, client_id: jax.Array) -> PyTree:
+    if not self.ranks:
+      return trainable
+
+    def masked(i, a, b):
+      a, b = apply_rank_mask(a[None], b[None], self._mask(client_id[None], a.shape[1]))
+      return a[0], b[0]
+    return _map_pairs(trainable, masked)
+
+  def products(self, sent: PyTree, updates: PyTree, coefficients: jax.Array,
+               client_ids: jax.Array) -> dict:
+    """{<target>/kernel: sum_k c_k s A_k B_k}; `sent` unstacked, `updates` [K, ...]."""
+    fs, fu = flatten(sent), flatten(updates)
+    out = {}
+    for paths in lora_targets(sent).values():
+      a = fs[paths["a"]][None] + fu[paths["a"]]
+      b = fs[paths["b"]][None] + fu[paths["b"]]
+      mask = self._mask(client_ids, a.shape[2]) if self.ranks else None
+      out[paths["kernel"]] = product_sum(a, b, coefficients, self.scaling, mask)
+    return unflatten(out)
+
+  def finalize(self, product_sums: PyTree, weight_sum: jax.Array, trainable: PyTree,
+               key: jax.Array) -> tuple[PyTree, dict]:
+    """(next trainable, delta for `folded`); `trainable` is the server's updated tree (the
+    FedIT mean of the factors under fedavg with lr 1), `weight_sum` the aggregator's
+    denominator, `key` flora's restart key."""
+    total = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    means = jax.tree_util.tree_map(lambda p: p / total, product_sums)
+    if self.rule == "flora":
+      return reinit_lora(trainable, key), means
+    flat, fm = flatten(trainable), flatten(means)
+    delta = {paths["kernel"]: fedex_residual(fm[paths["kernel"]], flat[paths["a"]],
+                                             flat[paths["b"]], self.scaling)
+             for paths in lora_targets(trainable).values()}
+    return trainable, unflatten(delta)
+
+
+def lora_round(rule: str, scaling: float, ranks: Sequence[int] = ()) -> LoraRound | None:
+  """The round's folding piece for `rule` (None for fedit and ffa, which fold nothing:
+  their aggregation is the engine's plain mean of the trainable leaves)."""
+  if rule not in LORA_AGGREGATIONS:
+    raise ValueError(f"federated.lora_aggregation: {rule!r}; allowed: "
+                     f"{', '.join(LORA_AGGREGATIONS)}")
+  if rule not in FOLDING_AGGREGATIONS:
+    if len(ranks):
+      raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
+                       "FedIT and FedEx-LoRA average factors of one shape")
+    return None
+  return LoraRound(rule, float(scaling), tuple(int(r) for r in ranks))
 
 
 def effective_weights(params: PyTree, scaling: Scaling) -> dict[str, jax.Array]:
@@ -352,6 +497,7 @@ __all__ = [
   "FOLDING_AGGREGATIONS",
   "LORA_AGGREGATIONS",
   "LoraAggregate",
+  "LoraRound",
   "aggregate",
   "aggregate_lora_tree",
   "apply_rank_mask",
@@ -359,13 +505,19 @@ __all__ = [
   "client_scalings",
   "effective_weights",
   "fedex",
+  "fedex_residual",
   "fedit",
   "ffa",
   "flora",
-  "fold_deltas",
+  "fold_into",
+  "folded_zeros",
+  "fresh_factors",
+  "lora_round",
   "lora_targets",
   "normalize_weights",
+  "product_sum",
   "rank_mask",
+  "reinit_lora",
   "stack_adapters",
   "weighted_product",
 ]
