@@ -102,6 +102,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.eval_per_client = False
   # Per-client test set size (0 = the client's share of the test split, by training size).
   c.federated.local_test_size = 0
+  # How LoRA factors are aggregated (peft.method must include lora for all but 'fedit'):
+  # 'fedit' averages A and B separately (Zhang et al. 2024); 'ffa' freezes A (FFA-LoRA, Sun
+  # et al. 2024; = peft.lora.freeze_a); 'fedex' adds the residual that makes the global
+  # model the exact average (FedEx-LoRA, Singhal et al. 2025); 'flora' folds the stacked
+  # product into the frozen weights and restarts LoRA each round (FLoRA, Wang et al. 2024;
+  # allows peft.lora.client_ranks). fedex / flora need server_optimizer='fedavg',
+  # server_lr=1.0 and privacy.mechanism='none'; their downloads carry the folded deltas.
+  c.federated.lora_aggregation = "fedit"
 
   c.privacy = default_privacy_config()
 

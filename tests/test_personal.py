@@ -285,6 +285,7 @@ def test_fedper_run_sends_only_shared_leaves_and_resumes_exactly(tmp_path):
     ({"personal_schedule": "perfedavg"}, "config.federated.personal_schedule"),
     ({"personal": "head", "personal_epochs": 0}, "config.federated.personal_epochs"),
     ({"personal": "head", "local_test_size": -1}, "config.federated.local_test_size"),
+    ({"personal": "head", "lora_aggregation": "fedex"}, "config.federated.personal"),
 ])
 def test_bad_personal_fields_are_named(fields, named):
   config = repo_config("tiny").get_config("lora")

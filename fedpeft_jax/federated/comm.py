@@ -53,21 +53,29 @@ class CommCost:
   # One upload of the trainable subtree as encoded (compressed) by a client; 0 = the same
   # as trainable_bytes (uploads uncompressed, in the wire dtype).
   upload_bytes: int = 0
+  # What every download carries besides the trainable subtree: under FedEx-LoRA / FLoRA the
+  # folded deltas of the frozen target kernels, one dense [in, out] per target in the wire
+  # dtype (a client that missed rounds needs the whole sum, so no per-round increment).
+  download_extra_bytes: int = 0
 
   def round_bytes(self, num_sampled: int, num_reporting: int) -> dict[str, int]:
     """Download to every sampled client, upload from every client that reported."""
-    down = self.trainable_bytes * num_sampled
+    down = (self.trainable_bytes + self.download_extra_bytes) * num_sampled
     up = (self.upload_bytes or self.trainable_bytes) * num_reporting
     full = self.full_bytes * (num_sampled + num_reporting)
     return {"bytes_down": down, "bytes_up": up, "bytes_full_equivalent": full}
 
 
 def comm_cost(trainable: PyTree, all_params: PyTree, base_params: PyTree,
-              wire_dtype: Any, upload_bytes: int = 0) -> CommCost:
+              wire_dtype: Any, upload_bytes: int = 0,
+              download_extra: PyTree = None) -> CommCost:
   """Costs of sending `trainable` and of sending `base_params` (the model without PEFT
   modules; shapes suffice, e.g. from `jax.eval_shape`) in `wire_dtype`; `upload_bytes`:
   one compressed upload (`compression.compress`'s byte count), 0 when uploads are not
-  compressed."""
+  compressed; `download_extra`: a tree every download also carries in `wire_dtype` (the
+  folded deltas of `lora_aggregation.folded_zeros`), None for nothing."""
+  extra = 0 if download_extra is None else payload_bytes(download_extra, wire_dtype)
   return CommCost(trainable_params=count(trainable), total_params=count(all_params),
                   trainable_bytes=payload_bytes(trainable, wire_dtype),
-                  full_bytes=payload_bytes(base_params, wire_dtype), upload_bytes=upload_bytes)
+                  full_bytes=payload_bytes(base_params, wire_dtype), upload_bytes=upload_bytes,
+                  download_extra_bytes=extra)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,18 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fedpeft_jax import rng as rng_lib
-from fedpeft_jax.federated import aggregation, comm, compression
+from fedpeft_jax.federated import aggregation, comm, compression, lora_aggregation
 from fedpeft_jax.federated import state as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
 from fedpeft_jax.federated.layout import layout_clients
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, to_global
 from fedpeft_jax.federated.sampling import RoundPlan
 from fedpeft_jax.peft.partition import nbytes
+from fedpeft_jax.peft.spec import to_spec
 
 PyTree = Any
+# Folded into the train stream's key (then the round) for FLoRA's LoRA restart; clients fold
+# in their ids (< 2**31 in practice) directly, so the two never share a key.
+LORA_INIT_STREAM = 0x7FFFFFF0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +49,7 @@ class RoundSpec:
   num_devices: int
   weighting: str = "examples"
   max_update_norm: float = 0.0  # > 0: clip each client update's global norm at the server
-  dp: aggregation.ServerDP = aggregation.ServerDP()
+  dp: aggregation.ServerDP = dataclasses.field(default_factory=aggregation.ServerDP)
   # Pad every round to at least this many client slots, so rounds with a varying number
   # of clients (Poisson sampling, dropout) share one compiled executable.
   min_slots: int = 0
@@ -55,6 +61,13 @@ class RoundSpec:
   # Clients in the population: needed when the round keeps per-client state of its own
   # (topk's error-feedback residual).
   num_clients: int = 0
+  # How LoRA factors are aggregated (`lora_aggregation.LORA_AGGREGATIONS`): 'fedit' and
+  # 'ffa' are the plain mean of the trainable leaves ('ffa' = a trainable tree without A);
+  # 'fedex' and 'flora' also fold the exact mean of the client products into
+  # `ServerState.folded` (they assume the plain mean: fedavg with lr 1, no DP).
+  lora_aggregation: str = "fedit"
+  # flora only: each client id's LoRA rank (zero-padded to the model's); () = the model's.
+  client_ranks: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +96,7 @@ class FederatedAlgorithm(NamedTuple):
   and memory analyses) without running it."""
   init: Callable[..., server_lib.ServerState]
   apply: Callable[..., tuple[server_lib.ServerState, dict]]
-  lower: Optional[Callable[..., Any]] = None
+  lower: Callable[..., Any] | None = None
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -100,10 +113,10 @@ def default_aggregator(round_spec: RoundSpec) -> aggregation.Aggregator:
 def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
                     server_tx: optax.GradientTransformation, client_spec: ClientSpec,
                     round_spec: RoundSpec, num_classes: int,
-                    mesh: Optional[Mesh] = None,
-                    client_update: Optional[Callable[..., dict]] = None,
-                    aggregator: Optional[aggregation.Aggregator] = None,
-                    client_state: Optional[ClientStateSpec] = None) -> FederatedAlgorithm:
+                    mesh: Mesh | None = None,
+                    client_update: Callable[..., dict] | None = None,
+                    aggregator: aggregation.Aggregator | None = None,
+                    client_state: ClientStateSpec | None = None) -> FederatedAlgorithm:
   """The federated algorithm for `model` whose trainable subtree the server holds.
 
   `client_update(trainable, frozen, data, client_id, key, active) -> dict` replaces the
@@ -136,9 +149,27 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     client_update = make_client_update(model, client_tx, client_spec, num_classes)
   private = round_spec.dp.enabled or client_spec.dp.mechanism != "none"
   wire = round_spec.wire_dtype
+  # FedEx-LoRA / FLoRA: the one piece of the round that knows about LoRA factors.
+  folding = lora_aggregation.lora_round(
+      round_spec.lora_aggregation,
+      to_spec(model.peft).lora_scaling if round_spec.lora_aggregation != "fedit" else 1.0,
+      round_spec.client_ranks)
+  if folding is not None:
+    if private:
+      raise ValueError(f"federated.lora_aggregation={folding.rule!r} folds the plain mean of "
+                       "the client models into the frozen weights; it does not run under DP "
+                       "(privacy.mechanism must be 'none')")
+    if folding.ranks and len(folding.ranks) != round_spec.num_clients:
+      raise ValueError(f"peft.lora.client_ranks: {len(folding.ranks)} ranks, but RoundSpec."
+                       f"num_clients is {round_spec.num_clients}; give one rank per client")
+    rule = client_update
+
+    def client_update(trainable, frozen, data, client_id, key, active, *state):
+      return rule(folding.client_start(trainable, client_id), frozen, data, client_id, key,
+                  active, *state)
 
   def init(trainable: PyTree, seed: int, clip_norm: float = 0.0,
-           dp_key: Optional[np.ndarray] = None) -> server_lib.ServerState:
+           dp_key: np.ndarray | None = None) -> server_lib.ServerState:
     """Round 0's state. `dp_key`: raw key data of the dp stream; by default drawn from
     the OS when a privacy mechanism is on (and the seed's otherwise unused dp stream when
     not). Placed replicated on the mesh like every later state, so round 2 reuses round
@@ -161,9 +192,14 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), trainable),
           round_spec.num_clients)
     clients = clients or None
+    if round_spec.lora_aggregation == "ffa" and any(
+        p.endswith("_lora/lora_a") for p in lora_aggregation.flatten(trainable)):
+      raise ValueError("federated.lora_aggregation='ffa' (FFA-LoRA) keeps A frozen: build the "
+                       "trainable mask with peft.lora.freeze_a=True")
+    folded = None if folding is None else lora_aggregation.folded_zeros(trainable)
     state = server_lib.init_server_state(trainable, server_tx,
                                          rng_lib.stream_key_data(seed, "train"), dp_key,
-                                         clip_norm, clients)
+                                         clip_norm, clients, folded)
     return replicate(state, mesh)
 
   def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
@@ -173,6 +209,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     init_carry = {"update": optax.tree.zeros_like(trainable), "weight": f32(), "loss": f32(),
                   "examples": f32(), "contributed": f32(), "nonfinite": f32(), "steps": f32(),
                   "executed_steps": f32(), "poisson_dropped": f32()}
+    if folding is not None:  # sum_k c_k s A_k B_k per target
+      init_carry["lora_products"] = jax.tree_util.tree_map(
+          jnp.asarray, lora_aggregation.folded_zeros(trainable))
 
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
@@ -214,6 +253,10 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       weighted = jax.tree_util.tree_map(lambda u: jnp.tensordot(coeff.astype(u.dtype), u, 1),
                                         c.updates)
       examples = jnp.where(ok, out["num_examples"], 0.0)
+      if folding is not None:
+        # The products of the factors each client ended with, as the server decoded them.
+        lora_products = optax.tree.add(carry["lora_products"], folding.products(
+            trainable, c.updates, coeff, ids_c))
       new = {
           "update": optax.tree.add(carry["update"], weighted),
           "weight": carry["weight"] + jnp.sum(jnp.where(ok, c.weights, 0.0)),
@@ -230,6 +273,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           "poisson_dropped": carry["poisson_dropped"] + jnp.sum(
               jnp.where(valid_c, out["poisson_dropped"], 0)),
       }
+      if folding is not None:
+        new["lora_products"] = lora_products
       return new, (c.norms.astype(jnp.float32), ok, new_rows or None)
 
     return jax.lax.scan(chunk_body, init_carry, (ids, valid, keys))
@@ -259,12 +304,22 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         ids.reshape(-1))
     keys = flat_keys.reshape(ids.shape + flat_keys.shape[1:])
     sent = comm.on_wire(state.trainable, wire)  # the model the clients receive
-    sums, (norms, ok, new_rows) = sharded_sums(sent, frozen, data, ids, valid, keys,
+    # The frozen weights with what FedEx-LoRA / FLoRA folded into them (a no-op otherwise).
+    seen = lora_aggregation.fold_into(frozen, state.folded)
+    sums, (norms, ok, new_rows) = sharded_sums(sent, seen, data, ids, valid, keys,
                                                state.clip_norm, state.clients)
     mean_update, clip_norm, apply_update, agg_metrics = aggregator.finalize(
         sums["update"], sums["weight"], norms.reshape(-1), ok.reshape(-1), state.clip_norm,
         jax.random.fold_in(dp_round, 1))
     new_trainable, new_opt = server_lib.apply_server_update(state, mean_update, server_tx)
+    folded = state.folded
+    if folding is not None:
+      # FLoRA's restart key: the train stream's LORA_INIT_STREAM sub-stream at this round.
+      restart = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                                      LORA_INIT_STREAM), state.round)
+      new_trainable, delta = folding.finalize(sums["lora_products"], sums["weight"],
+                                              new_trainable, restart)
+      folded = optax.tree.where(apply_update, optax.tree.add(state.folded, delta), state.folded)
     # A round in which no client contributed leaves the model and optimizer untouched.
     new_trainable = optax.tree.where(apply_update, new_trainable, state.trainable)
     new_opt = optax.tree.where(apply_update, new_opt, state.opt_state)
@@ -278,7 +333,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           lambda old, rows: old.at[target].set(rows.reshape((-1,) + old.shape[1:]),
                                                mode="drop"), clients, new_rows)
     new_state = state.replace(trainable=new_trainable, opt_state=new_opt, round=state.round + 1,
-                              clip_norm=clip_norm, clients=clients)
+                              clip_norm=clip_norm, clients=clients, folded=folded)
     metrics = {
         "clients_contributed": sums["contributed"],
         "clients_nonfinite": sums["nonfinite"],

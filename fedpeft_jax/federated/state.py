@@ -6,7 +6,7 @@ an optax optimizer (`server.make_server_optimizer`); FedAvg is SGD with learning
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +33,20 @@ class ServerState:
   # Per-client persistent state (`engine.ClientStateSpec`): a pytree whose leaves lead with
   # [num_clients], carried from round to round (personal heads, error-feedback residuals);
   # None when the client rule keeps none.
-  clients: Optional[PyTree] = None
+  clients: PyTree | None = None
+  # FedEx-LoRA / FLoRA (`lora_aggregation.LoraRound`): {<target>/kernel: float32 [in, out]}
+  # added to the frozen target kernels (`lora_aggregation.fold_into`): the part of the
+  # global model that left the LoRA factors. None under rules that fold nothing.
+  folded: PyTree | None = None
 
 
 def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation,
                       rng: np.ndarray, dp_rng: np.ndarray, clip_norm: float = 0.0,
-                      clients: Optional[PyTree] = None) -> ServerState:
+                      clients: PyTree | None = None,
+                      folded: PyTree | None = None) -> ServerState:
   """Round 0's state; `rng` and `dp_rng` are raw key data of the train and dp streams,
-  `clients` the per-client state (leaves [num_clients, ...]) or None."""
+  `clients` the per-client state (leaves [num_clients, ...]) or None, `folded` the zero
+  deltas of a folding LoRA rule or None."""
   return ServerState(
       trainable=trainable,
       opt_state=server_tx.init(trainable),
@@ -49,6 +55,7 @@ def init_server_state(trainable: PyTree, server_tx: optax.GradientTransformation
       dp_rng=jnp.asarray(dp_rng, jnp.uint32),
       clip_norm=jnp.asarray(clip_norm, jnp.float32),
       clients=clients,
+      folded=folded,
   )
 
 

@@ -8,7 +8,8 @@ Several methods combine with `+` (`"bias+lora"`) or a list.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -46,13 +47,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora.rslora = False
   c.lora.dropout = 0.0
   c.lora.freeze_a = False  # FFA-LoRA: A stays at its random init; only B trains.
+  # Per-client ranks for federated.lora_aggregation='flora' (heterogeneous LoRA): "" = every
+  # client uses `rank`; "r1,...,rK" one per client; "uniform:r1,r2,..." each client draws one
+  # (from the seed's data stream). Each in 1..rank: the model is built at `rank` and a
+  # lower-rank client zero-pads its A columns / B rows (all clients scale by alpha / rank).
+  c.lora.client_ranks = ""
 
   c.ssf = ml_collections.ConfigDict()
   c.ssf.init_std = 0.02  # gamma ~ N(1, std), beta ~ N(0, std); 0 -> identity init.
   return c
 
 
-def method_config(method: Union[str, Sequence[str]] = "full",
+def method_config(method: str | Sequence[str] = "full",
                   **overrides: Any) -> ml_collections.ConfigDict:
   """A PEFT config for `method`; keyword overrides go to the method's section.
 
@@ -90,7 +96,7 @@ def _locate(names: Sequence[str], key: str) -> tuple[str, str]:
   return sections[0], key
 
 
-def parse_methods(method: Union[str, Iterable[str]]) -> tuple[str, ...]:
+def parse_methods(method: str | Iterable[str]) -> tuple[str, ...]:
   """'bias+lora' or ['bias', 'lora'] -> ('bias', 'lora'), validated."""
   if isinstance(method, str):
     names = [m.strip() for m in method.split("+")]
@@ -142,6 +148,10 @@ def validate(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     if not 0.0 <= float(cfg.lora.dropout) < 1.0:
       raise ValueError(f"peft.lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     lora_targets(cfg)
+    if not isinstance(cfg.lora.get("client_ranks", ""), str):
+      raise ValueError(f"peft.lora.client_ranks must be a string ('' = every client at "
+                       f"peft.lora.rank, 'r1,...,rK' or 'uniform:r1,r2,...'), got "
+                       f"{cfg.lora.client_ranks!r}")
   if "ssf" in names and float(cfg.ssf.init_std) < 0:
     raise ValueError(f"peft.ssf.init_std must be >= 0, got {cfg.ssf.init_std}")
   return names

@@ -10,12 +10,13 @@ metrics as an uninterrupted one, and two DP runs of one config draw different no
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from fedpeft_jax import peft
 import fedpeft_jax.data as fdata
+from fedpeft_jax import peft
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.federated import compression
 from fedpeft_jax.federated import personal as personal_lib
@@ -36,6 +37,7 @@ from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundSpec,
                                    make_client_optimizer, make_evaluate, make_mesh, make_server_optimizer,
                                    place_eval_set, plan_round, replicate,
                                    resolve_clients_per_round)
+from fedpeft_jax.federated import lora_aggregation as lora_agg
 from fedpeft_jax.models.factory import base_param_shapes, build_model, init_params
 from fedpeft_jax.privacy import PrivacyPlan, poisson_capacity
 from fedpeft_jax.runner import outputs
@@ -73,8 +75,29 @@ def local_test_partition(test_labels: np.ndarray, part: Any, size: int, seed: in
     raise ValueError(f"federated.local_test_size ({size}): {e}") from e
 
 
+def training_peft(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.peft as the run trains it. FFA-LoRA (federated.lora_aggregation='ffa') is
+  peft.lora.freeze_a=True: one path (the trainable mask) keeps A frozen and unsent."""
+  if config.federated.lora_aggregation != "ffa":
+    return config.peft
+  cfg = copy.deepcopy(config.peft)
+  cfg.lora.freeze_a = True
+  return cfg
+
+
+def lora_client_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Each client's LoRA rank from peft.lora.client_ranks ('uniform:...' draws from the seed's
+  data stream); () when unset (every client at peft.lora.rank)."""
+  spec = config.peft.lora.client_ranks
+  if not spec:
+    return ()
+  return tuple(lora_agg.client_ranks(spec, config.federated.num_clients,
+                                     rng_lib.stream_seed(config.seed, "data"),
+                                     max_rank=config.peft.lora.rank).tolist())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-        stop_after_round: Optional[int] = None) -> dict:
+        stop_after_round: int | None = None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the summary dict."""
   validate_config(config)
   summary_path = os.path.join(workdir, "summary.json")
@@ -97,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   dataset, part = load_data(config)
   model = build_model(config, dataset.num_classes)
   params = init_params(config, model, jnp.asarray(rng_lib.stream_key_data(config.seed, "init")))
-  mask = peft.trainable_mask(params, config.peft)
+  mask = peft.trainable_mask(params, training_peft(config))
   trainable, frozen = peft.split(params, mask)
   # Personalisation: the server holds and sends only the shared leaves; the personal ones
   # start at their init on every client (`federated.personal`).
@@ -113,8 +136,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   per_client_eval = personal_init is not None or fed.eval_per_client
   upload = (0 if fed.compression == "none" else compression.encoded_bytes(
       trainable, fed.compression, fed.compression_block, fed.compression_fraction))
+  # FedEx-LoRA / FLoRA: every download also carries the folded deltas of the target kernels.
+  folds = fed.lora_aggregation in lora_agg.FOLDING_AGGREGATIONS
   cost = comm_cost(trainable, params, base_param_shapes(config, dataset.num_classes),
-                   fed.wire_dtype, upload_bytes=upload)
+                   fed.wire_dtype, upload_bytes=upload,
+                   download_extra=lora_agg.folded_zeros(trainable) if folds else None)
 
   num_devices = len(jax.devices())
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
@@ -201,17 +227,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     personal_key = jax.random.wrap_key_data(
         jnp.asarray(rng_lib.stream_key_data(config.seed, "personal")))
 
+  client_ranks = lora_client_ranks(config)
+
   def build(chunk: int):
     rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
                       max_update_norm=fed.max_update_norm, dp=privacy.server,
                       min_slots=min_slots, wire_dtype=fed.wire_dtype,
                       compression=fed.compression, compression_block=fed.compression_block,
                       compression_fraction=fed.compression_fraction,
-                      num_clients=fed.num_clients)
+                      num_clients=fed.num_clients, lora_aggregation=fed.lora_aggregation,
+                      client_ranks=client_ranks)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh, client_update=client_rule, client_state=client_state)
 
-  def round_bytes(chunk: int) -> Optional[int]:  # XLA's plan for one round at this chunk
+  def round_bytes(chunk: int) -> int | None:  # XLA's plan for one round at this chunk
     trial = build(chunk)
     plan = plan_round(rng_lib.stream_seed(config.seed, "sampling"), 0, fed.num_clients,
                       per_round, poisson=poisson_clients)
@@ -330,7 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   # The host never waits on the round it just dispatched: round r's metrics are read after
   # round r + 1 is queued, so the device always has work. Checkpoint rounds read their own
   # row first, so a checkpoint never gets ahead of metrics.jsonl.
-  pending: Optional[dict] = None
+  pending: dict | None = None
   for r in range(int(state.round), fed.rounds):
     plan = plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
                       poisson=poisson_clients)
@@ -342,11 +371,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     state, m = algo.apply(state, frozen_dev, client_data, plan)
     ev = None
     if (r + 1) % fed.eval_every == 0 or r + 1 == fed.rounds:
-      ev = evaluate(peft.merge(state.trainable, global_frozen_dev), test_images, test_labels)
+      # The global model: the trainable leaves over the frozen weights with what
+      # FedEx-LoRA / FLoRA folded into them.
+      ev = evaluate(peft.merge(state.trainable,
+                               lora_agg.fold_into(global_frozen_dev, state.folded)),
+                    test_images, test_labels)
       if local_eval is not None:
         rows = state.clients["rule"] if client_state is not None else babu_rows
-        ev["clients"] = local_eval(state.trainable, base_frozen_dev, rows, local_test,
-                                   client_data, jax.random.fold_in(personal_key, r))
+        ev["clients"] = local_eval(state.trainable,
+                                   lora_agg.fold_into(base_frozen_dev, state.folded), rows,
+                                   local_test, client_data, jax.random.fold_in(personal_key, r))
     privacy.record(plan.reporting)
     b = cost.round_bytes(plan.num_sampled, plan.num_reporting)
     cumulative["bytes"] += b["bytes_down"] + b["bytes_up"]
@@ -385,6 +419,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   summary = {
       "dataset": config.data.dataset,
       "method": config.peft.method,
+      "lora_aggregation": fed.lora_aggregation,
       "pretrained": config.model.pretrained or "scratch",
       "rounds": int(state.round),
       "stopped_early_for_privacy_budget": stopped_early,

@@ -13,15 +13,25 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes
 from fedpeft_jax.data import METHODS as PARTITION_METHODS
-from fedpeft_jax.federated import COMPRESSIONS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
+from fedpeft_jax.federated import (
+  CLIENT_OPTIMIZERS,
+  COMPRESSIONS,
+  SERVER_OPTIMIZERS,
+  WEIGHTINGS,
+  WIRE_DTYPES,
+)
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
 from fedpeft_jax.federated.personal import PERSONAL_SCHEDULES, parse_patterns
+from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, LORA_AGGREGATIONS,
+                                                    client_ranks)
 from fedpeft_jax.models import MODEL_DTYPES, POOLS, REGISTRY, VARIANTS, parse_variant
 from fedpeft_jax.peft.config import default_config as default_peft_config
+from fedpeft_jax.peft.config import parse_methods
 from fedpeft_jax.peft.config import validate as validate_peft
 from fedpeft_jax.privacy.config import default_privacy_config, validate_privacy
 
@@ -119,7 +129,7 @@ def as_config_error(prefix: str, fn: Callable[[], Any]) -> Any:
     raise ConfigError(f"config.{prefix}: {msg}", field=f"config.{prefix}") from e
 
 
-def parse_clients_per_chunk(value: Any) -> Optional[int]:
+def parse_clients_per_chunk(value: Any) -> int | None:
   """'auto' -> None; a positive int (or its string, as the command line gives it) -> int."""
   if value == "auto":
     return None
@@ -165,7 +175,7 @@ def known_pretrained() -> tuple[str, ...]:
   return tuple(sorted(_registry()))
 
 
-def _variant_sizes(variant: Any) -> Optional[dict[str, int]]:
+def _variant_sizes(variant: Any) -> dict[str, int] | None:
   """'B/16' -> the ViT sizes it stands for; None when it is not a variant name."""
   if not isinstance(variant, str):
     return None
@@ -174,7 +184,8 @@ def _variant_sizes(variant: Any) -> Optional[dict[str, int]]:
   except ValueError:
     return None
   width, depth, mlp, heads = VARIANTS[size]
-  return dict(hidden_size=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch)
+  return {"hidden_size": width, "depth": depth, "num_heads": heads, "mlp_dim": mlp,
+          "patch_size": patch}
 
 
 def _looks_like_path(value: str) -> bool:
@@ -272,7 +283,7 @@ def _check_fields(node: Any, reference: Any, prefix: str) -> None:
   ref_keys = set(reference.keys())
   if keys is None:
     return
-  for key in node.keys():
+  for key in keys():
     if key not in ref_keys:
       _fail(f"{prefix}.{key}", f"is not a field; {prefix} has: {', '.join(sorted(ref_keys))}")
     if hasattr(reference[key], "keys"):
@@ -285,11 +296,11 @@ def _validate_data(config: Any) -> None:
   if not isinstance(data_dir, str):
     _fail("data.data_dir", f"must be a string ('' = the library default), got {data_dir!r}")
   known = known_datasets()
-  if not isinstance(name, str) or name not in known:
-    if not (isinstance(name, str) and _TFDS_NAME.match(name) and _prepared_tfds(name, data_dir)):
-      _fail("data.dataset", f"is {name!r}; known: {', '.join(known)}. Any other TFDS "
-            "image-classification dataset works once prepared under config.data.data_dir "
-            "(python -m fedpeft_jax.data.prepare --dataset=NAME --data_dir=DIR)")
+  if (not isinstance(name, str) or name not in known) and not (
+      isinstance(name, str) and _TFDS_NAME.match(name) and _prepared_tfds(name, data_dir)):
+    _fail("data.dataset", f"is {name!r}; known: {', '.join(known)}. Any other TFDS "
+          "image-classification dataset works once prepared under config.data.data_dir "
+          "(python -m fedpeft_jax.data.prepare --dataset=NAME --data_dir=DIR)")
   method = _choice(config, "data.partition", PARTITION_METHODS)
   if method == "dirichlet":
     _num(config, "data.alpha", 0.0, low_open=True)
@@ -369,10 +380,52 @@ def _validate_personal(config: Any) -> None:
   _int(config, f + "personal_finetune_epochs", 1)
   _bool(config, f + "eval_per_client")
   _int(config, f + "local_test_size", 0)
+  rule = _get(config, "federated.lora_aggregation")
+  if patterns and rule in FOLDING_AGGREGATIONS:
+    _fail(f + "personal", f"with federated.lora_aggregation={rule!r}: the folded residual is "
+          "defined for fully shared LoRA factors; use 'fedit' or 'ffa', or no personal leaves")
   mechanism = _get(config, "privacy.mechanism")
   if patterns and mechanism != "none":
     _fail(f + "personal", f"with privacy.mechanism={mechanism!r}: personal training is not "
           "in the privacy accounting; set federated.personal='' or privacy.mechanism=none")
+
+
+def _validate_lora_aggregation(config: Any) -> None:
+  """federated.lora_aggregation and peft.lora.client_ranks against the rest of the config
+  (after the peft and federated sections, whose own fields are then known to be valid)."""
+  field = "federated.lora_aggregation"
+  rule = _choice(config, field, LORA_AGGREGATIONS)
+  methods = parse_methods(_get(config, "peft.method"))
+  ranks = _get(config, "peft.lora.client_ranks")
+  if not isinstance(ranks, str):
+    _fail("peft.lora.client_ranks", f"must be a string ('' = every client at "
+          f"peft.lora.rank, 'r1,...,rK' or 'uniform:r1,r2,...'), got {ranks!r}")
+  if rule != "fedit" and "lora" not in methods:
+    _fail(field, f"is {rule!r}, which aggregates LoRA factors, but config.peft.method "
+          f"({'+'.join(methods)!r}) has no lora; add lora or use 'fedit'")
+  if rule in FOLDING_AGGREGATIONS:
+    why = (f"(config.federated.lora_aggregation={rule!r} folds the plain mean of the client "
+           "models into the frozen weights)")
+    if "full" in methods:
+      _fail("peft.method", f"includes 'full', which trains the LoRA targets' kernels; {why[1:-1]} "
+            "and needs them frozen: drop 'full' or use lora_aggregation 'fedit'")
+    server = _get(config, "federated.server_optimizer")
+    if server != "fedavg":
+      _fail("federated.server_optimizer", f"is {server!r}; it must be 'fedavg' {why}")
+    lr = _get(config, "federated.server_lr")
+    if lr != 1.0:
+      _fail("federated.server_lr", f"is {lr}; it must be 1.0 {why}")
+    mechanism = _get(config, "privacy.mechanism")
+    if mechanism != "none":
+      _fail("privacy.mechanism", f"is {mechanism!r}; it must be 'none' {why}: the residual "
+            "and the merge are not defined for a noised, clipped mean")
+  if ranks.strip():
+    if rule != "flora":
+      _fail("peft.lora.client_ranks", f"is {ranks!r} but config.federated.lora_aggregation is "
+            f"{rule!r}; heterogeneous ranks need 'flora' (FedIT and FedEx-LoRA average "
+            "factors of one shape)")
+    as_config_error("peft", lambda: client_ranks(ranks, _get(config, "federated.num_clients"),
+                                                 0, max_rank=_get(config, "peft.lora.rank")))
 
 
 def _validate_privacy(config: Any) -> None:
@@ -393,6 +446,7 @@ def validate_config(config: Any) -> None:
   sizes = _validate_model(config)
   _validate_peft(config, sizes["depth"])
   _validate_federated(config)
+  _validate_lora_aggregation(config)
   _validate_data(config)
   _validate_privacy(config)
   _validate_personal(config)
