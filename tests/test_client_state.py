@@ -17,15 +17,17 @@ from tests.test_federated import run_on_cpu_devices, setup
 NUM_CLIENTS = 6
 
 
-def counting_client(poison: int = -1):
+def counting_client(poison: int = -1, poison_state: int = -1):
   """A stateful rule with a known effect: its state counts the rounds it reported and
   accumulates its id and example count; the update it sends is its running count (so the
-  server model depends on the state, as with error feedback). Client `poison` sends NaN."""
+  server model depends on the state, as with error feedback). Client `poison` sends NaN;
+  client `poison_state` sends a finite update but its new state is NaN."""
   def client_update(trainable, frozen, data, client_id, key, active, client_state):
     n = data.sizes[client_id].astype(jnp.float32)
     count = client_state["count"] + jnp.where(active, 1, 0)
     acc = client_state["acc"] + jnp.where(active, jnp.stack([client_id.astype(jnp.float32), n]),
                                           0.0)
+    acc = jnp.where(client_id == poison_state, jnp.nan, acc)
     bad = client_id == poison
     update = jax.tree_util.tree_map(
         lambda x: jnp.where(bad, jnp.nan, 0.01 * count.astype(x.dtype)) * jnp.ones_like(x),
@@ -43,10 +45,11 @@ STATE = ClientStateSpec(init=lambda t: {"count": jnp.zeros((), jnp.int32),
 SIZES = (5, 7, 3, 6, 4, 2)
 
 
-def build(chunk: int, poison: int = -1, devices: int = 1, mesh=None):
+def build(chunk: int, poison: int = -1, devices: int = 1, mesh=None, poison_state: int = -1):
   model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=SIZES)
   algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(chunk, devices), 4, mesh=mesh,
-                         client_update=counting_client(poison), client_state=STATE)
+                         client_update=counting_client(poison, poison_state),
+                         client_state=STATE)
   return algo, trainable, frozen, data
 
 
@@ -103,6 +106,24 @@ def test_padding_and_nonfinite_slots_never_write():
   count, acc = numpy_bookkeeping([plan], skip=(2,))
   np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"]), count)
   np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"]), acc)
+
+
+def test_a_nonfinite_new_state_counts_as_a_nonfinite_client():
+  """Client 3's update is finite but its new row is NaN: the row is not written and its
+  update is left out of the mean, as for a NaN update."""
+  algo, trainable, frozen, data = build(chunk=2, poison_state=3)
+  state = algo.init(trainable, seed=0)
+  plan = RoundPlan(round=0, sampled=np.array([1, 3], np.int32),
+                   reporting=np.array([1, 3], np.int32))
+  new, m = algo.apply(state, frozen, data, plan)
+  assert int(m["clients_nonfinite"]) == 1 and int(m["clients_contributed"]) == 1
+  count, acc = numpy_bookkeeping([plan], skip=(3,))
+  np.testing.assert_array_equal(np.asarray(new.clients["rule"]["count"]), count)
+  np.testing.assert_array_equal(np.asarray(new.clients["rule"]["acc"]), acc)
+  # Only client 1's update (its count, 1, times 0.01) moved the model.
+  for before, after in zip(jax.tree_util.tree_leaves(trainable),
+                           jax.tree_util.tree_leaves(new.trainable)):
+    np.testing.assert_allclose(np.asarray(after) - np.asarray(before), 0.01, atol=1e-6)
 
 
 def test_state_is_checkpointed_and_resume_is_exact(tmp_path):

@@ -244,6 +244,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       if "rule" in rows:
         new_rows["rule"] = out["client_state"]
       finite = jax.vmap(_all_finite)(upload)
+      if "rule" in rows:  # a non-finite personal row is no more usable than a NaN update
+        finite = finite & jax.vmap(_all_finite)(out["client_state"])
       ok = valid_c & finite
       # Non-finite updates become zeros before anything multiplies them (0 * NaN is NaN).
       safe = jax.tree_util.tree_map(
