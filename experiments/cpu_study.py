@@ -32,20 +32,15 @@ A claim with several comparisons takes the verdict of a strict majority of them,
 
 from __future__ import annotations
 
-import concurrent.futures
-import csv
 import dataclasses
 import io
 import json
 import math
-import multiprocessing
 import os
-import sys
 import time
-import traceback
 from typing import Any, Iterable, Optional, Sequence
 
-import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 # Agg through the object API, never pyplot (as fedpeft_jax.runner.outputs).
@@ -53,11 +48,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 
-from fedpeft_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from experiments import run_pool
+from experiments.run_pool import markdown_table, write_csv
+from fedpeft_jax.files import atomic_write_bytes, atomic_write_text
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.config_files import repo_config
-from fedpeft_jax.runner.train import run
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_study", "Output directory.")
 _QUICK = flags.DEFINE_bool("quick", False, "One seed, two methods, two rounds, a tiny model: "
@@ -225,31 +221,17 @@ def cell_dir(workdir: str, arg: str) -> str:
 
 
 def read_summary(workdir: str, arg: str) -> Optional[dict]:
-  path = os.path.join(cell_dir(workdir, arg), "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return run_pool.read_summary(cell_dir(workdir, arg))
 
 
-def _setup_process(cache_dir: str) -> None:
-  """Quiet logs (dp_accounting warns per RDP order) and a persistent compilation cache:
-  cells of equal shapes (IID splits, every evaluation) compile once across processes."""
-  logging.set_verbosity(logging.ERROR)
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-def run_cell(arg: str, workdir: str, pretrained: str, fashion_dir: str) -> float:
-  """Runs (or resumes) one cell; returns its wall seconds. Top level: runs in workers."""
+def cell_config(arg: str, pretrained: str, fashion_dir: str) -> ml_collections.ConfigDict:
+  """The config of one cell; module level: built in the workers."""
   config = repo_config(CONFIG).get_config(arg)
   if config.model.pretrained:
     config.model.pretrained = pretrained
   if config.data.dataset == "fashion_mnist":
     config.data.data_dir = fashion_dir
-  t0 = time.time()
-  run(config, workdir, progress=False)
-  return time.time() - t0
+  return config
 
 
 def _cost(arg: str) -> float:
@@ -260,70 +242,13 @@ def _cost(arg: str) -> float:
   return examples * part * (2.0 if keys["method"] in ("full", "scratch") else 1.0)
 
 
-class Runner:
-  """Runs cells in worker processes, skipping finished ones; keeps wall_seconds.json."""
-
-  def __init__(self, workdir: str, pretrained: str, fashion_dir: str, workers: int):
-    self.workdir = workdir
-    self.pretrained = pretrained
-    self.fashion_dir = fashion_dir
-    self.workers = workers
-    self.ledger_path = os.path.join(workdir, "wall_seconds.json")
-    self.seconds: dict[str, float] = {}
-    if os.path.exists(self.ledger_path):
-      with open(self.ledger_path) as f:
-        self.seconds = json.load(f)
-    self.failed: dict[str, str] = {}
-    self.cells_run = 0
-
-  def run(self, args: Iterable[str]) -> None:
-    todo = sorted({a for a in args if read_summary(self.workdir, a) is None}, key=_cost,
-                  reverse=True)
-    if not todo:
-      return
-    print(f"{len(todo)} cells to run ({self.workers} worker(s))", flush=True)
-    t0 = time.time()
-
-    def done(arg: str, seconds: Optional[float], error: Optional[str], k: int) -> None:
-      name = cell_name(arg)
-      if error is not None:
-        self.failed[name] = error
-        print(f"[{k}/{len(todo)}] {name} FAILED:\n{error}", flush=True)
-        return
-      self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-      self.cells_run += 1
-      atomic_write_json(self.ledger_path, self.seconds)
-      s = read_summary(self.workdir, arg)
-      print(f"[{k}/{len(todo)}] {name}: final {s['final_accuracy']:.4f} in {seconds:.1f}s "
-            f"({time.time() - t0:.0f}s elapsed)", flush=True)
-
-    cache = os.path.join(self.workdir, "jax_cache")
-    if self.workers <= 1:
-      _setup_process(cache)
-      for k, arg in enumerate(todo, 1):
-        try:
-          done(arg, run_cell(arg, cell_dir(self.workdir, arg), self.pretrained,
-                             self.fashion_dir), None, k)
-        except Exception:  # one broken cell must not stop the study; reported at the end
-          done(arg, None, traceback.format_exc(), k)
-      return
-    context = multiprocessing.get_context("spawn")  # fork after JAX started is unsafe
-    with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
-                                                initializer=_setup_process,
-                                                initargs=(cache,)) as pool:
-      futures = {pool.submit(run_cell, arg, cell_dir(self.workdir, arg), self.pretrained,
-                             self.fashion_dir): arg
-                 for arg in todo}
-      try:
-        for k, future in enumerate(concurrent.futures.as_completed(futures), 1):
-          arg = futures[future]
-          try:
-            done(arg, future.result(), None, k)
-          except Exception:
-            done(arg, None, traceback.format_exc(), k)
-      except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+def cell_jobs(args: Iterable[str], workdir: str, pretrained: str,
+              fashion_dir: str) -> list[run_pool.Job]:
+  """One job per distinct cell (a cell shared by several analyses runs once), the costly
+  first."""
+  return [run_pool.Job(cell_name(a), cell_dir(workdir, a), cell_config,
+                       (a, pretrained, fashion_dir))
+          for a in sorted(set(args), key=_cost, reverse=True)]
 
 
 # ---------------------------------------------------------------------------------- results
@@ -361,16 +286,10 @@ def collect_rows(members: Sequence[Member], workdir: str,
   return rows
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str) -> list[str]:
-  extra = sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
-  columns = CSV_COLUMNS + extra
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, columns, lineterminator="\n")
-  writer.writeheader()
-  for r in rows:
-    writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
-  atomic_write_text(path, buf.getvalue())
-  return columns
+def csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """CSV_COLUMNS, then the privacy fields any row has, sorted: whatever the privacy module
+  writes gets a column."""
+  return CSV_COLUMNS + sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
 
 
 @dataclasses.dataclass
@@ -410,12 +329,6 @@ def group(rows: Sequence[dict[str, Any]], field: str) -> dict[GroupKey, Stat]:
     if r.get(field) is not None and r[field] != "":
       stat.values.append(float(r[field]))
   return out
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(row) + " |" for row in body]
-  return "\n".join(lines)
 
 
 ANALYSIS_TITLES = {
@@ -670,7 +583,7 @@ def plot_grid_heatmap(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 def write_results(rows: Sequence[dict[str, Any]], workdir: str, header: str) -> str:
   """results.csv, results.md and the figures; returns the markdown."""
-  write_csv(rows, os.path.join(workdir, "results.csv"))
+  write_csv(rows, csv_columns(rows), os.path.join(workdir, "results.csv"))
   md = "\n\n".join([header, analysis_tables(rows), verdict_section(comparisons(rows))]) + "\n"
   atomic_write_text(os.path.join(workdir, "results.md"), md)
   plot_accuracy_vs_mb(rows, os.path.join(workdir, "accuracy_vs_mb.png"))
@@ -708,11 +621,11 @@ def main(argv: list[str]) -> None:
   check_backbone(ckpt, config.SOURCE_CLASSES)
   with open(os.path.join(pt_dir, "pretrain_summary.json")) as f:
     pt_summary = json.load(f)
-  runner = Runner(workdir, ckpt, _FASHION_DIR.value, _WORKERS.value)
+  runner = run_pool.RunPool(workdir, _WORKERS.value, noun="cell")
   members = plan_members(scale, seeds)
-  runner.run(m.cell for m in members)
+  runner.run(cell_jobs((m.cell for m in members), workdir, ckpt, _FASHION_DIR.value))
   extra = equal_comm_members(scale, seeds, workdir)
-  runner.run(m.cell for m in extra)
+  runner.run(cell_jobs((m.cell for m in extra), workdir, ckpt, _FASHION_DIR.value))
   members += extra
   rows = collect_rows(members, workdir, runner.seconds)
 
@@ -729,14 +642,11 @@ def main(argv: list[str]) -> None:
       f"{pt_summary['seconds']:.0f} s). {s['rounds']} rounds of 1 local epoch; close target "
       f"{s['close_train']} training images. Accuracy: mean ± std over seeds (ddof 1); MB = "
       f"10^6 bytes, up + down. Wall time: {cell_seconds:.0f} s summed over the runs' "
-      f"processes ({_WORKERS.value} in parallel); this invocation ran {runner.cells_run} of "
+      f"processes ({_WORKERS.value} in parallel); this invocation ran {runner.runs_done} of "
       f"them in {time.time() - t0:.0f} s.")
   md = write_results(rows, workdir, header)
   print(md)
-  if runner.failed:
-    print(f"{len(runner.failed)} cell(s) failed: {', '.join(runner.failed)}; re-run the "
-          "same command to retry them.", file=sys.stderr)
-    sys.exit(1)
+  runner.exit_if_failed()
 
 
 if __name__ == "__main__":

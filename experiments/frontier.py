@@ -35,30 +35,25 @@ bytes; bytes per upload = MB uploaded / uploads made (sum of `clients_reporting`
 
 from __future__ import annotations
 
-import concurrent.futures
-import csv
 import dataclasses
-import io
 import json
 import math
-import multiprocessing
 import os
-import sys
 import time
-import traceback
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from matplotlib.ticker import FuncFormatter
 
-from fedpeft_jax.files import atomic_write_json, atomic_write_text
+from experiments import run_pool
+from experiments.run_pool import markdown_table, write_csv
+from fedpeft_jax.files import atomic_write_text
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.config_files import repo_config
-from fedpeft_jax.runner.train import load_data, run
+from fedpeft_jax.runner.train import load_data
 
 CONFIG = "quickstart"  # configs/quickstart.py: every run is its get_config(method) + overrides
 GROUPS = ("frontier", "personal", "lora")
@@ -184,94 +179,13 @@ def pretrain_config(quick: bool) -> ml_collections.ConfigDict:
 
 
 def read_summary(workdir: str, spec: Spec) -> Optional[dict]:
-  path = os.path.join(workdir, spec.name, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return run_pool.read_summary(os.path.join(workdir, spec.name))
 
 
-def _setup_process(cache_dir: str) -> None:
-  """Quiet logs (orbax logs every save) and a persistent compilation cache shared by the
-  workers and by later invocations (evaluation compiles once for every run)."""
-  logging.set_verbosity(logging.ERROR)
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-def execute(spec: Spec, workdir: str, pretrained: str, rounds: int) -> float:
-  """Runs (or resumes) one run; returns its wall seconds. Top level: runs in workers."""
-  config = build_config(spec, pretrained, rounds)
-  t0 = time.time()
-  run(config, os.path.join(workdir, spec.name), progress=False)
-  return time.time() - t0
-
-
-class Runner:
-  """Runs specs (in worker processes with workers > 1), skipping finished ones; keeps the
-  wall seconds of each run in wall_seconds.json across invocations."""
-
-  def __init__(self, workdir: str, pretrained: str, rounds: int, workers: int):
-    self.workdir = workdir
-    self.pretrained = pretrained
-    self.rounds = rounds
-    self.workers = workers
-    self.ledger_path = os.path.join(workdir, "wall_seconds.json")
-    self.seconds: dict[str, float] = {}
-    if os.path.exists(self.ledger_path):
-      with open(self.ledger_path) as f:
-        self.seconds = json.load(f)
-    self.failed: dict[str, str] = {}
-    self.runs_done = 0
-
-  def _done(self, spec: Spec, seconds: Optional[float], error: Optional[str], k: int,
-            total: int, t0: float) -> None:
-    if error is not None:
-      self.failed[spec.name] = error
-      print(f"[{k}/{total}] {spec.name} FAILED:\n{error}", flush=True)
-      return
-    self.seconds[spec.name] = self.seconds.get(spec.name, 0.0) + seconds
-    self.runs_done += 1
-    atomic_write_json(self.ledger_path, self.seconds)
-    s = read_summary(self.workdir, spec)
-    print(f"[{k}/{total}] {spec.name}: final {s['final_accuracy']:.4f} in {seconds:.1f}s "
-          f"({time.time() - t0:.0f}s elapsed)", flush=True)
-
-  def run(self, specs: Iterable[Spec]) -> None:
-    todo = [s for s in specs if read_summary(self.workdir, s) is None]
-    if not todo:
-      return
-    print(f"{len(todo)} runs to run ({self.workers} worker(s))", flush=True)
-    t0 = time.time()
-    cache = os.path.join(self.workdir, "jax_cache")
-    if self.workers <= 1:
-      _setup_process(cache)
-      for k, spec in enumerate(todo, 1):
-        try:
-          seconds = execute(spec, self.workdir, self.pretrained, self.rounds)
-        except Exception:  # one broken run must not stop the others; reported at the end
-          self._done(spec, None, traceback.format_exc(), k, len(todo), t0)
-        else:
-          self._done(spec, seconds, None, k, len(todo), t0)
-      return
-    context = multiprocessing.get_context("spawn")  # fork after JAX started is unsafe
-    with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
-                                                initializer=_setup_process,
-                                                initargs=(cache,)) as pool:
-      futures = {pool.submit(execute, spec, self.workdir, self.pretrained, self.rounds): spec
-                 for spec in todo}
-      try:
-        for k, future in enumerate(concurrent.futures.as_completed(futures), 1):
-          spec = futures[future]
-          try:
-            seconds = future.result()
-          except Exception:
-            self._done(spec, None, traceback.format_exc(), k, len(todo), t0)
-          else:
-            self._done(spec, seconds, None, k, len(todo), t0)
-      except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+def job(spec: Spec, workdir: str, pretrained: str, rounds: int) -> run_pool.Job:
+  """The run of `spec` for the pool; its wall seconds are kept under its name."""
+  return run_pool.Job(spec.name, os.path.join(workdir, spec.name), build_config,
+                      (spec, pretrained, rounds))
 
 
 # ---------------------------------------------------------------------------------- results
@@ -315,20 +229,6 @@ def collect_rows(specs: Sequence[Spec], workdir: str,
   rows = [r for r in (run_row(s, workdir, seconds) for s in specs) if r is not None]
   add_frontier_deltas(rows)
   return rows
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
-  writer.writeheader()
-  for r in rows:
-    writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
-  atomic_write_text(path, buf.getvalue())
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def _f(value: Optional[float], fmt: str) -> str:
@@ -564,7 +464,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
 def write_results(rows: Sequence[dict[str, Any]], workdir: str, header: str,
                   test_examples: int) -> str:
   """results.csv, results.md and frontier.png; returns the markdown."""
-  write_csv(rows, os.path.join(workdir, "results.csv"))
+  write_csv(rows, CSV_COLUMNS, os.path.join(workdir, "results.csv"))
   parts = [header]
   if _rows(rows, "frontier"):
     parts.append(frontier_section(_rows(rows, "frontier"), test_examples))
@@ -608,8 +508,8 @@ def main(argv: list[str]) -> None:
   with open(os.path.join(pt_dir, "pretrain_summary.json")) as fp:
     pt_summary = json.load(fp)
   specs = plan(f.groups, quick)
-  runner = Runner(workdir, ckpt, rounds, f.workers)
-  runner.run(specs)
+  runner = run_pool.RunPool(workdir, f.workers, noun="run")
+  runner.run(job(s, workdir, ckpt, rounds) for s in specs)
   rows = collect_rows(specs, workdir, runner.seconds)
 
   base = repo_config(CONFIG).get_config("bias")
@@ -633,10 +533,7 @@ def main(argv: list[str]) -> None:
       f"ran {runner.runs_done} of them in {time.time() - t0:.0f} s.")
   md = write_results(rows, workdir, header, len(dataset.test_labels))
   print(md)
-  if runner.failed:
-    print(f"{len(runner.failed)} run(s) failed: {', '.join(runner.failed)}; re-run the same "
-          "command to retry them.", file=sys.stderr)
-    sys.exit(1)
+  runner.exit_if_failed()
 
 
 if __name__ == "__main__":
