@@ -31,12 +31,12 @@ from fedpeft_jax.federated import (
   payload_bytes,
 )
 from fedpeft_jax.federated import lora_aggregation as la
-from fedpeft_jax.models import ViT, build_model
+from fedpeft_jax.models import ViT, build_model, load_pretrained
 from fedpeft_jax.runner.config_files import repo_config
-from fedpeft_jax.runner.train import run, training_peft
+from fedpeft_jax.runner.train import load_data, lora_client_ranks, run, training_peft
 from fedpeft_jax.runner.validate import ConfigError, validate_config
 from tests.test_federated import IMAGE, NUM_CLASSES, make_data
-from tests.test_runner import _final_params
+from tests.test_runner import _accuracy, _final_params, _with_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK, ALPHA = 4, 8.0  # scaling s = 2: a missing or doubled s cannot hide
@@ -347,6 +347,40 @@ def test_fedex_run_resumes_exactly_and_ffa_sends_only_b(tmp_path):
   assert training_peft(config) is config.peft  # only ffa forces freeze_a
 
 
+def test_flora_evaluation_sees_the_folded_weights(tmp_path):
+  """After FLoRA's restart (B = 0) the model's LoRA path adds nothing: everything learned is
+  in `folded`. The logged accuracy must be that of backbone + folded + trainable, recomputed
+  here from the checkpoint and the backbone file (one model.apply, NumPy argmax)."""
+  config = _with_backbone(_tiny("flora"), str(tmp_path / "backbone.npz"))
+  workdir = str(tmp_path / "run")
+  summary = run(config, workdir, progress=False)
+  dataset, _ = load_data(config)
+  model = build_model(config, dataset.num_classes)
+  params = peft.flatten(load_pretrained(config.model.pretrained, model))
+  ckpt = _final_params(workdir)
+  for k, v in ckpt.items():
+    if k.startswith("trainable/"):
+      params[k[len("trainable/"):]] = v
+  assert not any(np.any(v) for k, v in ckpt.items() if k.endswith("lora_b"))  # restarted
+  unfolded = dict(params)
+  folded = {k[len("folded/"):]: v for k, v in ckpt.items() if k.startswith("folded/")}
+  assert folded and set(folded) <= set(params)
+  for k, v in folded.items():
+    params[k] = np.asarray(params[k], np.float32) + v.reshape(np.shape(params[k]))
+  with_fold = _accuracy(model, peft.unflatten(params), dataset.test_images, dataset.test_labels)
+  without = _accuracy(model, peft.unflatten(unfolded), dataset.test_images,
+                      dataset.test_labels)
+  n = len(dataset.test_labels)
+  assert with_fold == pytest.approx(summary["final_accuracy"], abs=1.5 / n)
+  assert without != pytest.approx(with_fold, abs=1.5 / n)
+
+
+def test_blank_client_ranks_mean_every_client_at_the_model_rank():
+  config = _tiny("flora", client_ranks="  ")
+  validate_config(config)
+  assert lora_client_ranks(config) == ()
+
+
 # ----------------------------------------------------------------------------- config errors
 
 
@@ -367,6 +401,10 @@ def test_fedex_run_resumes_exactly_and_ffa_sends_only_b(tmp_path):
      "config.peft.lora.client_ranks"),  # 3 is never drawn for 4 clients? checked anyway
     ({"federated.lora_aggregation": "flora", "peft.lora.client_ranks": "1,2"},
      "config.peft.lora.client_ranks"),  # 2 ranks for 4 clients
+    ({"federated.lora_aggregation": "fedex", "peft.lora.freeze_a": True},
+     "config.peft.lora.freeze_a"),
+    ({"federated.lora_aggregation": "flora", "federated.compression": "topk"},
+     "config.federated.compression"),
 ])
 def test_config_errors_name_the_field(change, field):
   config = _tiny("fedit")

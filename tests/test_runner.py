@@ -64,7 +64,8 @@ def _with_backbone(config: ml_collections.ConfigDict, path: str) -> ml_collectio
   """Points config.model.pretrained at a random backbone saved to `path`, so that every frozen
   leaf of the run is known outside the runner ('bias' adds no randomly initialised leaf and
   the head starts at zero): `_reevaluate` can then rebuild the final model."""
-  model = build_model(config, 10)  # load_pretrained replaces the head with a fresh one
+  # A backbone file holds no PEFT leaves; load_pretrained replaces the head with a fresh one.
+  model = build_model(config, 10, with_peft=False)
   size = config.model.image_size
   save_npz(model.init(jax.random.PRNGKey(7), jnp.zeros((1, size, size, 3)))["params"], path)
   config.model.pretrained = path

@@ -37,8 +37,9 @@ from fedpeft_jax.peft.partition import nbytes
 from fedpeft_jax.peft.spec import to_spec
 
 PyTree = Any
-# Folded into the train stream's key (then the round) for FLoRA's LoRA restart; clients fold
-# in their ids (< 2**31 in practice) directly, so the two never share a key.
+# Folded into the train stream's key (then the round) for FLoRA's LoRA restart. Clients' keys
+# fold the round, then their id, into the same key: the two would meet only in round
+# LORA_INIT_STREAM (2**31 - 16), never reached.
 LORA_INIT_STREAM = 0x7FFFFFF0
 
 
@@ -159,6 +160,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       raise ValueError(f"federated.lora_aggregation={folding.rule!r} folds the plain mean of "
                        "the client models into the frozen weights; it does not run under DP "
                        "(privacy.mechanism must be 'none')")
+    if folding.rule == "flora" and error_feedback:
+      raise ValueError("federated.compression='topk' with lora_aggregation='flora': the "
+                       "error-feedback residual would outlive the LoRA factors FLoRA restarts")
     if folding.ranks and len(folding.ranks) != round_spec.num_clients:
       raise ValueError(f"peft.lora.client_ranks: {len(folding.ranks)} ranks, but RoundSpec."
                        f"num_clients is {round_spec.num_clients}; give one rank per client")
@@ -306,8 +310,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         ids.reshape(-1))
     keys = flat_keys.reshape(ids.shape + flat_keys.shape[1:])
     sent = comm.on_wire(state.trainable, wire)  # the model the clients receive
-    # The frozen weights with what FedEx-LoRA / FLoRA folded into them (a no-op otherwise).
-    seen = lora_aggregation.fold_into(frozen, state.folded)
+    # The frozen weights with what FedEx-LoRA / FLoRA folded into them (a no-op otherwise),
+    # as the clients download the folded deltas: in the wire dtype.
+    seen = lora_aggregation.fold_into(frozen, comm.on_wire(state.folded, wire))
     sums, (norms, ok, new_rows) = sharded_sums(sent, seen, data, ids, valid, keys,
                                                state.clip_norm, state.clients)
     mean_update, clip_norm, apply_update, agg_metrics = aggregator.finalize(

@@ -89,7 +89,7 @@ def lora_client_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Each client's LoRA rank from peft.lora.client_ranks ('uniform:...' draws from the seed's
   data stream); () when unset (every client at peft.lora.rank)."""
   spec = config.peft.lora.client_ranks
-  if not spec:
+  if not spec.strip():
     return ()
   return tuple(lora_agg.client_ranks(spec, config.federated.num_clients,
                                      rng_lib.stream_seed(config.seed, "data"),

@@ -419,6 +419,13 @@ def _validate_lora_aggregation(config: Any) -> None:
     if mechanism != "none":
       _fail("privacy.mechanism", f"is {mechanism!r}; it must be 'none' {why}: the residual "
             "and the merge are not defined for a noised, clipped mean")
+    if _get(config, "peft.lora.freeze_a"):
+      _fail("peft.lora.freeze_a", f"is True; {why[1:-1]} from both trained factors, so A must "
+            "train: set freeze_a=False (or use lora_aggregation 'ffa')")
+  if rule == "flora" and _get(config, "federated.compression") == "topk":
+    _fail("federated.compression", "is 'topk', whose error-feedback residual belongs to the "
+          "LoRA factors a client trained; FLoRA restarts them every round, so the residual "
+          "would be added to factors it was not computed for: use int8/int4/none with flora")
   if ranks.strip():
     if rule != "flora":
       _fail("peft.lora.client_ranks", f"is {ranks!r} but config.federated.lora_aggregation is "
