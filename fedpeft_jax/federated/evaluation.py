@@ -32,6 +32,31 @@ def place_eval_set(images: np.ndarray, labels: np.ndarray, mesh: Mesh
   return split_rows(images, mesh), split_rows(labels, mesh)
 
 
+def _scored_sums(model: nn.Module, inputs: features.InputSpec, params: PyTree,
+                 examples: jax.Array, labels: jax.Array, rows: jax.Array, batch_size: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(correct, summed cross-entropy, count) of `params` over the examples at `rows` (an int
+  vector; -1 = padding, not counted), `batch_size` at a time in one `lax.scan`: the one
+  scoring loop of both evaluators."""
+  index, mask = fdata.eval_schedule(rows.shape[0], batch_size)
+
+  def body(carry, xs):
+    idx, m = xs
+    r = rows[idx]
+    x = inputs.prepare(examples[jnp.maximum(r, 0)], None, "none", train=False)
+    logits = inputs.logits(model, params, x, train=False)
+    y = labels[jnp.maximum(r, 0)]
+    valid = (m & (r >= 0)).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return (carry[0] + jnp.sum(correct * valid), carry[1] + jnp.sum(ce * valid),
+            carry[2] + jnp.sum(valid)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  sums, _ = jax.lax.scan(body, (zero, zero, zero), (index, mask))
+  return sums
+
+
 def make_evaluate(model: nn.Module, batch_size: int, image_size: int,
                   mesh: Optional[Mesh] = None,
                   inputs: Optional[features.InputSpec] = None) -> Callable[..., dict]:
@@ -47,23 +72,10 @@ def make_evaluate(model: nn.Module, batch_size: int, image_size: int,
   inputs = inputs or features.images_input(image_size)
 
   def local(params, examples, labels):
-    index, mask = fdata.eval_schedule(examples.shape[0], batch_size)
-
-    def body(carry, xs):
-      idx, m = xs
-      x = inputs.prepare(examples[idx], None, "none", train=False)
-      logits = inputs.logits(model, params, x, train=False)
-      y = labels[idx]
-      valid = m & (y >= 0)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
-      correct = jnp.argmax(logits, -1) == y
-      mf = valid.astype(jnp.float32)
-      return (carry[0] + jnp.sum(correct * mf), carry[1] + jnp.sum(ce * mf),
-              carry[2] + jnp.sum(mf)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(body, (zero, zero, zero), (index, mask))
-    return jax.lax.psum(sums, AXIS)
+    # Padding rows (label -1) are not scored.
+    rows = jnp.where(labels >= 0, jnp.arange(labels.shape[0], dtype=jnp.int32), -1)
+    return jax.lax.psum(_scored_sums(model, inputs, params, examples, labels, rows,
+                                     batch_size), AXIS)
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
                           check_vma=False)
@@ -115,21 +127,10 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
         row_k = adapt(row_k, merge(shared, frozen), train,
                       client, jax.random.fold_in(key, client))
     params = merge(shared, frozen) if row_k is None else merge(merge(shared, row_k), frozen)
-    index, mask = fdata.eval_schedule(test.max_n, batch_size)
-    row, size = test.indices[client], test.sizes[client]
-
-    def body(carry, xs):
-      idx, m = xs
-      x = inputs.prepare(test.images[row[idx]], None, "none", train=False)
-      logits = inputs.logits(model, params, x, train=False)
-      y = test.labels[row[idx]]
-      valid = (m & (idx < size)).astype(jnp.float32)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-      return (carry[0] + jnp.sum(correct * valid), carry[1] + jnp.sum(ce * valid)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (correct, loss), _ = jax.lax.scan(body, (zero, zero), (index, mask))
+    # The client's index row, its padding slots (past its size) marked -1.
+    row = jnp.where(jnp.arange(test.max_n) < test.sizes[client], test.indices[client], -1)
+    correct, loss, _ = _scored_sums(model, inputs, params, test.images, test.labels, row,
+                                    batch_size)
     return correct, loss
 
   def local(shared, frozen, personal, test, train, key, clients):

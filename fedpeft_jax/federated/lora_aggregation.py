@@ -423,9 +423,6 @@ class LoraRound:
     if self.rule not in FOLDING_AGGREGATIONS:
       raise ValueError(f"LoraRound: {self.rule!r} folds nothing; folding rules: "
                        f"{', '.join(FOLDING_AGGREGATIONS)}")
-    if self.ranks and self.rule != "flora":
-      raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
-                       "FedIT and FedEx-LoRA average factors of one shape")
 
   def _mask(self, client_ids: jax.Array, r_max: int) -> jax.Array:
     return rank_mask(jnp.asarray(self.ranks, jnp.int32)[client_ids], r_max)
@@ -473,10 +470,10 @@ def lora_round(rule: str, scaling: float, ranks: Sequence[int] = ()) -> LoraRoun
   if rule not in LORA_AGGREGATIONS:
     raise ValueError(f"federated.lora_aggregation: {rule!r}; allowed: "
                      f"{', '.join(LORA_AGGREGATIONS)}")
+  if len(ranks) and rule != "flora":
+    raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
+                     "FedIT and FedEx-LoRA average factors of one shape")
   if rule not in FOLDING_AGGREGATIONS:
-    if len(ranks):
-      raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
-                       "FedIT and FedEx-LoRA average factors of one shape")
     return None
   return LoraRound(rule, float(scaling), tuple(int(r) for r in ranks))
 

@@ -94,6 +94,16 @@ def _split_like(tree: PyTree, shared: PyTree, personal: PyTree) -> tuple[dict, d
   return split(tree, mask)
 
 
+def _epochs_update(model: Any, client_tx: optax.GradientTransformation, spec: ClientSpec,
+                   num_classes: int, epochs: int) -> Callable[..., dict]:
+  """The default client rule run for `epochs` local epochs (not capped by
+  federated.local_steps, which is about the shared training): FedRep's personal phase and
+  FedBABU's fine-tuning."""
+  return make_client_update(model, client_tx,
+                            dataclasses.replace(spec, local_epochs=epochs, local_steps=0),
+                            num_classes)
+
+
 def make_personal_update(model: Any, client_tx: optax.GradientTransformation,
                          spec: ClientSpec, num_classes: int, schedule: str = "none",
                          personal_epochs: int = 1) -> Callable[..., dict]:
@@ -110,15 +120,16 @@ def make_personal_update(model: Any, client_tx: optax.GradientTransformation,
     raise ValueError(f"federated.personal_schedule {schedule!r}: the stateful rule is for "
                      "'none' (FedPer, FedSA-LoRA) or 'fedrep'; FedBABU keeps no client state")
   joint = make_client_update(model, client_tx, spec, num_classes)
-  # Epochs, not steps: federated.local_steps caps the shared phase only.
-  personal_spec = dataclasses.replace(spec, local_epochs=personal_epochs, local_steps=0)
-  personal_only = make_client_update(model, client_tx, personal_spec, num_classes)
 
   def together(shared, frozen, data, client_id, key, active, personal_row):
     out = joint(merge(shared, personal_row), frozen, data, client_id, key, active)
     shared_update, personal_update = _split_like(out["update"], shared, personal_row)
     return {**out, "update": shared_update,
             "client_state": optax.tree.add(personal_row, personal_update)}
+
+  if schedule == "none":
+    return together
+  personal_only = _epochs_update(model, client_tx, spec, num_classes, personal_epochs)
 
   def fedrep(shared, frozen, data, client_id, key, active, personal_row):
     # Phase 1: the personal part with the (received) shared part fixed; phase 2: the shared
@@ -134,7 +145,7 @@ def make_personal_update(model: Any, client_tx: optax.GradientTransformation,
             "poisson_dropped": head["poisson_dropped"] + body["poisson_dropped"],
             "client_state": new_personal}
 
-  return together if schedule == "none" else fedrep
+  return fedrep
 
 
 def make_finetune(model: Any, client_tx: optax.GradientTransformation, spec: ClientSpec,
@@ -144,9 +155,7 @@ def make_finetune(model: Any, client_tx: optax.GradientTransformation, spec: Cli
   else (`fixed` = shared + frozen) held still. The default client rule does the training."""
   if epochs < 1:
     raise ValueError(f"federated.personal_finetune_epochs must be >= 1, got {epochs}")
-  tune = make_client_update(model, client_tx,
-                            dataclasses.replace(spec, local_epochs=epochs, local_steps=0),
-                            num_classes)
+  tune = _epochs_update(model, client_tx, spec, num_classes, epochs)
 
   def finetune(personal, fixed, data, client_id, key):
     out = tune(personal, fixed, data, client_id, key, True)
