@@ -184,11 +184,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   # The frozen backbone lives on device once, in the compute dtype (no cast per step).
   base_frozen_dev = replicate(optax.tree.cast(frozen, model.dtype), mesh)
   personal_dev = None if personal_init is None else replicate(personal_init, mesh)
-  # What the round holds fixed (FedBABU also freezes the personal leaves at their init), and
-  # the global model's fixed part: the personal leaves at init, where a new client starts.
-  frozen_dev = peft.merge(base_frozen_dev, personal_dev) if babu else base_frozen_dev
+  # The global model's fixed part (the personal leaves at init, where a new client starts),
+  # and what the round holds fixed (FedBABU also freezes the personal leaves at their init).
   global_frozen_dev = (base_frozen_dev if personal_dev is None
                        else peft.merge(base_frozen_dev, personal_dev))
+  frozen_dev = global_frozen_dev if babu else base_frozen_dev
   client_rule, client_state = None, None
   if personal_init is not None and not babu:
     client_rule = personal_lib.make_personal_update(
