@@ -28,6 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.representation_size = 0  # > 0: pre-logits Dense+tanh of this size.
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
+  c.model.attention = "auto"  # 'auto' (cuDNN fused attention on GPU in half precision where the shape allows, else the explicit form), 'explicit', 'xla', 'cudnn'.
   c.model.dtype = "auto"  # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16', 'float16'.
   c.model.pretrained = ""  # path, URL or registry name (e.g. 'vit_b16_in21k'); '' = from scratch.
   c.model.cache_dir = ""  # download cache for URLs and registry names ('' = ~/.cache/fedpeft_jax).

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from fedpeft_jax import data as D
 from fedpeft_jax.data import idx, prepare
+from fedpeft_jax.data.preprocess import resize, resize_taps
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
@@ -499,3 +500,35 @@ def test_eval_schedule_and_bad_inputs():
   ds = D.load_dataset("synthetic", num_train=20, num_test=5, resolution=4)
   with pytest.raises(ValueError, match="outside"):
     D.client_data(ds, [np.array([0, 25])])
+
+
+@pytest.mark.parametrize("size_in,size_out", [(32, 224), (96, 224), (256, 224), (224, 64)])
+def test_resize_equals_torch_bilinear_antialias(size_in: int, size_out: int) -> None:
+  # The banded gather resize against PyTorch's bilinear interpolate (half-pixel centres,
+  # antialiased when shrinking): within float32 rounding of pixel values in [0, 255].
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(size_in).uniform(0, 255, (2, size_in, size_in, 3)).astype(np.float32)
+  want = torch.nn.functional.interpolate(
+      torch.from_numpy(x).permute(0, 3, 1, 2), size=(size_out, size_out), mode="bilinear",
+      align_corners=False, antialias=True).permute(0, 2, 3, 1).numpy()
+  got = np.asarray(resize(jnp.asarray(x), size_out))
+  np.testing.assert_allclose(got, want, rtol=0, atol=0.01)
+
+
+def test_resize_kernels_match_jax_image_and_use_no_dot() -> None:
+  # Cubic and Lanczos taps against jax.image.resize (its weight rule, applied as a dot), and
+  # the compiled preprocessing holds no dot: the resize is gathers and multiply-adds only.
+  x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+  for method in ("cubic", "lanczos3", "lanczos5"):
+    with jax.default_matmul_precision("highest"):
+      want = np.asarray(jax.image.resize(x, (2, 224, 224, 3), method))
+    got = np.asarray(resize(jnp.asarray(x), 224, method))
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.01)
+  indices, weights = resize_taps(32, 224)
+  assert indices.shape == weights.shape == (224, 2)  # bilinear upsampling: two taps
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
+  hlo = D.preprocess.lower(jnp.zeros((4, 32, 32, 3), jnp.uint8), jax.random.PRNGKey(0),
+                           image_size=224, augment="crop_flip", train=True).compile().as_text()
+  assert " dot(" not in hlo and "dot_general" not in hlo
+  with pytest.raises(ValueError, match="resize method 'area'"):
+    resize_taps(32, 224, "area")

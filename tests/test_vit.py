@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedpeft_jax.models import ViT, parse_variant
-from fedpeft_jax.models.vit import MultiHeadDotProductAttention
+from fedpeft_jax.models.vit import MultiHeadDotProductAttention, choose_attention, padded_attention
 from fedpeft_jax.peft import count, flatten
 
 
@@ -119,21 +119,22 @@ def test_attention_matches_numpy() -> None:
 
 
 def test_attention_paths_and_gradients_agree() -> None:
-  # fused=True: jax.nn.dot_product_attention; fused=False: the explicit form (the dropout path).
+  # "xla": jax.nn.dot_product_attention; "explicit": the einsum form (the dropout path).
   x, params = _attention_inputs()
 
-  def loss(params, x, fused):
-    y = MultiHeadDotProductAttention(4, fused=fused).apply({"params": params}, x)
+  def loss(params, x, implementation):
+    y = MultiHeadDotProductAttention(4, implementation=implementation).apply({"params": params},
+                                                                             x)
     return jnp.sum(jnp.sin(y)), y
 
   with jax.default_matmul_precision("highest"):
-    (_, y1), g1 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
-    (_, y0), g0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
+    (_, y1), g1 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, "xla")
+    (_, y0), g0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, "explicit")
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=0, atol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
   # Attention dropout: deterministic is the plain function; training drops probabilities.
-  drop = MultiHeadDotProductAttention(4, dropout=0.5, fused=True)
+  drop = MultiHeadDotProductAttention(4, dropout=0.5, implementation="xla")
   np.testing.assert_allclose(np.asarray(drop.apply({"params": params}, x)), np.asarray(y0),
                              rtol=0, atol=1e-5)
   # Training: NumPy attention with the dropout mask flax drew (read at nn.Dropout's output)
@@ -175,9 +176,51 @@ def test_bfloat16_forward_close_to_float32() -> None:
   # The attention alone, both paths: within 2% of the largest float32 output.
   xa, pa = _attention_inputs()
   want = np.asarray(MultiHeadDotProductAttention(4).apply({"params": pa}, xa))
-  for fused in (False, True):
-    mha = MultiHeadDotProductAttention(4, dtype=jnp.bfloat16, fused=fused)
+  for implementation in ("explicit", "xla"):
+    mha = MultiHeadDotProductAttention(4, dtype=jnp.bfloat16, implementation=implementation)
     got = mha.apply({"params": pa}, xa)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
                                atol=0.02 * np.abs(want).max())
+
+
+def test_padded_attention_equals_numpy_attention_for_odd_tokens() -> None:
+  # The cuDNN path pads 7 tokens to 8 and masks by length; run through XLA here, its output
+  # and gradients must equal float64 NumPy attention and the explicit form's gradients.
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(0, 1, (2, 3, 7, 4, 8)), jnp.float32) for _ in range(3))
+
+  def numpy_attention(q, k, v):
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    logits = np.einsum("...qnd,...knd->...nqk", q, k)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("...nqk,...knd->...qnd", p, v)
+
+  with jax.default_matmul_precision("highest"):
+    got = padded_attention(q, k, v, implementation="xla")
+    assert got.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v), rtol=0, atol=1e-5)
+    # Gradients: equal to the plain (unpadded) fused call's.
+    f = lambda *t: jnp.sum(jnp.sin(padded_attention(*t, implementation="xla")))
+    g = lambda *t: jnp.sum(jnp.sin(jax.nn.dot_product_attention(
+        *(s.reshape((-1,) + s.shape[-3:]) for s in t), scale=1.0)))
+    for a, b in zip(jax.grad(f, (0, 1, 2))(q, k, v), jax.grad(g, (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+def test_attention_choice_rules() -> None:
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert choose_attention("auto", "gpu", bf16, 64, 0.0)[0] == "cudnn"
+  assert choose_attention("auto", "gpu", jnp.float16, 128, 0.0)[0] == "cudnn"
+  # Each blocker alone sends "auto" to the explicit form, and the reason names it.
+  for args, word in [(("cpu", bf16, 64, 0.0), "cpu"), (("tpu", bf16, 64, 0.0), "tpu"),
+                     (("gpu", f32, 64, 0.0), "float32"), (("gpu", bf16, 60, 0.0), "60"),
+                     (("gpu", bf16, 136, 0.0), "136"), (("gpu", bf16, 64, 0.1), "dropout")]:
+    impl, why = choose_attention("auto", *args)
+    assert impl == "explicit" and word in why, (args, why)
+  assert choose_attention("xla", "cpu", f32, 60, 0.1) == ("xla", "model.attention")
+  with pytest.raises(ValueError, match="model.attention='cudnn'.*float32"):
+    choose_attention("cudnn", "gpu", f32, 64, 0.0)
+  with pytest.raises(ValueError, match="model.attention is 'flash'"):
+    choose_attention("flash", "gpu", bf16, 64, 0.0)

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedpeft_jax.models.checkpoint_files import CheckpointError
 from fedpeft_jax.models.checkpoint_registry import load_pretrained
-from fedpeft_jax.models.vit import ViT
+from fedpeft_jax.models.vit import ViT, choose_attention
 
 # config.model.dtype -> the compute dtype ("auto" is resolved by `compute_dtype`).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -31,11 +31,14 @@ def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                with_peft: bool = True) -> ViT:
+                with_peft: bool = True, platform: Optional[str] = None) -> ViT:
   """The ViT of `config.model` with the PEFT modules of `config.peft` (none with
-  `with_peft=False`: the backbone and head that full fine-tuning trains)."""
+  `with_peft=False`: the backbone and head that full fine-tuning trains), built for
+  `platform` ('cpu', 'gpu', 'tpu'; default: JAX's default backend), which fixes the compute
+  dtype of 'auto' and the attention implementation (`attention_choice` says why)."""
   m = config.model
-  return ViT(
+  platform = platform or jax.default_backend()
+  model = ViT(
       variant=None if m.hidden_size else m.variant,
       num_classes=num_classes,
       image_size=m.image_size,
@@ -48,9 +51,19 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       representation_size=m.representation_size or None,
       dropout=m.dropout,
       attention_dropout=m.attention_dropout,
-      dtype=compute_dtype(m.dtype),
+      dtype=compute_dtype(m.dtype, platform),
       peft=config.peft if with_peft else None,
   )
+  attention, _ = attention_choice(config, model, platform)
+  return model.clone(attention=attention)
+
+
+def attention_choice(config: ml_collections.ConfigDict, model: ViT, platform: str
+                     ) -> tuple[str, str]:
+  """(attention implementation, why) of `config.model.attention` for `model` on `platform`."""
+  arch = model.arch()
+  return choose_attention(config.model.attention, platform, model.dtype,
+                          arch["hidden_size"] // arch["num_heads"], config.model.attention_dropout)
 
 
 def init_params(config: ml_collections.ConfigDict, model: ViT, key: jax.Array) -> dict:

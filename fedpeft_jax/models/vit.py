@@ -50,16 +50,80 @@ def _bias_init():
   return nn.initializers.normal(stddev=1e-6)
 
 
+# config.model.attention: "auto" picks one of the others for the platform (choose_attention).
+ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
+CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention's head-dim limit before Hopper (256 on sm_90)
+
+
+def choose_attention(requested: str, platform: str, dtype: Any, head_dim: int,
+                     attention_dropout: float) -> tuple[str, str]:
+  """(implementation, why) for `config.model.attention` on `platform` ('cpu', 'gpu', 'tpu').
+
+  "auto" takes cuDNN's fused attention where it applies: a GPU, a half-precision compute
+  dtype, head dim a multiple of 8 and at most CUDNN_MAX_HEAD_DIM, no attention dropout;
+  otherwise the explicit form. Asking for "cudnn" where it does not apply is an error
+  naming why. The shape is checked here, but only a real GPU builds the cuDNN graph.
+  """
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention is {requested!r}; allowed: "
+                     f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  if requested in ("explicit", "xla"):
+    return requested, "model.attention"
+  blockers = []
+  if platform != "gpu":
+    blockers.append(f"platform {platform} is not a GPU")
+  if jnp.dtype(dtype).itemsize != 2:
+    blockers.append(f"compute dtype {jnp.dtype(dtype).name} is not half precision")
+  if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+    blockers.append(f"head dim {head_dim} is not a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}")
+  if attention_dropout > 0:
+    blockers.append("attention dropout > 0")
+  if requested == "cudnn" and blockers:
+    raise ValueError(f"model.attention='cudnn' does not apply here ({'; '.join(blockers)}); "
+                     "use 'auto'")
+  if blockers:
+    return "explicit", "auto: " + "; ".join(blockers)
+  return "cudnn", ("model.attention" if requested == "cudnn" else
+                   f"auto: {jnp.dtype(dtype).name} on GPU, head dim {head_dim}")
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str = "cudnn") -> jax.Array:
+  """Fused attention of [..., T, heads, head_dim] q/k/v (q already scaled), for cuDNN.
+
+  Tokens are padded to an even count (JAX's cuDNN backward refuses odd ones) and masked by
+  sequence length, then the padded query rows are cut off. `implementation="xla"` runs the
+  same padding and masking through XLA (how the CPU tests check it)."""
+  lead, tokens = q.shape[:-3], q.shape[-3]
+  flat = lambda t: t.reshape((-1,) + t.shape[-3:])
+  q, k, v = flat(q), flat(k), flat(v)
+  pad = tokens % 2
+  if pad:
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+  lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+  ctx = jax.nn.dot_product_attention(q, k, v, scale=1.0, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return ctx[:, :tokens].reshape(lead + (tokens,) + ctx.shape[-2:])
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with Google's DenseGeneral layout and LoRA/SSF hooks.
 
   q/k/v come from the `query/key/value` DenseGeneral layers ([..., T, heads, head_dim]);
   attention runs in the [..., heads, T, head_dim] layout (one transpose per operand, as
   the batched matmuls want) with a softmax whose backward saves only the probabilities in
-  `dtype` (no float32 logits or probabilities are kept under bfloat16). `fused=True`
-  routes it through `jax.nn.dot_product_attention` (JAX picks the implementation: cuDNN
-  on GPU where it applies, else XLA); `fused=None` does so only for half precision on GPU.
-  On CPU the explicit form is as fast and keeps less memory (experiments/bench_vit_step.py).
+  `dtype` (no float32 logits or probabilities are kept under bfloat16).
+
+  `implementation` (see `choose_attention`, which picks it for a platform):
+    "explicit": the einsum/softmax form above; on CPU as fast as the others and lighter
+      (experiments/bench_vit_step.py).
+    "xla": `jax.nn.dot_product_attention(implementation="xla")`.
+    "cudnn": cuDNN's fused flash attention (forward and backward custom calls). JAX's
+      cuDNN training path refuses an odd token count (ViT-B/16 at 224 has 197), so the
+      tokens are padded to an even count and masked by sequence length; padded keys get no
+      weight and padded query rows are dropped, which leaves the result unchanged.
   Attention dropout (dropout > 0, not deterministic) always takes the explicit form, which
   drops attention probabilities with nn.Dropout.
   """
@@ -67,7 +131,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   peft: PeftSpec = PeftSpec()
-  fused: Optional[bool] = None
+  implementation: str = "explicit"
 
   @staticmethod
   def _probs(logits: jax.Array, dtype: Dtype) -> jax.Array:
@@ -111,11 +175,13 @@ class MultiHeadDotProductAttention(nn.Module):
     q = q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)  # fuses into the layout change
 
     dropout = self.dropout > 0 and not deterministic
-    fused = self.fused
-    if fused is None:
-      fused = jnp.dtype(dt).itemsize == 2 and jax.default_backend() == "gpu"
-    if fused and not dropout:
-      ctx = jax.nn.dot_product_attention(q, k, v, scale=1.0)
+    if self.implementation not in ATTENTION_IMPLEMENTATIONS[1:]:
+      raise ValueError(f"attention implementation {self.implementation!r}; allowed: "
+                       f"{', '.join(ATTENTION_IMPLEMENTATIONS[1:])}")
+    if self.implementation == "cudnn" and not dropout:
+      ctx = padded_attention(q, k, v)
+    elif self.implementation == "xla" and not dropout:
+      ctx = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="xla")
     else:
       bnth = lambda t: jnp.swapaxes(t, -3, -2)  # [..., T, N, H] -> [..., N, T, H]
       logits = jnp.einsum("...qd,...kd->...qk", bnth(q), bnth(k),
@@ -176,6 +242,7 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   peft: PeftSpec = PeftSpec()
   shared_adapter: Optional[nn.Module] = None
+  attention: str = "explicit"  # MultiHeadDotProductAttention.implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -192,6 +259,7 @@ class Encoder1DBlock(nn.Module):
     kind = peft.adapter_kind if peft.has("adapter") else ""
     y = norm("LayerNorm_0", x)
     y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout, self.dtype, peft,
+                                     self.attention,
                                      name="MultiHeadDotProductAttention_0")(y, deterministic)
     y = nn.Dropout(self.dropout, deterministic=deterministic)(y)
     if kind == "houlsby":
@@ -221,6 +289,7 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   peft: PeftSpec = PeftSpec()
   patch_size: int = 16
+  attention: str = "explicit"
 
   @nn.compact
   def __call__(self, x: jax.Array, num_prefix: int, deterministic: bool = True, *,
@@ -275,7 +344,7 @@ class Encoder(nn.Module):
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
                          self.gelu_approximate, self.layernorm_epsilon, self.dtype,
                          peft if tuned else PeftSpec(), shared_adapter=shared if tuned else None,
-                         name=f"encoderblock_{i}")(x, deterministic)
+                         attention=self.attention, name=f"encoderblock_{i}")(x, deterministic)
     if stop_block is not None:
       return x
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="encoder_norm")(x)
@@ -307,6 +376,7 @@ class ViT(nn.Module):
   attention_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   peft: Any = None  # ConfigDict from peft.method_config, a method name, a PeftSpec or None.
+  attention: str = "explicit"  # an implementation, not "auto": see choose_attention
 
   # -- resolved architecture -------------------------------------------------
   def arch(self) -> dict[str, int]:
@@ -382,7 +452,7 @@ class ViT(nn.Module):
 
       encoder = Encoder(depth, a["num_heads"], a["mlp_dim"], self.dropout,
                         self.attention_dropout, self.gelu_approximate, self.layernorm_epsilon,
-                        self.dtype, peft, patch, name="Transformer")
+                        self.dtype, peft, patch, self.attention, name="Transformer")
       x = encoder(x, num_prefix, deterministic, start_block=start_block, stop_block=stop_block,
                   tokens_in=tokens_in)
       if stop_block is not None:

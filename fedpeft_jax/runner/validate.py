@@ -29,7 +29,8 @@ from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
 from fedpeft_jax.federated.personal import PERSONAL_SCHEDULES, parse_patterns
 from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, LORA_AGGREGATIONS,
                                                     client_ranks)
-from fedpeft_jax.models import MODEL_DTYPES, POOLS, REGISTRY, VARIANTS, parse_variant
+from fedpeft_jax.models import (ATTENTION_IMPLEMENTATIONS, MODEL_DTYPES, POOLS, REGISTRY, VARIANTS,
+                                parse_variant)
 from fedpeft_jax.peft.config import default_config as default_peft_config
 from fedpeft_jax.peft.config import parse_methods
 from fedpeft_jax.peft.config import validate as validate_peft
@@ -236,6 +237,7 @@ def _validate_model(config: Any) -> dict[str, int]:
   _num(config, "model.dropout", 0.0, 1.0, high_open=True)
   _num(config, "model.attention_dropout", 0.0, 1.0, high_open=True)
   _choice(config, "model.dtype", MODEL_DTYPES)
+  _choice(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
   pretrained = _get(config, "model.pretrained")
   if not isinstance(pretrained, str):
     _fail("model.pretrained", f"must be a path, URL, registry name or '', got {pretrained!r}")
