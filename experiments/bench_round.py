@@ -492,7 +492,7 @@ def round_memory(algo: Any, state: Any, frozen: PyTree, data: Any, plan: Any) ->
 
   try:
     if getattr(algo, "lower", None) is not None:
-      lowered = algo.lower(state, frozen, data, plan)
+      lowered = algo.lower(state, frozen, data, plan.num_reporting)
     else:
       lowered = jax.jit(round_fn).lower(state, frozen, data.images, data.labels, data.indices)
     ma = lowered.compile().memory_analysis()

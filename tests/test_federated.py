@@ -440,7 +440,7 @@ def test_auto_clients_per_chunk_from_xla_memory_analysis():
   def compile_bytes(chunk):
     *_, trainable, frozen, data, algo, _, _, _ = (None, *setup(sizes=sizes, chunk=chunk))
     state = algo.init(trainable, seed=0)
-    return compiled_round_bytes(algo.lower(state, frozen, data, plan_round(0, 0, 4, 4)))
+    return compiled_round_bytes(algo.lower(state, frozen, data, 4))
 
   def memory_of(chunk):
     if chunk not in measured:

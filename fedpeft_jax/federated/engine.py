@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedpeft_jax import rng as rng_lib
+from fedpeft_jax.accelerators import aot
 from fedpeft_jax.federated import aggregation, comm, compression, lora_aggregation
 from fedpeft_jax.federated import state as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
@@ -93,11 +95,13 @@ def client_state_bytes(state: server_lib.ServerState) -> int:
 
 class FederatedAlgorithm(NamedTuple):
   """fedjax-style pair: `init(trainable, seed) -> state`, `apply(state, ...) -> (state, metrics)`;
-  `lower(state, frozen, data, plan)` gives the round's `jax.stages.Lowered` (for XLA's cost
-  and memory analyses) without running it."""
+  `lower(state, frozen, data, slots)` gives the round's `jax.stages.Lowered` (for XLA's
+  cost and memory analyses) without running it, from arrays or shapes alike, and
+  `state_shapes(trainable)` the abstract round-0 state to lower with."""
   init: Callable[..., server_lib.ServerState]
   apply: Callable[..., tuple[server_lib.ServerState, dict]]
   lower: Callable[..., Any] | None = None
+  state_shapes: Callable[..., server_lib.ServerState] | None = None
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -172,6 +176,30 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       return rule(folding.client_start(trainable, client_id), frozen, data, client_id, key,
                   active, *state)
 
+  def initial_state(trainable: PyTree, seed: int, clip_norm: float,
+                    dp_key: np.ndarray) -> server_lib.ServerState:
+    """Round 0's state, not yet placed (traceable: `state_shapes` runs it abstractly)."""
+    def per_client(one, num):
+      return jax.tree_util.tree_map(
+          lambda x: jnp.broadcast_to(jnp.asarray(x), (num,) + jnp.shape(x)), one)
+    # Per-client state: the rule's own ("rule") and the round's ("residual"), if any.
+    clients = {}
+    if client_state is not None:
+      clients["rule"] = per_client(client_state.init(trainable), client_state.num_clients)
+    if error_feedback:
+      clients["residual"] = per_client(
+          jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), trainable),
+          round_spec.num_clients)
+    clients = clients or None
+    if round_spec.lora_aggregation == "ffa" and any(
+        p.endswith("_lora/lora_a") for p in lora_aggregation.flatten(trainable)):
+      raise ValueError("federated.lora_aggregation='ffa' (FFA-LoRA) keeps A frozen: build the "
+                       "trainable mask with peft.lora.freeze_a=True")
+    folded = None if folding is None else lora_aggregation.folded_zeros(trainable)
+    return server_lib.init_server_state(trainable, server_tx,
+                                        rng_lib.stream_key_data(seed, "train"), dp_key,
+                                        clip_norm, clients, folded)
+
   def init(trainable: PyTree, seed: int, clip_norm: float = 0.0,
            dp_key: np.ndarray | None = None) -> server_lib.ServerState:
     """Round 0's state. `dp_key`: raw key data of the dp stream; by default drawn from
@@ -184,27 +212,14 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         dp_key = np.asarray(multihost_utils.broadcast_one_to_all(dp_key))
     elif dp_key is None:
       dp_key = rng_lib.stream_key_data(seed, "dp")
-    def per_client(one, num):
-      return jax.tree_util.tree_map(
-          lambda x: np.broadcast_to(np.asarray(x), (num,) + np.shape(x)), one)
-    # Per-client state: the rule's own ("rule") and the round's ("residual"), if any.
-    clients = {}
-    if client_state is not None:
-      clients["rule"] = per_client(client_state.init(trainable), client_state.num_clients)
-    if error_feedback:
-      clients["residual"] = per_client(
-          jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), trainable),
-          round_spec.num_clients)
-    clients = clients or None
-    if round_spec.lora_aggregation == "ffa" and any(
-        p.endswith("_lora/lora_a") for p in lora_aggregation.flatten(trainable)):
-      raise ValueError("federated.lora_aggregation='ffa' (FFA-LoRA) keeps A frozen: build the "
-                       "trainable mask with peft.lora.freeze_a=True")
-    folded = None if folding is None else lora_aggregation.folded_zeros(trainable)
-    state = server_lib.init_server_state(trainable, server_tx,
-                                         rng_lib.stream_key_data(seed, "train"), dp_key,
-                                         clip_norm, clients, folded)
-    return replicate(state, mesh)
+    return replicate(initial_state(trainable, seed, clip_norm, dp_key), mesh)
+
+  def state_shapes(trainable: PyTree) -> server_lib.ServerState:
+    """Round 0's state as ShapeDtypeStructs replicated on the mesh: `trainable` may be
+    shapes only (nothing is drawn, allocated or placed)."""
+    shapes = jax.eval_shape(
+        lambda t: initial_state(t, 0, 0.0, rng_lib.stream_key_data(0, "dp")), trainable)
+    return aot.abstract(shapes, mesh)
 
   def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
     """Per device: scan over chunks [chunks, chunk]; this device's sums, and per slot the
@@ -364,8 +379,18 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     sharding = NamedSharding(mesh, P(AXIS))
     return state, frozen, data, to_global(ids, sharding), to_global(valid, sharding)
 
-  def lower(state: server_lib.ServerState, frozen: PyTree, data: Any, plan: RoundPlan) -> Any:
-    return round_step.lower(*round_args(state, frozen, data, plan))
+  def lower(state: server_lib.ServerState, frozen: PyTree, data: Any, slots: int) -> Any:
+    """The round's `jax.stages.Lowered` for `slots` reporting clients. Every argument may
+    be abstract (ShapeDtypeStructs with shardings, see `accelerators.aot`): the layout's
+    shape depends only on the counts, so a round lowers from shapes alone, for this mesh's
+    devices or a device-less target topology."""
+    per_step = round_spec.num_devices * round_spec.clients_per_chunk
+    chunks = max(1, math.ceil(max(slots, round_spec.min_slots) / per_step))
+    shape = (round_spec.num_devices, chunks, round_spec.clients_per_chunk)
+    sharding = NamedSharding(mesh, P(AXIS))
+    return round_step.lower(state, frozen, data,
+                            jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+                            jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding))
 
   def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
             plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
@@ -375,4 +400,4 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     metrics["clients_reporting"] = plan.num_reporting
     return new_state, metrics
 
-  return FederatedAlgorithm(init=init, apply=apply, lower=lower)
+  return FederatedAlgorithm(init=init, apply=apply, lower=lower, state_shapes=state_shapes)

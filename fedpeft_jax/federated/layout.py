@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from fedpeft_jax.accelerators import aot
+
 MEMORY_FRACTION = 0.75  # share of device memory a compiled round may plan to use
 
 
@@ -49,16 +51,10 @@ def auto_clients_per_chunk(clients_per_round: int, num_devices: int, batch_size:
 
 
 def compiled_round_bytes(lowered: Any) -> Optional[int]:
-  """Device bytes XLA plans for a lowered round: arguments + outputs + temporaries,
-  less donated (aliased) buffers; None where the backend gives no memory analysis."""
-  try:
-    mem = lowered.compile().memory_analysis()
-  except (NotImplementedError, RuntimeError):
-    return None
-  if mem is None:
-    return None
-  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes)
+  """Device bytes XLA plans for a lowered round (`aot.CompiledStats.peak_bytes`); None where
+  the backend gives no memory analysis."""
+  stats = aot.compiled_stats(lowered.compile())
+  return None if stats is None else stats.peak_bytes
 
 
 def device_bytes_limit(device: Optional[Any] = None) -> Optional[int]:

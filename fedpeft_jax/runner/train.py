@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import fedpeft_jax.data as fdata
 from fedpeft_jax import peft
+from fedpeft_jax.accelerators import aot
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.federated import compression
 from fedpeft_jax.federated import personal as personal_lib
@@ -38,7 +39,8 @@ from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundSpec,
                                    place_eval_set, plan_round, replicate,
                                    resolve_clients_per_round)
 from fedpeft_jax.federated import lora_aggregation as lora_agg
-from fedpeft_jax.models.factory import base_param_shapes, build_model, init_params
+from fedpeft_jax.models.factory import (attention_choice, base_param_shapes, build_model,
+                                        init_params)
 from fedpeft_jax.privacy import PrivacyPlan, poisson_capacity
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
@@ -96,6 +98,51 @@ def lora_client_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
                                      max_rank=config.peft.lora.rank).tolist())
 
 
+def resolve_local_epochs(config: ml_collections.ConfigDict, sizes: Any) -> int:
+  """federated.local_epochs, or with local_steps > 0 enough epochs for the smallest client
+  (of `sizes`) to reach local_steps."""
+  fed = config.federated
+  if fed.local_steps <= 0:
+    return fed.local_epochs
+  smallest = max(1, int(min(sizes)))
+  return math.ceil(fed.local_steps / math.ceil(smallest / fed.batch_size))
+
+
+def client_spec(config: ml_collections.ConfigDict, local_epochs: int, max_examples: int,
+                augment: str, inputs: Any, privacy: PrivacyPlan) -> ClientSpec:
+  """The run's local training, as the round compiles it."""
+  fed = config.federated
+  return ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs,
+                    max_examples=max_examples, image_size=config.model.image_size,
+                    augment=augment, inputs=inputs, local_steps=fed.local_steps,
+                    label_smoothing=fed.label_smoothing, fedprox_mu=fed.fedprox_mu,
+                    dp=privacy.client)
+
+
+def round_slots(config: ml_collections.ConfigDict, per_round: int, privacy: PrivacyPlan) -> int:
+  """The fewest client slots a round compiles for. DP-FedAvg is accounted for Poisson
+  client sampling, so with privacy.sampling='poisson' that is how clients are drawn; rounds
+  pad to a capacity the count exceeds with probability 1e-6 (a rarer, larger round just
+  compiles once more)."""
+  num_clients = config.federated.num_clients
+  if privacy.poisson_clients and per_round < num_clients:
+    return poisson_capacity(per_round, 1e-6, client_size=num_clients)
+  return per_round
+
+
+def round_spec(config: ml_collections.ConfigDict, chunk: int, num_devices: int,
+               privacy: PrivacyPlan, min_slots: int, client_ranks: tuple[int, ...]) -> RoundSpec:
+  """The run's round at `chunk` clients per chunk over `num_devices` devices."""
+  fed = config.federated
+  return RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
+                   max_update_norm=fed.max_update_norm, dp=privacy.server,
+                   min_slots=min_slots, wire_dtype=fed.wire_dtype,
+                   compression=fed.compression, compression_block=fed.compression_block,
+                   compression_fraction=fed.compression_fraction,
+                   num_clients=fed.num_clients, lora_aggregation=fed.lora_aggregation,
+                   client_ranks=client_ranks)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         stop_after_round: int | None = None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the summary dict."""
@@ -148,10 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   augment = dataset.augment if config.data.augment == "auto" else config.data.augment
   max_n = int(max(part.sizes))
 
-  local_epochs = fed.local_epochs
-  if fed.local_steps > 0:  # enough epochs for the smallest client to reach local_steps
-    smallest = max(1, int(min(part.sizes)))
-    local_epochs = math.ceil(fed.local_steps / math.ceil(smallest / fed.batch_size))
+  local_epochs = resolve_local_epochs(config, part.sizes)
 
   def steps_of(n: int) -> int:  # the real local steps a client of n examples runs
     return int(fdata.num_local_steps(n, fed.batch_size, local_epochs, fed.local_steps))
@@ -164,17 +208,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
           mask, depth, peft.to_spec(config.peft).last_blocks),
       depth, augment, config.model.dropout == 0 and config.model.attention_dropout == 0,
       config.model.image_size)
-  cspec = ClientSpec(batch_size=fed.batch_size, local_epochs=local_epochs, max_examples=max_n,
-                     image_size=config.model.image_size, augment=augment, inputs=inputs,
-                     local_steps=fed.local_steps, label_smoothing=fed.label_smoothing,
-                     fedprox_mu=fed.fedprox_mu, dp=privacy.client)
-  # DP-FedAvg is accounted for Poisson client sampling, so with privacy.sampling='poisson'
-  # that is how clients are drawn; rounds pad to a capacity the count exceeds with
-  # probability 1e-6 (a rarer, larger round just compiles once more).
+  cspec = client_spec(config, local_epochs, max_n, augment, inputs, privacy)
   poisson_clients = privacy.poisson_clients
-  min_slots = per_round
-  if poisson_clients and per_round < fed.num_clients:
-    min_slots = poisson_capacity(per_round, 1e-6, client_size=fed.num_clients)
+  min_slots = round_slots(config, per_round, privacy)
   client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
                                     fed.client_nesterov, fed.client_weight_decay)
   server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
@@ -230,23 +266,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   client_ranks = lora_client_ranks(config)
 
   def build(chunk: int):
-    rspec = RoundSpec(clients_per_chunk=chunk, num_devices=num_devices, weighting=fed.weighting,
-                      max_update_norm=fed.max_update_norm, dp=privacy.server,
-                      min_slots=min_slots, wire_dtype=fed.wire_dtype,
-                      compression=fed.compression, compression_block=fed.compression_block,
-                      compression_fraction=fed.compression_fraction,
-                      num_clients=fed.num_clients, lora_aggregation=fed.lora_aggregation,
-                      client_ranks=client_ranks)
+    rspec = round_spec(config, chunk, num_devices, privacy, min_slots, client_ranks)
     return build_algorithm(model, client_tx, server_tx, cspec, rspec, dataset.num_classes,
                            mesh=mesh, client_update=client_rule, client_state=client_state)
 
   def round_bytes(chunk: int) -> int | None:  # XLA's plan for one round at this chunk
+    # From shapes alone, as experiments/plan.py lowers for a device-less target.
     trial = build(chunk)
-    plan = plan_round(rng_lib.stream_seed(config.seed, "sampling"), 0, fed.num_clients,
-                      per_round, poisson=poisson_clients)
-    template = trial.init(trainable, seed=config.seed,  # shapes only: no secret drawn
-                          dp_key=rng_lib.stream_key_data(config.seed, "dp"))
-    return compiled_round_bytes(trial.lower(template, frozen_dev, client_data, plan))
+    return compiled_round_bytes(trial.lower(trial.state_shapes(trainable), aot.like(frozen_dev),
+                                            aot.like(client_data), per_round))
 
   if fixed_chunk:
     chunk, chunk_note = fixed_chunk, "federated.clients_per_chunk"
@@ -305,7 +333,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             f"{cost.trainable_bytes / 1e6:.3f} MB per transfer | {per_round} of "
             f"{fed.num_clients} clients per round | {num_devices} device(s), chunk {chunk}")
   print(header)
-  print(f"compute dtype {jnp.dtype(model.dtype).name} | feature cache {cache_note} | "
+  print(f"compute dtype {jnp.dtype(model.dtype).name} | attention {model.attention} "
+        f"({attention_choice(config, model, jax.default_backend())[1]}) | "
+        f"feature cache {cache_note} | "
         f"clients per chunk {chunk}: {chunk_note}")
   bar = _progress(fed.rounds, int(state.round), progress and primary)
   stopped_early = False

@@ -1,0 +1,111 @@
+"""Ahead-of-time compilation from shapes: abstract arguments on a mesh, and what XLA's
+compiled executable says about memory, custom calls and FLOPs.
+
+The same functions serve a real device (the runner's automatic chunk size) and a
+device-less target topology (`experiments/plan.py`): arguments are `ShapeDtypeStruct`s with
+shardings, so nothing is allocated or transferred to lower and compile a round.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax._src.lib import xla_client  # HLO cost analysis: see `hlo_flops`
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+
+# cuDNN's fused-attention custom calls (forward and backward; the dropout variants share the
+# prefix) as XLA names them in the compiled HLO.
+CUDNN_ATTENTION_FORWARD = "__cudnn$fmhaSoftmax"
+CUDNN_ATTENTION_BACKWARD = "__cudnn$fmhaSoftmaxBackward"
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def abstract(tree: PyTree, mesh: Mesh, spec: P = P()) -> PyTree:
+  """`tree`'s leaves (arrays or shapes) as ShapeDtypeStructs placed by `spec` on `mesh`."""
+  sharding = NamedSharding(mesh, spec)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+def like(tree: PyTree) -> PyTree:
+  """Placed arrays -> ShapeDtypeStructs with the same shapes, dtypes and shardings."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStats:
+  """XLA's memory plan of one compiled executable (bytes, per device) and its custom calls."""
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  custom_calls: dict[str, int]
+
+  @property
+  def peak_bytes(self) -> int:
+    """Arguments + outputs + temporaries, less donated (aliased) buffers: what the
+    executable needs resident at once by XLA's plan."""
+    return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+  @property
+  def cudnn_attention(self) -> tuple[int, int]:
+    """(forward, backward) cuDNN fused-attention calls in the executable."""
+    fwd = sum(n for k, n in self.custom_calls.items()
+              if k.startswith(CUDNN_ATTENTION_FORWARD) and not k.endswith("Backward"))
+    return fwd, self.custom_calls.get(CUDNN_ATTENTION_BACKWARD, 0)
+
+
+def compiled_stats(compiled: Any) -> Optional[CompiledStats]:
+  """Memory plan and custom calls of a `jax.stages.Compiled`; None where the backend gives
+  no memory analysis."""
+  try:
+    mem = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if mem is None:
+    return None
+  calls = collections.Counter(_CUSTOM_CALL.findall(compiled.as_text()))
+  return CompiledStats(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+                       int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes), dict(calls))
+
+
+def hlo_flops(lowered: Any) -> float:
+  """FLOPs of a lowered computation by XLA's HLO cost analysis of its unoptimized module.
+
+  Why the unoptimized module: the program as written, before the GPU compiler turns dots
+  into library calls; a device-less compile gives no `cost_analysis()`. Caveats: a while
+  loop's body counts once (lower one step, not a loop, to count a step), and custom calls
+  (cuDNN attention) count zero: `attention_flops` adds them. The analysis is reached through
+  jaxlib's `hlo_module_cost_analysis`, a private binding; this is its only use, and
+  tests/test_accelerators.py fails if it moves.
+  """
+  module = lowered.compiler_ir("hlo")
+  cpu = jax.local_devices(backend="cpu")[0].client
+  return float(xla_client._xla.hlo_module_cost_analysis(cpu, module)["flops"])  # pylint: disable=protected-access
+
+
+_FMHA_OPERANDS = re.compile(
+    r'custom_call_target="(__cudnn\$fmha\w*)".*?operand_layout_constraints=\{(\w+)\[([\d,]+)\]'
+    r'\{[^}]*\}, \w+\[([\d,]+)\]')
+
+
+def attention_flops(compiled_text: str) -> float:
+  """FLOPs of the cuDNN fused-attention calls in a compiled module's text, by hand: a
+  forward call with q [B, T, N, H] and k [B, S, N, H] does two matmuls (4 B N T S H); a
+  backward call four (8 B N T S H; the recomputation of Q K^T inside flash attention's
+  backward is not counted, as for the XLA path's saved probabilities)."""
+  total = 0.0
+  for target, _, q, k in _FMHA_OPERANDS.findall(compiled_text):
+    b, t, n, h = (int(x) for x in q.split(","))
+    s = int(k.split(",")[1])
+    total += (8 if target.endswith("Backward") else 4) * b * n * t * s * h
+  return total
