@@ -64,6 +64,27 @@ class CompiledStats:
     return fwd, self.custom_calls.get(CUDNN_ATTENTION_BACKWARD, 0)
 
 
+# XLA's answer when its Triton GEMM emitter has no tiling for a dot. Seen in device-less
+# compiles of vmapped chunks (e.g. bf16[100864,768] x [768,3072] at 8 clients per chunk),
+# where no autotuner is there to fall back to cuBLAS; whether a GPU's autotuned compile hits
+# it is not known from here.
+TRITON_TILING_ERROR = "Couldn't find output tile sizes"
+WITHOUT_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compile_with_fallback(lowered: Any) -> tuple[Any, str]:
+  """(compiled, flags) with XLA's default flags, or, where the Triton GEMM emitter finds no
+  tiling (`TRITON_TILING_ERROR`), with Triton GEMMs off; `flags` says which."""
+  try:
+    return lowered.compile(), "default"
+  except jax.errors.JaxRuntimeError as e:
+    if TRITON_TILING_ERROR not in str(e):
+      raise
+    first = str(e).splitlines()[0]
+    return (lowered.compile(compiler_options=WITHOUT_TRITON_GEMM),
+            f"xla_gpu_enable_triton_gemm=false (defaults failed: {first[:160]})")
+
+
 def compiled_stats(compiled: Any) -> Optional[CompiledStats]:
   """Memory plan and custom calls of a `jax.stages.Compiled`; None where the backend gives
   no memory analysis."""
@@ -88,9 +109,17 @@ def hlo_flops(lowered: Any) -> float:
   jaxlib's `hlo_module_cost_analysis`, a private binding; this is its only use, and
   tests/test_accelerators.py fails if it moves.
   """
-  module = lowered.compiler_ir("hlo")
+  module = lowered.compiler_ir("hlo").get_hlo_module()
   cpu = jax.local_devices(backend="cpu")[0].client
   return float(xla_client._xla.hlo_module_cost_analysis(cpu, module)["flops"])  # pylint: disable=protected-access
+
+
+def optimized_bytes(compiled: Any) -> float:
+  """Bytes accessed by XLA's cost analysis of a compiled (optimized, fused) module: the
+  memory traffic a roofline bound divides by bandwidth (loops count one body, as above)."""
+  module = compiled.runtime_executable().hlo_modules()[0]
+  cpu = jax.local_devices(backend="cpu")[0].client
+  return float(xla_client._xla.hlo_module_cost_analysis(cpu, module)["bytes accessed"])  # pylint: disable=protected-access
 
 
 _FMHA_OPERANDS = re.compile(

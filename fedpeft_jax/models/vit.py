@@ -101,7 +101,11 @@ def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
-  lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+  # The lengths are derived from q so that under vmap (clients of a chunk) they are batched
+  # as q is: JAX's cuDNN batcher folds the vmapped axis into q's batch but reshapes
+  # unbatched lengths to that size and fails.
+  first = jax.lax.stop_gradient(q[:, 0, 0, 0])
+  lengths = jnp.where(first == first, tokens, tokens).astype(jnp.int32)
   ctx = jax.nn.dot_product_attention(q, k, v, scale=1.0, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths,
                                      implementation=implementation)
