@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from ml_collections import config_flags
 
+import fedpeft_jax.data as fdata
 from experiments import plan as plan_lib
 from fedpeft_jax.accelerators import aot, targets
 from fedpeft_jax.federated import MEMORY_FRACTION
@@ -144,3 +145,16 @@ def test_eight_gpus_compile_with_a_cross_device_reduction() -> None:
   (row,) = result["chunks"]
   assert row["xla_flags"] == "default"
   assert row["all_reduce_ops"] >= 1  # the psum of the devices' update sums
+
+
+def test_preprocessing_for_h100_holds_no_dot() -> None:
+  # The accelerator lowering of the resize is gathers and multiply-adds (no float32 dot for
+  # the Triton GEMM emitter to refuse), and it compiles with XLA's default flags.
+  mesh = _mesh()
+  from_shapes = aot.abstract(jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.uint8), mesh)
+  key = aot.abstract(jax.ShapeDtypeStruct((2,), jnp.uint32), mesh)
+  fn = jax.jit(lambda x, k: fdata.preprocess(x, jax.random.wrap_key_data(k), image_size=224,
+                                             augment="crop_flip", train=True))
+  exe, flags = aot.compile_with_fallback(fn.lower(from_shapes, key))
+  assert flags == "default"
+  assert not re.search(r"= \S+ dot\(|custom_call_target=\"__cublas", exe.as_text())
