@@ -55,12 +55,11 @@ from fedpeft_jax import peft
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.accelerators import aot, targets
 from fedpeft_jax.data.datasets import TFDS_DATASETS
-from fedpeft_jax.federated import (MEMORY_FRACTION, ClientStateSpec, auto_clients_per_chunk, build_algorithm,
-                                   choose_input, layout_clients, make_client_optimizer,
-                                   make_evaluate, make_server_optimizer)
+from fedpeft_jax.federated import (MEMORY_FRACTION, ClientStateSpec, auto_clients_per_chunk,
+                                   build_algorithm, layout_clients, make_evaluate)
 from fedpeft_jax.federated import personal as personal_lib
 from fedpeft_jax.federated.mesh import AXIS, make_mesh
-from fedpeft_jax.federated.sampling import resolve_clients_per_round
+from fedpeft_jax.federated.sampling import plan_round, resolve_clients_per_round
 from fedpeft_jax.models.factory import attention_choice, build_model
 from fedpeft_jax.privacy import PrivacyPlan
 from fedpeft_jax.runner import train as runner
@@ -141,19 +140,11 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
   privacy = PrivacyPlan(config, sizes, per_round, steps_of,
                         len(jax.tree_util.tree_leaves(trainable)))
   augment = data.augment if config.data.augment == "auto" else config.data.augment
-  depth = model.arch()["depth"]
-  inputs, cache_note = choose_input(
-      fed.feature_cache, peft.only_head_trainable(mask), peft.first_trainable_block(
-          mask, depth, peft.to_spec(config.peft).last_blocks),
-      depth, augment, config.model.dropout == 0 and config.model.attention_dropout == 0, size)
+  inputs, cache_note = runner.input_spec(config, model, mask, augment)
   max_n = int(sizes.max())
   cspec = runner.client_spec(config, local_epochs, max_n, augment, inputs, privacy)
   min_slots = runner.round_slots(config, per_round, privacy)
-  client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
-                                    fed.client_nesterov, fed.client_weight_decay)
-  server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
-                                    fed.server_b1, fed.server_b2, fed.server_eps,
-                                    bias_correction=fed.server_bias_correction)
+  client_tx, server_tx = runner.optimizers(config)
   cast = lambda tree: jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, model.dtype), tree)
   frozen_in = cast(frozen) if personal_init is None or not babu else cast(
@@ -217,14 +208,20 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
         memory_of=lambda c: compile_round(c)["peak_bytes"], bytes_limit=target.bytes_limit)
     compile_round(1)
   chosen = compile_round(chunk)
-  # Executed vs useful client-steps of a round of the planned partition, clients drawn as
-  # the runner's first round draws them.
+  # Executed vs useful client-steps over the row's rounds, clients drawn by the sampling
+  # stream as the runner draws them (under DP-FedAvg the runner draws from its secret
+  # stream instead: the same distribution), laid out as the round lays them out.
   steps = np.asarray(cspec.real_steps(sizes))
-  order = np.argsort(-steps, kind="stable")[:per_round]
-  ids, valid = layout_clients(order.astype(np.int32), num_devices, chunk, min_slots, steps[order])
-  slot_steps = np.where(valid, steps[ids], 0)
-  executed = int((slot_steps.max(axis=2, keepdims=True) * np.ones_like(slot_steps)).sum())
-  useful = int(slot_steps.sum())
+  executed = useful = 0
+  sampling_seed = rng_lib.stream_seed(config.seed, "sampling")
+  for r in range(fed.rounds):
+    reporting = plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
+                           poisson=privacy.poisson_clients).reporting
+    ids, valid = layout_clients(reporting, num_devices, chunk, min_slots, steps[reporting])
+    slot_steps = np.where(valid, steps[ids], 0)
+    executed += int(slot_steps.max(axis=2).sum()) * chunk
+    useful += int(slot_steps.sum())
+  executed, useful = executed / fed.rounds, useful / fed.rounds  # per round, on average
   per_client_flops = chosen["chunk_step_flops"] / chunk
   per_client_bytes = chosen["chunk_step_bytes"] / chunk
   peak = target.peak_flops[jnp.dtype(model.dtype).name]
@@ -282,8 +279,9 @@ def format_plan(p: dict) -> str:
                  f" | {r['compile_seconds']} | {r['xla_flags'][:40]}")
   lines += [f"chunk chosen: {p['chunk']} ({p['chunk_why']})",
             f"FLOPs per client step {p['flops_per_client_step']:.3e}; round: executed "
-            f"{p['round_flops_executed']:.3e} ({p['executed_client_steps']} client-steps), "
-            f"useful {p['round_flops_useful']:.3e} ({p['useful_client_steps']})",
+            f"{p['round_flops_executed']:.3e} ({p['executed_client_steps']:.1f} client-steps, "
+            f"mean over rounds), useful {p['round_flops_useful']:.3e} "
+            f"({p['useful_client_steps']:.1f})",
             f"roofline bound: round {p['round_seconds_bound']:.2f} s, evaluation "
             f"{p['eval_seconds_bound']:.2f} s, row ({p['rounds']} rounds, {p['evaluations']} "
             f"evaluations) {p['row_seconds_bound'] / 60:.1f} min",

@@ -14,9 +14,7 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from ml_collections import config_flags
 
 import fedpeft_jax.data as fdata
 from experiments import plan as plan_lib

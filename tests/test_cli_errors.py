@@ -92,3 +92,13 @@ def test_unreachable_checkpoint_url(tmp_path):
   assert "config.model.pretrained" in line and url in line, line
   assert "local path" in line, line  # the way out: download it yourself, pass the file
   assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
+
+
+def test_attention_that_does_not_apply_names_the_field_and_why(tmp_path):
+  # cuDNN attention asked for on the CPU in float32: one line naming the field, both reasons
+  # and the fix; an unknown implementation is refused by the validator.
+  line = _fails(tmp_path, "--config.model.attention=cudnn")
+  assert "config.model.attention='cudnn'" in line and "not a GPU" in line, line
+  assert "float32 is not half precision" in line and "set it to 'auto'" in line, line
+  line = _fails(tmp_path, "--config.model.attention=flash")
+  assert "config.model.attention" in line and "flash" in line, line

@@ -99,27 +99,30 @@ def compiled_stats(compiled: Any) -> Optional[CompiledStats]:
                        int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes), dict(calls))
 
 
+def _hlo_cost(module: Any) -> dict[str, float]:
+  """XLA's HLO cost analysis of an HloModule, run by the CPU client (any target's module).
+
+  Reached through jaxlib's `hlo_module_cost_analysis`, a private binding (a device-less
+  compile gives no `cost_analysis()`): this is its only use, and tests/test_accelerators.py
+  fails if it moves."""
+  cpu = jax.local_devices(backend="cpu")[0].client
+  return xla_client._xla.hlo_module_cost_analysis(cpu, module)  # pylint: disable=protected-access
+
+
 def hlo_flops(lowered: Any) -> float:
   """FLOPs of a lowered computation by XLA's HLO cost analysis of its unoptimized module.
 
   Why the unoptimized module: the program as written, before the GPU compiler turns dots
-  into library calls; a device-less compile gives no `cost_analysis()`. Caveats: a while
-  loop's body counts once (lower one step, not a loop, to count a step), and custom calls
-  (cuDNN attention) count zero: `attention_flops` adds them. The analysis is reached through
-  jaxlib's `hlo_module_cost_analysis`, a private binding; this is its only use, and
-  tests/test_accelerators.py fails if it moves.
-  """
-  module = lowered.compiler_ir("hlo").get_hlo_module()
-  cpu = jax.local_devices(backend="cpu")[0].client
-  return float(xla_client._xla.hlo_module_cost_analysis(cpu, module)["flops"])  # pylint: disable=protected-access
+  into library calls. Caveats: a while loop's body counts once (a round's loops count one
+  local step of one chunk), and custom calls (cuDNN attention) count zero:
+  `attention_flops` adds them."""
+  return float(_hlo_cost(lowered.compiler_ir("hlo").get_hlo_module())["flops"])
 
 
 def optimized_bytes(compiled: Any) -> float:
   """Bytes accessed by XLA's cost analysis of a compiled (optimized, fused) module: the
   memory traffic a roofline bound divides by bandwidth (loops count one body, as above)."""
-  module = compiled.runtime_executable().hlo_modules()[0]
-  cpu = jax.local_devices(backend="cpu")[0].client
-  return float(xla_client._xla.hlo_module_cost_analysis(cpu, module)["bytes accessed"])  # pylint: disable=protected-access
+  return float(_hlo_cost(compiled.runtime_executable().hlo_modules()[0])["bytes accessed"])
 
 
 _FMHA_OPERANDS = re.compile(

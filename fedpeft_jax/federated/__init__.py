@@ -14,7 +14,8 @@ from fedpeft_jax.federated.engine import (ClientStateSpec, FederatedAlgorithm, R
 from fedpeft_jax.federated.evaluation import make_client_evaluate, make_evaluate, place_eval_set
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES, InputSpec, build_cache, choose_input
 from fedpeft_jax.federated.layout import (MEMORY_FRACTION, auto_clients_per_chunk,
-                                          compiled_round_bytes, device_bytes_limit, layout_clients)
+                                          compiled_round_bytes, device_bytes_limit, layout_clients,
+                                          layout_shape)
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, split_rows, to_global
 from fedpeft_jax.federated.personal import (PERSONAL_SCHEDULES, make_finetune,
                                             make_personal_update, split_personal)
@@ -31,7 +32,7 @@ __all__ = [
     "make_client_evaluate", "make_evaluate", "place_eval_set", "PERSONAL_SCHEDULES",
     "make_finetune", "make_personal_update", "split_personal", "FEATURE_CACHE_MODES", "InputSpec", "build_cache",
     "choose_input", "MEMORY_FRACTION", "auto_clients_per_chunk", "compiled_round_bytes",
-    "device_bytes_limit", "layout_clients", "AXIS", "host_value", "make_mesh", "replicate",
+    "device_bytes_limit", "layout_clients", "layout_shape", "AXIS", "host_value", "make_mesh", "replicate",
     "split_rows", "to_global", "RoundPlan", "plan_round", "resolve_clients_per_round",
     "FEDOPT_KINDS", "SERVER_OPTIMIZERS", "make_server_optimizer", "scale_by_fedopt", "ServerState", "apply_server_update",
     "init_server_state",

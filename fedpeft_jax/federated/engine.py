@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,7 +31,7 @@ from fedpeft_jax.accelerators import aot
 from fedpeft_jax.federated import aggregation, comm, compression, lora_aggregation
 from fedpeft_jax.federated import state as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
-from fedpeft_jax.federated.layout import layout_clients
+from fedpeft_jax.federated.layout import layout_clients, layout_shape
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, to_global
 from fedpeft_jax.federated.sampling import RoundPlan
 from fedpeft_jax.peft.partition import nbytes
@@ -176,19 +175,20 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       return rule(folding.client_start(trainable, client_id), frozen, data, client_id, key,
                   active, *state)
 
-  def initial_state(trainable: PyTree, seed: int, clip_norm: float,
-                    dp_key: np.ndarray) -> server_lib.ServerState:
-    """Round 0's state, not yet placed (traceable: `state_shapes` runs it abstractly)."""
+  def initial_state(trainable: PyTree, seed: int, clip_norm: float, dp_key: np.ndarray,
+                    xp: Any = np) -> server_lib.ServerState:
+    """Round 0's state, not yet placed. The per-client rows are NumPy broadcast views (no
+    num_clients copies before placement); `state_shapes` traces it with `xp=jnp`."""
     def per_client(one, num):
       return jax.tree_util.tree_map(
-          lambda x: jnp.broadcast_to(jnp.asarray(x), (num,) + jnp.shape(x)), one)
+          lambda x: xp.broadcast_to(xp.asarray(x), (num,) + xp.shape(x)), one)
     # Per-client state: the rule's own ("rule") and the round's ("residual"), if any.
     clients = {}
     if client_state is not None:
       clients["rule"] = per_client(client_state.init(trainable), client_state.num_clients)
     if error_feedback:
       clients["residual"] = per_client(
-          jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), trainable),
+          jax.tree_util.tree_map(lambda x: xp.zeros(xp.shape(x), xp.float32), trainable),
           round_spec.num_clients)
     clients = clients or None
     if round_spec.lora_aggregation == "ffa" and any(
@@ -218,7 +218,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     """Round 0's state as ShapeDtypeStructs replicated on the mesh: `trainable` may be
     shapes only (nothing is drawn, allocated or placed)."""
     shapes = jax.eval_shape(
-        lambda t: initial_state(t, 0, 0.0, rng_lib.stream_key_data(0, "dp")), trainable)
+        lambda t: initial_state(t, 0, 0.0, rng_lib.stream_key_data(0, "dp"), xp=jnp), trainable)
     return aot.abstract(shapes, mesh)
 
   def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
@@ -384,9 +384,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     be abstract (ShapeDtypeStructs with shardings, see `accelerators.aot`): the layout's
     shape depends only on the counts, so a round lowers from shapes alone, for this mesh's
     devices or a device-less target topology."""
-    per_step = round_spec.num_devices * round_spec.clients_per_chunk
-    chunks = max(1, math.ceil(max(slots, round_spec.min_slots) / per_step))
-    shape = (round_spec.num_devices, chunks, round_spec.clients_per_chunk)
+    shape = layout_shape(slots, round_spec.num_devices, round_spec.clients_per_chunk,
+                         round_spec.min_slots)
     sharding = NamedSharding(mesh, P(AXIS))
     return round_step.lower(state, frozen, data,
                             jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),

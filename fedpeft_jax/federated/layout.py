@@ -68,6 +68,14 @@ def device_bytes_limit(device: Optional[Any] = None) -> Optional[int]:
 
 
 
+def layout_shape(num_clients: int, num_devices: int, clients_per_chunk: int,
+                 min_slots: int = 0) -> tuple[int, int, int]:
+  """[devices, chunks, clients_per_chunk] of a round of `num_clients` (at least `min_slots`)
+  clients: the shape `layout_clients` fills, which alone fixes the compiled round."""
+  chunks = max(1, math.ceil(max(num_clients, min_slots) / (num_devices * clients_per_chunk)))
+  return num_devices, chunks, clients_per_chunk
+
+
 def layout_clients(client_ids: np.ndarray, num_devices: int, clients_per_chunk: int,
                    min_slots: int = 0, steps: Optional[np.ndarray] = None
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -82,9 +90,8 @@ def layout_clients(client_ids: np.ndarray, num_devices: int, clients_per_chunk: 
   """
   client_ids = np.asarray(client_ids, np.int32)
   n = int(len(client_ids))
-  per_step = num_devices * clients_per_chunk
-  chunks = max(1, math.ceil(max(n, min_slots) / per_step))
-  total = chunks * per_step
+  _, chunks, _ = layout_shape(n, num_devices, clients_per_chunk, min_slots)
+  total = chunks * num_devices * clients_per_chunk
   if steps is not None:
     client_ids = client_ids[np.argsort(-np.asarray(steps), kind="stable")]
   ids = np.zeros(total, np.int32)

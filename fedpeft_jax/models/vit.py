@@ -80,7 +80,7 @@ def choose_attention(requested: str, platform: str, dtype: Any, head_dim: int,
     blockers.append("attention dropout > 0")
   if requested == "cudnn" and blockers:
     raise ValueError(f"model.attention='cudnn' does not apply here ({'; '.join(blockers)}); "
-                     "use 'auto'")
+                     "set it to 'auto' (cuDNN where it applies, else the explicit form)")
   if blockers:
     return "explicit", "auto: " + "; ".join(blockers)
   return "cudnn", ("model.attention" if requested == "cudnn" else

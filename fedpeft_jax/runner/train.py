@@ -108,6 +108,28 @@ def resolve_local_epochs(config: ml_collections.ConfigDict, sizes: Any) -> int:
   return math.ceil(fed.local_steps / math.ceil(smallest / fed.batch_size))
 
 
+def input_spec(config: ml_collections.ConfigDict, model: Any, mask: Any, augment: str
+               ) -> tuple[Any, str]:
+  """What the clients' data holds (raw images or a cached frozen prefix), and why."""
+  depth = model.arch()["depth"]
+  return choose_input(
+      config.federated.feature_cache, peft.only_head_trainable(mask),
+      peft.first_trainable_block(mask, depth, peft.to_spec(config.peft).last_blocks),
+      depth, augment, config.model.dropout == 0 and config.model.attention_dropout == 0,
+      config.model.image_size)
+
+
+def optimizers(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(client optimizer, server optimizer) of config.federated."""
+  fed = config.federated
+  client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
+                                    fed.client_nesterov, fed.client_weight_decay)
+  server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
+                                    fed.server_b1, fed.server_b2, fed.server_eps,
+                                    bias_correction=fed.server_bias_correction)
+  return client_tx, server_tx
+
+
 def client_spec(config: ml_collections.ConfigDict, local_epochs: int, max_examples: int,
                 augment: str, inputs: Any, privacy: PrivacyPlan) -> ClientSpec:
   """The run's local training, as the round compiles it."""
@@ -165,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   t_start = time.time()
   fed = config.federated
   dataset, part = load_data(config)
-  model = build_model(config, dataset.num_classes)
+  model = as_config_error("model", lambda: build_model(config, dataset.num_classes))
   params = init_params(config, model, jnp.asarray(rng_lib.stream_key_data(config.seed, "init")))
   mask = peft.trainable_mask(params, training_peft(config))
   trainable, frozen = peft.split(params, mask)
@@ -202,20 +224,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
   privacy = PrivacyPlan(config, np.asarray(part.sizes), per_round, steps_of,
                         len(jax.tree_util.tree_leaves(trainable)))
-  depth = model.arch()["depth"]
-  inputs, cache_note = choose_input(
-      fed.feature_cache, peft.only_head_trainable(mask), peft.first_trainable_block(
-          mask, depth, peft.to_spec(config.peft).last_blocks),
-      depth, augment, config.model.dropout == 0 and config.model.attention_dropout == 0,
-      config.model.image_size)
+  inputs, cache_note = input_spec(config, model, mask, augment)
   cspec = client_spec(config, local_epochs, max_n, augment, inputs, privacy)
   poisson_clients = privacy.poisson_clients
   min_slots = round_slots(config, per_round, privacy)
-  client_tx = make_client_optimizer(fed.client_optimizer, fed.client_lr, fed.client_momentum,
-                                    fed.client_nesterov, fed.client_weight_decay)
-  server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
-                                    fed.server_b1, fed.server_b2, fed.server_eps,
-                                    bias_correction=fed.server_bias_correction)
+  client_tx, server_tx = optimizers(config)
   mesh = make_mesh()
   # The frozen backbone lives on device once, in the compute dtype (no cast per step).
   base_frozen_dev = replicate(optax.tree.cast(frozen, model.dtype), mesh)
