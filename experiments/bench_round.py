@@ -532,8 +532,7 @@ def measure_engine(w: Workload, chunk: Any, rounds: int, memory: bool = True,
   if str(chunk) == "auto":
     def round_bytes(c: int) -> Optional[int]:
       trial = build(c)
-      return compiled_round_bytes(trial.lower(trial.init(trainable, seed=0), frozen, data,
-                                              plan_round(0, 0, k, k)))
+      return compiled_round_bytes(trial.lower(trial.state_shapes(trainable), frozen, data, k))
 
     chunk, chunk_note = auto_clients_per_chunk(k, 1, w.batch_size, memory_of=round_bytes,
                                                bytes_limit=device_bytes_limit())

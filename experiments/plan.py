@@ -73,13 +73,15 @@ DATASET_SHAPES = {
     "patch_camelyon": (262144, 32768, (96, 96, 3), 2),
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_TARGET = flags.DEFINE_string("target", "h100", f"One of {', '.join(targets.TARGETS)}.")
-_DEVICES = flags.DEFINE_integer("devices", 1, "GPUs of the target in one host.")
-_CHUNKS = flags.DEFINE_list("chunks", [], "Chunk sizes to compile (default: the runner's "
-                            "candidates, largest first, down to the first that fits, and 1).")
-_OUT = flags.DEFINE_string("out", "", "JSON output path.")
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing this module (the
+  tests do) adds no flags that clash with the other experiments' (--out)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("target", "h100", f"One of {', '.join(targets.TARGETS)}.")
+  flags.DEFINE_integer("devices", 1, "GPUs of the target in one host.")
+  flags.DEFINE_list("chunks", [], "Chunk sizes to compile (default: the runner's candidates, "
+                    "largest first, down to the first that fits, and 1).")
+  flags.DEFINE_string("out", "", "JSON output path.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +104,12 @@ def data_shape(config: Any) -> DataShape:
     return DataShape(ds.name, ds.train_labels, ds.num_test, ds.image_shape, ds.num_classes,
                      ds.augment)
   num_train, num_test, shape, classes = DATASET_SHAPES[d.dataset]
-  if d.dataset == "resisc45" and d.host_resolution > 0:
+  if d.host_resolution > 0:  # as the runner's load_data asks the reader to resize
     shape = (d.host_resolution, d.host_resolution, 3)
+  kept = fdata.parse_classes(d.classes)
+  if kept is not None:  # a class subset keeps its share of both splits
+    num_train, num_test = (n * len(kept) // classes for n in (num_train, num_test))
+    classes = len(kept)
   num_train = min(num_train, d.train_size or num_train)
   labels = (np.arange(num_train) % classes).astype(np.int32)
   return DataShape(d.dataset, labels, num_test, shape, classes, TFDS_DATASETS[d.dataset].augment)
@@ -116,14 +122,13 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
   fed = config.federated
   t0 = time.time()
   data = data_shape(config)
-  part = fdata.partition(data.train_labels, fed.num_clients, method=config.data.partition,
-                         alpha=config.data.alpha, min_size=config.data.min_size,
-                         seed=rng_lib.stream_seed(config.seed, "data"),
-                         shards_per_client=config.data.shards_per_client)
+  part = runner.partition_clients(config, data.train_labels)
   sizes = np.asarray(part.sizes)
   mesh = make_mesh(list(targets.topology(target, num_devices).devices))
-  model = build_model(config, data.num_classes, platform=target.platform)
-  attention, attention_why = attention_choice(config, model, target.platform)
+  model = build_model(config, data.num_classes, platform=target.platform,
+                      compute_capability=target.compute_capability)
+  attention, attention_why = attention_choice(config, model, target.platform,
+                                              target.compute_capability)
   size = config.model.image_size
   params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, size, size, 3))),
                           jax.random.PRNGKey(0))["params"]
@@ -147,8 +152,10 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
   client_tx, server_tx = runner.optimizers(config)
   cast = lambda tree: jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, model.dtype), tree)
-  frozen_in = cast(frozen) if personal_init is None or not babu else cast(
-      peft.merge(frozen, personal_init))
+  # As the runner places it: the backbone in the compute dtype; FedBABU's frozen personal
+  # leaves (merged in) stay float32.
+  frozen_in = cast(frozen) if personal_init is None or not babu else peft.merge(
+      cast(frozen), personal_init)
   client_rule = client_state = None
   if personal_init is not None and not babu:
     client_rule = personal_lib.make_personal_update(model, client_tx, cspec, data.num_classes,
@@ -291,21 +298,23 @@ def format_plan(p: dict) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
+  f = flags.FLAGS
   missing = targets.cuda_compiler_missing()
   if missing:
     sys.exit(f"experiments.plan: {missing}")
   try:
-    target = targets.get_target(_TARGET.value)
-    if _CONFIG.value is None:
+    target = targets.get_target(f.target)
+    if f.config is None:
       raise ValueError("--config is required (e.g. configs/study.py:cifar100,bias)")
-    result = plan(_CONFIG.value, target, _DEVICES.value, tuple(int(c) for c in _CHUNKS.value))
+    result = plan(f.config, target, f.devices, tuple(int(c) for c in f.chunks))
   except ValueError as e:
     sys.exit(f"experiments.plan: {e}")
   print(format_plan(result))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
+  if f.out:
+    with open(f.out, "w") as out:
+      json.dump(result, out, indent=1)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -515,9 +515,9 @@ def test_resize_equals_torch_bilinear_antialias(size_in: int, size_out: int) -> 
   np.testing.assert_allclose(got, want, rtol=0, atol=0.01)
 
 
-def test_resize_kernels_match_jax_image_and_use_no_dot() -> None:
-  # Cubic and Lanczos taps against jax.image.resize (its weight rule, applied as a dot), and
-  # the compiled preprocessing holds no dot: the resize is gathers and multiply-adds only.
+def test_resize_kernels_match_jax_image_and_both_lowerings_agree() -> None:
+  # Cubic and Lanczos taps against jax.image.resize (its weight rule, applied as a dot). The
+  # GPU lowering holds no dot: tests/test_accelerators.py compiles it for an H100.
   x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
   for method in ("cubic", "lanczos3", "lanczos5"):
     with jax.default_matmul_precision("highest"):

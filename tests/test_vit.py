@@ -210,17 +210,20 @@ def test_padded_attention_equals_numpy_attention_for_odd_tokens() -> None:
 
 
 def test_attention_choice_rules() -> None:
-  bf16, f32 = jnp.bfloat16, jnp.float32
-  assert choose_attention("auto", "gpu", bf16, 64, 0.0)[0] == "cudnn"
-  assert choose_attention("auto", "gpu", jnp.float16, 128, 0.0)[0] == "cudnn"
+  bf16, f32, h100 = jnp.bfloat16, jnp.float32, (9, 0)
+  assert choose_attention("auto", "gpu", bf16, 64, 0.0, h100)[0] == "cudnn"
+  assert choose_attention("auto", "gpu", jnp.float16, 128, 0.0, (8, 0))[0] == "cudnn"
   # Each blocker alone sends "auto" to the explicit form, and the reason names it.
-  for args, word in [(("cpu", bf16, 64, 0.0), "cpu"), (("tpu", bf16, 64, 0.0), "tpu"),
-                     (("gpu", f32, 64, 0.0), "float32"), (("gpu", bf16, 60, 0.0), "60"),
-                     (("gpu", bf16, 136, 0.0), "136"), (("gpu", bf16, 64, 0.1), "dropout")]:
+  for args, word in [(("cpu", bf16, 64, 0.0, None), "cpu"), (("tpu", bf16, 64, 0.0, None), "tpu"),
+                     (("gpu", f32, 64, 0.0, h100), "float32"),
+                     (("gpu", bf16, 60, 0.0, h100), "60"), (("gpu", bf16, 136, 0.0, h100), "136"),
+                     (("gpu", bf16, 64, 0.1, h100), "dropout"),
+                     (("gpu", bf16, 64, 0.0, (7, 5)), "(7, 5)"),  # a T4: before Ampere
+                     (("gpu", bf16, 64, 0.0, None), "None")]:  # not NVIDIA (e.g. ROCm)
     impl, why = choose_attention("auto", *args)
     assert impl == "explicit" and word in why, (args, why)
   assert choose_attention("xla", "cpu", f32, 60, 0.1) == ("xla", "model.attention")
   with pytest.raises(ValueError, match="model.attention='cudnn'.*float32"):
-    choose_attention("cudnn", "gpu", f32, 64, 0.0)
+    choose_attention("cudnn", "gpu", f32, 64, 0.0, h100)
   with pytest.raises(ValueError, match="model.attention is 'flash'"):
     choose_attention("flash", "gpu", bf16, 64, 0.0)

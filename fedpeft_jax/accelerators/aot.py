@@ -85,16 +85,16 @@ def compile_with_fallback(lowered: Any) -> tuple[Any, str]:
             f"xla_gpu_enable_triton_gemm=false (defaults failed: {first[:160]})")
 
 
-def compiled_stats(compiled: Any) -> Optional[CompiledStats]:
-  """Memory plan and custom calls of a `jax.stages.Compiled`; None where the backend gives
-  no memory analysis."""
+def compiled_stats(compiled: Any, custom_calls: bool = True) -> Optional[CompiledStats]:
+  """Memory plan and (unless `custom_calls=False`, which skips printing the module) custom
+  calls of a `jax.stages.Compiled`; None where the backend gives no memory analysis."""
   try:
     mem = compiled.memory_analysis()
   except (NotImplementedError, RuntimeError):
     return None
   if mem is None:
     return None
-  calls = collections.Counter(_CUSTOM_CALL.findall(compiled.as_text()))
+  calls = collections.Counter(_CUSTOM_CALL.findall(compiled.as_text()) if custom_calls else ())
   return CompiledStats(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                        int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes), dict(calls))
 

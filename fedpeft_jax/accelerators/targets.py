@@ -38,7 +38,7 @@ class GpuTarget:
   shared_memory_per_sm: int  # bytes
   shared_memory_per_block_optin: int  # bytes
   threads_per_sm: int
-  peak_flops: dict[str, float]  # dense FLOP/s per compute dtype (tensor cores for half/tf32)
+  peak_flops: dict[str, float]  # dense tensor-core FLOP/s per compute dtype (float32: TF32)
   platform: str = "gpu"
 
   @property
@@ -82,32 +82,34 @@ device_description_str: "{self.description}"
 # Figures: NVIDIA H100 Tensor Core GPU data sheet (SXM5), A100 data sheet (SXM4 40/80 GB),
 # L4 data sheet; SM counts, clocks, L2 and shared memory from the architecture whitepapers
 # and the CUDA C++ Programming Guide (compute capabilities 8.0, 8.9, 9.0). Peak FLOP/s are
-# the dense (no 2:4 sparsity) figures; "float32" is the CUDA-core rate (no TF32).
+# the dense (no 2:4 sparsity) tensor-core figures; "float32" is the TF32 rate, which XLA's
+# default-precision float32 dots use on these cards (the CUDA-core rate is lower, so a bound
+# from it would not be a lower bound).
 TARGETS: dict[str, GpuTarget] = {
     "h100": GpuTarget(
         name="h100", description="NVIDIA H100 80GB HBM3", compute_capability=(9, 0),
         sm_count=132, fp32_cores_per_sm=128, boost_clock_ghz=1.98, memory_mib=81559,
         memory_bandwidth=3.35e12, l2_cache_bytes=50 * MIB, shared_memory_per_sm=228 * 1024,
         shared_memory_per_block_optin=227 * 1024, threads_per_sm=2048,
-        peak_flops={"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12}),
+        peak_flops={"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12}),
     "a100-80": GpuTarget(
         name="a100-80", description="NVIDIA A100-SXM4-80GB", compute_capability=(8, 0),
         sm_count=108, fp32_cores_per_sm=64, boost_clock_ghz=1.41, memory_mib=81920,
         memory_bandwidth=2.039e12, l2_cache_bytes=40 * MIB, shared_memory_per_sm=164 * 1024,
         shared_memory_per_block_optin=163 * 1024, threads_per_sm=2048,
-        peak_flops={"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+        peak_flops={"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
     "a100-40": GpuTarget(
         name="a100-40", description="NVIDIA A100-SXM4-40GB", compute_capability=(8, 0),
         sm_count=108, fp32_cores_per_sm=64, boost_clock_ghz=1.41, memory_mib=40960,
         memory_bandwidth=1.555e12, l2_cache_bytes=40 * MIB, shared_memory_per_sm=164 * 1024,
         shared_memory_per_block_optin=163 * 1024, threads_per_sm=2048,
-        peak_flops={"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+        peak_flops={"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
     "l4": GpuTarget(
         name="l4", description="NVIDIA L4", compute_capability=(8, 9),
         sm_count=58, fp32_cores_per_sm=128, boost_clock_ghz=2.04, memory_mib=23034,
         memory_bandwidth=300e9, l2_cache_bytes=48 * MIB, shared_memory_per_sm=100 * 1024,
         shared_memory_per_block_optin=99 * 1024, threads_per_sm=1536,
-        peak_flops={"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12}),
+        peak_flops={"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
 }
 
 
@@ -130,7 +132,8 @@ def topology(target: GpuTarget, num_devices: int = 1, num_hosts: int = 1) -> Any
 def cuda_compiler_missing() -> Optional[str]:
   """None where XLA's GPU compiler can be reached (JAX's CUDA plugin installed and loaded);
   otherwise the one-line reason and fix."""
-  if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
+  if importlib.util.find_spec("jax_plugins") is None or not any(
+      importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
     return ('no GPU compiler: JAX\'s CUDA plugin is not installed (pip install '
             '"jax[cuda13]==<the installed jax>", then run with JAX_PLATFORMS=cpu)')
   try:

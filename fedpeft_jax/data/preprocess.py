@@ -36,10 +36,9 @@ def _lanczos(radius: int) -> Callable[[np.ndarray], np.ndarray]:
 
 # Separable resize kernels (jax.image.ResizeMethod names), each a function of |distance|.
 RESIZE_KERNELS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "linear": lambda x: np.maximum(0.0, 1.0 - x),
-    "bilinear": lambda x: np.maximum(0.0, 1.0 - x),
-    "cubic": _keys_cubic,
-    "bicubic": _keys_cubic,
+    **dict.fromkeys(("linear", "bilinear", "trilinear", "triangle"),
+                    lambda x: np.maximum(0.0, 1.0 - x)),
+    **dict.fromkeys(("cubic", "bicubic", "tricubic"), _keys_cubic),
     "lanczos3": _lanczos(3),
     "lanczos5": _lanczos(5),
 }
@@ -79,13 +78,14 @@ def resize_taps(in_size: int, out_size: int, method: str = "bilinear"
 def resize(x: jax.Array, size: int, method: str = "bilinear") -> jax.Array:
   """float [B, H, W, C] -> [B, size, size, C] with `resize_taps`' weights.
 
-  Lowered per platform (`lax.platform_dependent`): on accelerators each axis gathers its
-  taps and sums them (float32 multiply-adds, no dot; see the module docstring); on the CPU,
-  where a dense float32 dot is exact and 4x faster than the gathers (measured side by
-  side, 64 CIFAR images to 224 px), the same weights as a dense [out, in] matrix."""
+  Lowered per platform (`lax.platform_dependent`): on GPUs each axis gathers its taps and
+  sums them (float32 multiply-adds, no dot; see the module docstring); elsewhere the same
+  weights as a dense [out, in] matrix, one float32 dot per axis (on the CPU 4x faster than
+  the gathers, measured side by side for 64 CIFAR images to 224 px; TPUs are untested)."""
+  gathered = functools.partial(resize_gathered, size=size, method=method)
   return jax.lax.platform_dependent(
-      x, cpu=functools.partial(resize_dense, size=size, method=method),
-      default=functools.partial(resize_gathered, size=size, method=method))
+      x, cuda=gathered, rocm=gathered,
+      default=functools.partial(resize_dense, size=size, method=method))
 
 
 def resize_gathered(y: jax.Array, size: int, method: str = "bilinear") -> jax.Array:

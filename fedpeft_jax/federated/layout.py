@@ -52,8 +52,13 @@ def auto_clients_per_chunk(clients_per_round: int, num_devices: int, batch_size:
 
 def compiled_round_bytes(lowered: Any) -> Optional[int]:
   """Device bytes XLA plans for a lowered round (`aot.CompiledStats.peak_bytes`); None where
-  the backend gives no memory analysis."""
-  stats = aot.compiled_stats(lowered.compile())
+  the backend gives no memory analysis or the round does not compile at this chunk (the
+  caller then falls back to its rule of thumb)."""
+  try:
+    compiled = lowered.compile()
+  except (NotImplementedError, RuntimeError):
+    return None
+  stats = aot.compiled_stats(compiled, custom_calls=False)
   return None if stats is None else stats.peak_bytes
 
 

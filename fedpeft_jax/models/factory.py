@@ -30,14 +30,27 @@ def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
   return DTYPES[name]
 
 
+def device_capability(device: Any) -> Optional[tuple[int, int]]:
+  """An NVIDIA GPU's compute capability ((9, 0) for an H100); None for any other device."""
+  text = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or not text or "cuda" not in str(
+      getattr(device.client, "platform_version", "")).lower():
+    return None
+  major, minor = str(text).split(".")[:2]
+  return int(major), int(minor)
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                with_peft: bool = True, platform: Optional[str] = None) -> ViT:
+                with_peft: bool = True, platform: Optional[str] = None,
+                compute_capability: Optional[tuple[int, int]] = None) -> ViT:
   """The ViT of `config.model` with the PEFT modules of `config.peft` (none with
   `with_peft=False`: the backbone and head that full fine-tuning trains), built for
-  `platform` ('cpu', 'gpu', 'tpu'; default: JAX's default backend), which fixes the compute
-  dtype of 'auto' and the attention implementation (`attention_choice` says why)."""
+  `platform` ('cpu', 'gpu', 'tpu') and `compute_capability` (an NVIDIA GPU's; default for
+  both: JAX's first device), which fix the compute dtype of 'auto' and the attention
+  implementation (`attention_choice` says why)."""
   m = config.model
-  platform = platform or jax.default_backend()
+  if platform is None:
+    platform, compute_capability = jax.default_backend(), device_capability(jax.devices()[0])
   model = ViT(
       variant=None if m.hidden_size else m.variant,
       num_classes=num_classes,
@@ -54,16 +67,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
       dtype=compute_dtype(m.dtype, platform),
       peft=config.peft if with_peft else None,
   )
-  attention, _ = attention_choice(config, model, platform)
+  attention, _ = attention_choice(config, model, platform, compute_capability)
   return model.clone(attention=attention)
 
 
-def attention_choice(config: ml_collections.ConfigDict, model: ViT, platform: str
-                     ) -> tuple[str, str]:
+def attention_choice(config: ml_collections.ConfigDict, model: ViT, platform: str,
+                     compute_capability: Optional[tuple[int, int]] = None) -> tuple[str, str]:
   """(attention implementation, why) of `config.model.attention` for `model` on `platform`."""
   arch = model.arch()
   return choose_attention(config.model.attention, platform, model.dtype,
-                          arch["hidden_size"] // arch["num_heads"], config.model.attention_dropout)
+                          arch["hidden_size"] // arch["num_heads"], config.model.attention_dropout,
+                          compute_capability)
 
 
 def init_params(config: ml_collections.ConfigDict, model: ViT, key: jax.Array) -> dict:

@@ -53,15 +53,18 @@ def _bias_init():
 # config.model.attention: "auto" picks one of the others for the platform (choose_attention).
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
 CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention's head-dim limit before Hopper (256 on sm_90)
+CUDNN_MIN_CAPABILITY = (8, 0)  # JAX's cuDNN flash attention: Ampere or later
 
 
 def choose_attention(requested: str, platform: str, dtype: Any, head_dim: int,
-                     attention_dropout: float) -> tuple[str, str]:
+                     attention_dropout: float,
+                     compute_capability: Optional[tuple[int, int]] = None) -> tuple[str, str]:
   """(implementation, why) for `config.model.attention` on `platform` ('cpu', 'gpu', 'tpu').
 
-  "auto" takes cuDNN's fused attention where it applies: a GPU, a half-precision compute
-  dtype, head dim a multiple of 8 and at most CUDNN_MAX_HEAD_DIM, no attention dropout;
-  otherwise the explicit form. Asking for "cudnn" where it does not apply is an error
+  "auto" takes cuDNN's fused attention where it applies: an NVIDIA GPU of compute capability
+  CUDNN_MIN_CAPABILITY or later (`compute_capability`, None = not an NVIDIA GPU or unknown),
+  a half-precision compute dtype, head dim a multiple of 8 and at most CUDNN_MAX_HEAD_DIM,
+  no attention dropout; otherwise the explicit form. Asking for "cudnn" where it does not apply is an error
   naming why. The shape is checked here, but only a real GPU builds the cuDNN graph.
   """
   if requested not in ATTENTION_IMPLEMENTATIONS:
@@ -72,6 +75,9 @@ def choose_attention(requested: str, platform: str, dtype: Any, head_dim: int,
   blockers = []
   if platform != "gpu":
     blockers.append(f"platform {platform} is not a GPU")
+  elif compute_capability is None or tuple(compute_capability) < CUDNN_MIN_CAPABILITY:
+    blockers.append(f"GPU compute capability {compute_capability} is not NVIDIA "
+                    f"{CUDNN_MIN_CAPABILITY[0]}.{CUDNN_MIN_CAPABILITY[1]} or later")
   if jnp.dtype(dtype).itemsize != 2:
     blockers.append(f"compute dtype {jnp.dtype(dtype).name} is not half precision")
   if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:

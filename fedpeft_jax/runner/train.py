@@ -40,7 +40,7 @@ from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundSpec,
                                    resolve_clients_per_round)
 from fedpeft_jax.federated import lora_aggregation as lora_agg
 from fedpeft_jax.models.factory import (attention_choice, base_param_shapes, build_model,
-                                        init_params)
+                                        device_capability, init_params)
 from fedpeft_jax.privacy import PrivacyPlan, poisson_capacity
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
@@ -62,10 +62,17 @@ def load_data(config: ml_collections.ConfigDict):
                                train_size=d.train_size or None,
                                sample_with_replacement=d.sample_with_replacement, seed=seed,
                                classes=d.classes, **kw)
-  part = fdata.partition(dataset.train_labels, config.federated.num_clients,
-                         method=d.partition, alpha=d.alpha, min_size=d.min_size, seed=seed,
+  return dataset, partition_clients(config, dataset.train_labels)
+
+
+def partition_clients(config: ml_collections.ConfigDict, train_labels: np.ndarray) -> Any:
+  """The clients' training indices (config.data's partition over config.federated's
+  clients), drawn from the seed's data stream."""
+  d = config.data
+  return fdata.partition(train_labels, config.federated.num_clients, method=d.partition,
+                         alpha=d.alpha, min_size=d.min_size,
+                         seed=rng_lib.stream_seed(config.seed, "data"),
                          shards_per_client=d.shards_per_client)
-  return dataset, part
 
 
 def local_test_partition(test_labels: np.ndarray, part: Any, size: int, seed: int) -> Any:
@@ -346,8 +353,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             f"{cost.trainable_bytes / 1e6:.3f} MB per transfer | {per_round} of "
             f"{fed.num_clients} clients per round | {num_devices} device(s), chunk {chunk}")
   print(header)
+  _, attention_why = attention_choice(config, model, jax.default_backend(),
+                                     device_capability(jax.devices()[0]))
   print(f"compute dtype {jnp.dtype(model.dtype).name} | attention {model.attention} "
-        f"({attention_choice(config, model, jax.default_backend())[1]}) | "
+        f"({attention_why}) | "
         f"feature cache {cache_note} | "
         f"clients per chunk {chunk}: {chunk_note}")
   bar = _progress(fed.rounds, int(state.round), progress and primary)
