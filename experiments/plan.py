@@ -20,6 +20,9 @@ jitted evaluator), for the target's device-less topology (`fedpeft_jax.accelerat
     counted by hand. The round's executed FLOPs = per-client step x the steps the layout
     executes (every slot of a chunk runs as long as its longest client); useful = per-client
     step x the steps clients really need;
+  * a feature cache (federated.feature_cache, where the trained part allows it): its one-off
+    build (`federated.cache_builder`) compiles from shapes too; the round and the evaluation
+    then lower on the stored form, and the build's bound joins the row's;
   * roofline: max(FLOPs / peak FLOP/s of the compute dtype, bytes / memory bandwidth),
     bytes from the cost analysis of the optimized (fused) module. A lower bound: a real
     run adds kernel launch gaps, host syncs and less than peak tensor-core efficiency.
@@ -56,7 +59,8 @@ from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.accelerators import aot, targets
 from fedpeft_jax.data.datasets import TFDS_DATASETS
 from fedpeft_jax.federated import (MEMORY_FRACTION, ClientStateSpec, auto_clients_per_chunk,
-                                   build_algorithm, layout_clients, make_evaluate)
+                                   build_algorithm, cache_builder, layout_clients,
+                                   make_evaluate)
 from fedpeft_jax.federated import personal as personal_lib
 from fedpeft_jax.federated.mesh import AXIS, make_mesh
 from fedpeft_jax.federated.sampling import plan_round, resolve_clients_per_round
@@ -115,6 +119,29 @@ def data_shape(config: Any) -> DataShape:
   return DataShape(d.dataset, labels, num_test, shape, classes, TFDS_DATASETS[d.dataset].augment)
 
 
+def plan_cache(model: Any, inputs: Any, params: Any, images: jax.ShapeDtypeStruct,
+               num_test: int, batch_size: int, target: targets.GpuTarget) -> dict:
+  """The feature cache's one-off build (`federated.cache_builder`, as the runner runs it: on
+  one device, over the training images, then the test images) compiled from shapes: its
+  memory on the target, the stored form's shape and size, FLOPs and roofline bound."""
+  one_device = make_mesh(list(targets.topology(target, 1).devices))
+  builder = cache_builder(model, inputs, batch_size)
+  lowered = builder.lower(aot.abstract(params, one_device), aot.abstract(images, one_device))
+  exe, flags_used = aot.compile_with_fallback(lowered)
+  out = lowered.out_info
+  per_row = math.prod(out.shape[1:]) * jnp.dtype(out.dtype).itemsize
+  batches = math.ceil(images.shape[0] / batch_size) + math.ceil(num_test / batch_size)
+  # The scan counts one batch's FLOPs (hlo_flops' one-loop-body rule), the same for test.
+  flops = (aot.hlo_flops(lowered) + aot.attention_flops(exe.as_text())) * batches
+  moved = aot.optimized_bytes(exe) * batches
+  peak = target.peak_flops[jnp.dtype(model.dtype).name]
+  return {"kind": inputs.kind, "stored": jax.ShapeDtypeStruct(out.shape, out.dtype),
+          "stored_gib": per_row * (images.shape[0] + num_test) / 2**30,
+          "peak_gib": aot.compiled_stats(exe).peak_bytes / 2**30, "flops": flops,
+          "seconds_bound": max(flops / peak, moved / target.memory_bandwidth),
+          "xla_flags": flags_used}
+
+
 def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
          chunks: tuple[int, ...] = ()) -> dict:
   """Compile the config's round and evaluation for `target` from shapes; the plan as a dict."""
@@ -162,12 +189,18 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
                                                     fed.personal_schedule, fed.personal_epochs)
     zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), personal_init)
     client_state = ClientStateSpec(init=lambda _: zeros, num_clients=fed.num_clients)
+  stored = jax.ShapeDtypeStruct((len(data.train_labels),) + data.image_shape, jnp.uint8)
+  test_rows = math.ceil(data.num_test / num_devices) * num_devices
+  test_stored = jax.ShapeDtypeStruct((test_rows,) + data.image_shape, jnp.uint8)
+  cache = None
   if inputs.kind != "images":
-    raise ValueError(f"federated.feature_cache: the plan lowers raw-image rounds only "
-                     f"({cache_note}); set federated.feature_cache='off'")
+    cache = plan_cache(model, inputs, params, stored, data.num_test, fed.eval_batch_size,
+                       target)
+    stored = cache.pop("stored")
+    test_stored = jax.ShapeDtypeStruct((test_rows,) + stored.shape[1:], stored.dtype)
+    cache["stored_shape"] = list(stored.shape)
   client_data = fdata.ClientData(
-      jax.ShapeDtypeStruct((len(data.train_labels),) + data.image_shape, jnp.uint8),
-      jax.ShapeDtypeStruct((len(data.train_labels),), jnp.int32),
+      stored, jax.ShapeDtypeStruct((len(data.train_labels),), jnp.int32),
       jax.ShapeDtypeStruct((fed.num_clients, max_n), jnp.int32),
       jax.ShapeDtypeStruct((fed.num_clients,), jnp.int32))
   client_data = aot.abstract(client_data, mesh)
@@ -237,11 +270,9 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
                     ) / num_devices
   # Evaluation of the global model on the test split (every eval_every rounds and the last).
   evaluate = make_evaluate(model, fed.eval_batch_size, size, mesh=mesh, inputs=inputs)
-  test_rows = math.ceil(data.num_test / num_devices) * num_devices
   eval_lowered = evaluate.lower(
       aot.abstract(cast(params), mesh),
-      aot.abstract(jax.ShapeDtypeStruct((test_rows,) + data.image_shape, jnp.uint8), mesh,
-                   jax.sharding.PartitionSpec(AXIS)),
+      aot.abstract(test_stored, mesh, jax.sharding.PartitionSpec(AXIS)),
       aot.abstract(jax.ShapeDtypeStruct((test_rows,), jnp.int32), mesh,
                    jax.sharding.PartitionSpec(AXIS)))
   eval_exe, eval_flags = aot.compile_with_fallback(eval_lowered)
@@ -265,7 +296,9 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
       "round_flops_executed": round_flops, "round_flops_useful": per_client_flops * useful,
       "eval_flops": eval_flops, "round_seconds_bound": round_bound,
       "eval_seconds_bound": eval_bound,
-      "row_seconds_bound": fed.rounds * round_bound + evals * eval_bound,
+      "row_seconds_bound": (fed.rounds * round_bound + evals * eval_bound
+                            + (cache["seconds_bound"] if cache else 0.0)),
+      "input": inputs.kind, "input_why": cache_note, "cache": cache,
       "rounds": fed.rounds, "evaluations": evals,
       "eval_memory_gib": aot.compiled_stats(eval_exe).peak_bytes / 2**30,
       "eval_xla_flags": eval_flags,
@@ -293,6 +326,11 @@ def format_plan(p: dict) -> str:
             f"{p['eval_seconds_bound']:.2f} s, row ({p['rounds']} rounds, {p['evaluations']} "
             f"evaluations) {p['row_seconds_bound'] / 60:.1f} min",
             f"planned in {p['plan_seconds']} s"]
+  if p["cache"]:
+    c = p["cache"]
+    lines.insert(-1, f"feature cache ({p['input_why']}): {c['stored_gib']:.2f} GiB stored, "
+                 f"build peak {c['peak_gib']:.2f} GiB, {c['flops']:.3e} FLOPs, bound "
+                 f"{c['seconds_bound']:.2f} s (in the row's bound) | {c['xla_flags'][:40]}")
   return "\n".join(lines)
 
 

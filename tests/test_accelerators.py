@@ -156,3 +156,35 @@ def test_preprocessing_for_h100_holds_no_dot() -> None:
   exe, flags = aot.compile_with_fallback(fn.lower(from_shapes, key))
   assert flags == "default"
   assert not re.search(r"= \S+ dot\(|custom_call_target=\"__cublas", exe.as_text())
+
+
+@pytest.mark.parametrize("method", ["bias", "ssf"])
+def test_the_planners_chunk_compiles_with_default_flags(method) -> None:
+  # At 8 clients per chunk (the H100's chunk for the study's rows), bias and SSF's gradient
+  # reductions once made XLA lay the MLP's hidden activation out so that its Triton GEMM
+  # found no tiling of the batch x 197-token rows; the MLP works on merged rows instead.
+  result = plan_lib.plan(_config(f"study:cifar100,{method}"), H100, chunks=(8,))
+  (row,) = result["chunks"]
+  assert row["xla_flags"] == "default", row["xla_flags"]
+  assert row["peak_bytes"] <= MEMORY_FRACTION * H100.bytes_limit
+
+
+def test_feature_cache_build_plans_from_shapes() -> None:
+  # Head tuning without augmentation caches the pooled features: the builder compiles from
+  # shapes, stores [N, width], and its FLOPs are one forward pass per train and test image
+  # (hand count for one block at 197 tokens plus the patch embedding); the round then runs
+  # the head alone on the stored features.
+  result = plan_lib.plan(_config("study:cifar100,head", data__augment="none"), H100,
+                         chunks=(1,))
+  cache = result["cache"]
+  assert result["input"] == "features" and cache["kind"] == "features"
+  assert cache["stored_shape"] == [50000, 768]
+  assert cache["stored_gib"] == pytest.approx(60000 * 768 * 2 / 2**30)
+  assert cache["xla_flags"] == "default"
+  assert 0 < cache["peak_gib"] * 2**30 <= MEMORY_FRACTION * H100.bytes_limit
+  per_image = (2 * 12 * 768 ** 2 * 197 + 4 * 197 ** 2 * 768) + 2 * 768 * (16 * 16 * 3) * 196
+  # 196 + 40 batches of 256 (the last of each split padded), norms and GELUs on top.
+  assert 1.0 <= cache["flops"] / ((196 + 40) * 256 * per_image) < 1.02
+  head_step = 3 * 2 * 64 * 768 * 100  # forward + input/weight gradients of the head
+  assert result["flops_per_client_step"] < 3 * head_step
+  assert result["row_seconds_bound"] > result["rounds"] * result["round_seconds_bound"]

@@ -12,7 +12,8 @@ from fedpeft_jax.federated.engine import (ClientStateSpec, FederatedAlgorithm, R
                                           build_algorithm, client_state_bytes,
                                           default_aggregator)
 from fedpeft_jax.federated.evaluation import make_client_evaluate, make_evaluate, place_eval_set
-from fedpeft_jax.federated.features import FEATURE_CACHE_MODES, InputSpec, build_cache, choose_input
+from fedpeft_jax.federated.features import (FEATURE_CACHE_MODES, InputSpec, build_cache,
+                                            cache_builder, choose_input)
 from fedpeft_jax.federated.layout import (MEMORY_FRACTION, auto_clients_per_chunk,
                                           compiled_round_bytes, device_bytes_limit, layout_clients,
                                           layout_shape)
@@ -31,6 +32,7 @@ __all__ = [
     "to_wire", "COMPRESSIONS", "compress", "compressed_bytes", "ClientStateSpec", "client_state_bytes", "FederatedAlgorithm", "RoundSpec", "build_algorithm", "default_aggregator",
     "make_client_evaluate", "make_evaluate", "place_eval_set", "PERSONAL_SCHEDULES",
     "make_finetune", "make_personal_update", "split_personal", "FEATURE_CACHE_MODES", "InputSpec", "build_cache",
+    "cache_builder",
     "choose_input", "MEMORY_FRACTION", "auto_clients_per_chunk", "compiled_round_bytes",
     "device_bytes_limit", "layout_clients", "layout_shape", "AXIS", "host_value", "make_mesh", "replicate",
     "split_rows", "to_global", "RoundPlan", "plan_round", "resolve_clients_per_round",

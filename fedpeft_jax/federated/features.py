@@ -12,7 +12,7 @@ examples take; `build_cache` computes the stored form.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -91,22 +91,26 @@ def choose_input(mode: str, only_head: bool, first_trainable_block: int, depth: 
                                     "peft.last_blocks to freeze a prefix)")
 
 
-def build_cache(model: nn.Module, params: PyTree, images: np.ndarray, spec: InputSpec,
-                batch_size: int = 256) -> jax.Array:
-  """The stored form of `images` (uint8 [N,H,W,C]) under `spec`, in the model's dtype.
+def cache_builder(model: nn.Module, spec: InputSpec, batch_size: int = 256
+                  ) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """The jitted frozen-prefix run: (params, uint8 images [N,H,W,C]) -> the stored form of
+  the images under `spec` [N, ...], in the model's dtype.
 
-  Runs the frozen prefix once over the whole set, batched inside one jit. The prefix
-  reads only frozen leaves, so `params` may be the pre-training values.
+  Batched by a scan inside one jit whose batch count follows from the images' shape, so it
+  lowers from abstract values (`cache_builder(...).lower(params_shapes, images_shape)`), as
+  the planner does for a device that is not here. It reads only frozen leaves, so `params`
+  may be the pre-training values.
   """
   if spec.kind == "images":
-    return jnp.asarray(images)
+    raise ValueError("InputSpec(kind='images') stores the images themselves: no cache to build")
   kw = ({"stop_block": spec.start_block} if spec.kind == "tokens"
         else {"return_features": True})
-  n = int(images.shape[0])
-  index, _ = fdata.eval_schedule(n, batch_size)  # the last batch's padding rows are sliced off
 
   @jax.jit
-  def run(params, images):
+  def run(params: PyTree, images: jax.Array) -> jax.Array:
+    n = int(images.shape[0])
+    index, _ = fdata.eval_schedule(n, batch_size)  # the last batch's padding rows are sliced off
+
     def body(_, idx):
       x = fdata.preprocess(images[idx], None, image_size=spec.image_size, augment="none",
                            train=False)
@@ -115,4 +119,13 @@ def build_cache(model: nn.Module, params: PyTree, images: np.ndarray, spec: Inpu
     _, out = jax.lax.scan(body, None, jnp.asarray(index))
     return out.reshape((-1,) + out.shape[2:])[:n]
 
-  return run(params, jnp.asarray(images))
+  return run
+
+
+def build_cache(model: nn.Module, params: PyTree, images: np.ndarray, spec: InputSpec,
+                batch_size: int = 256) -> jax.Array:
+  """The stored form of `images` (uint8 [N,H,W,C]) under `spec`: the images themselves, or
+  `cache_builder`'s run over them."""
+  if spec.kind == "images":
+    return jnp.asarray(images)
+  return cache_builder(model, spec, batch_size)(params, jnp.asarray(images))

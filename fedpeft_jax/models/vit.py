@@ -232,6 +232,13 @@ class MlpBlock(nn.Module):
         y = SSF(1, peft.ssf_init_std, name=f"Dense_{index}_ssf")(y)
       return y
 
+    # The tokens as one (batch x tokens, width) matrix: vmapped over a chunk of clients,
+    # XLA:GPU may lay the hidden activation out as (client, mlp_dim, batch, tokens) for the
+    # bias/SSF gradient's reduction, and its Triton GEMM then finds no tile of the
+    # batch x 197-token rows (197 is prime) to feed fc2: "Couldn't find output tile sizes"
+    # with default flags at 8 clients per chunk. Merged rows (64 x 197) tile.
+    lead = x.shape[:-1]
+    x = x.reshape(-1, width)
     h = dense(self.mlp_dim, x, 0)
     if self.gelu_approximate:
       h = nn.gelu(h, approximate=True)
@@ -239,7 +246,7 @@ class MlpBlock(nn.Module):
       h = 0.5 * h * (1.0 + jax.lax.erf(h * 0.7071067811865476))
     h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     h = dense(width, h, 1)
-    return nn.Dropout(self.dropout, deterministic=deterministic)(h)
+    return nn.Dropout(self.dropout, deterministic=deterministic)(h).reshape(*lead, width)
 
 
 class Encoder1DBlock(nn.Module):
