@@ -4,7 +4,8 @@ chunk the runner would choose, FLOPs and a roofline lower bound on the round and
   JAX_PLATFORMS=cpu python -m experiments.plan --target=h100 \
       --config=configs/study.py:cifar100,bias [--devices=8] [--out=plan.json]
 
-Needs JAX's CUDA plugin (pip install "jax[cuda13]==<jax>"); no GPU. Everything is lowered
+Needs JAX's CUDA plugin (pip install "jax[cuda13]==<jax>") for the GPU targets, libtpu for
+the TPU ones (--target=v5e, v6e); no accelerator. Everything is lowered
 from shapes through the library's own code (`FederatedAlgorithm.lower/state_shapes`, the
 jitted evaluator), for the target's device-less topology (`fedpeft_jax.accelerators`):
   * the data: a TFDS study dataset that is not prepared here is described by its shape
@@ -81,8 +82,8 @@ def _define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing this module (the
   tests do) adds no flags that clash with the other experiments' (--out)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.DEFINE_string("target", "h100", f"One of {', '.join(targets.TARGETS)}.")
-  flags.DEFINE_integer("devices", 1, "GPUs of the target in one host.")
+  flags.DEFINE_string("target", "h100", f"One of {', '.join(targets.ALL_TARGETS)}.")
+  flags.DEFINE_integer("devices", 1, "GPUs (TPU chips) of the target in one host.")
   flags.DEFINE_list("chunks", [], "Chunk sizes to compile (default: the runner's candidates, "
                     "largest first, down to the first that fits, and 1).")
   flags.DEFINE_string("out", "", "JSON output path.")
@@ -120,7 +121,7 @@ def data_shape(config: Any) -> DataShape:
 
 
 def plan_cache(model: Any, inputs: Any, params: Any, images: jax.ShapeDtypeStruct,
-               num_test: int, batch_size: int, target: targets.GpuTarget) -> dict:
+               num_test: int, batch_size: int, target: targets.Target) -> dict:
   """The feature cache's one-off build (`federated.cache_builder`, as the runner runs it: on
   one device, over the training images, then the test images) compiled from shapes: its
   memory on the target, the stored form's shape and size, FLOPs and roofline bound."""
@@ -142,7 +143,7 @@ def plan_cache(model: Any, inputs: Any, params: Any, images: jax.ShapeDtypeStruc
           "xla_flags": flags_used}
 
 
-def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
+def plan(config: Any, target: targets.Target, num_devices: int = 1,
          chunks: tuple[int, ...] = ()) -> dict:
   """Compile the config's round and evaluation for `target` from shapes; the plan as a dict."""
   validate_config(config)
@@ -244,7 +245,7 @@ def plan(config: Any, target: targets.GpuTarget, num_devices: int = 1,
     chunk = max(fits) if fits else 1
   else:
     chunk, budget_note = auto_clients_per_chunk(
-        per_round, num_devices, fed.batch_size, backend="gpu",
+        per_round, num_devices, fed.batch_size, backend=target.platform,
         memory_of=lambda c: compile_round(c)["peak_bytes"], bytes_limit=target.bytes_limit)
     compile_round(1)
   chosen = compile_round(chunk)
@@ -337,11 +338,11 @@ def format_plan(p: dict) -> str:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  missing = targets.cuda_compiler_missing()
-  if missing:
-    sys.exit(f"experiments.plan: {missing}")
   try:
     target = targets.get_target(f.target)
+    missing = targets.compiler_missing(target)
+    if missing:
+      raise ValueError(missing)
     if f.config is None:
       raise ValueError("--config is required (e.g. configs/study.py:cifar100,bias)")
     result = plan(f.config, target, f.devices, tuple(int(c) for c in f.chunks))

@@ -188,3 +188,26 @@ def test_feature_cache_build_plans_from_shapes() -> None:
   head_step = 3 * 2 * 64 * 768 * 100  # forward + input/weight gradients of the head
   assert result["flops_per_client_step"] < 3 * head_step
   assert result["row_seconds_bound"] > result["rounds"] * result["round_seconds_bound"]
+
+
+TPU_MISSING = targets.tpu_compiler_missing()
+
+
+@pytest.mark.skipif(TPU_MISSING is not None, reason=str(TPU_MISSING))
+def test_a_tpu_v5e_compiles_the_round_from_shapes() -> None:
+  # libtpu's device-less v5e: one-host slices of 1, 4 and 8 chips, one TensorCore each; the
+  # study round compiles with default flags within the chip's HBM, on the explicit attention
+  # (cuDNN is a GPU library), and the bound divides by v5e's published 197 TFLOP/s.
+  v5e = targets.get_target("v5e")
+  for chips in (1, 4, 8):
+    devices = targets.topology(v5e, chips).devices
+    assert len(devices) == chips and devices[0].device_kind == v5e.description
+  result = plan_lib.plan(_config("study:cifar100,bias"), v5e, chunks=(1,))
+  (row,) = result["chunks"]
+  assert row["xla_flags"] == "default" and result["attention"] == "explicit"
+  assert row["cudnn_attention_calls"] == {"forward": 0, "backward": 0}
+  assert 0 < row["peak_bytes"] <= MEMORY_FRACTION * v5e.bytes_limit
+  executed = result["executed_client_steps"]
+  assert result["round_seconds_bound"] >= result["flops_per_client_step"] * executed / 197e12
+  with pytest.raises(ValueError, match="a one-host v5e slice has 1, 2, 4 or 8 chips"):
+    targets.topology(v5e, 3)

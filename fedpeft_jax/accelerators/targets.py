@@ -6,13 +6,18 @@ the CUDA programming guide's per-architecture limits) and renders them as XLA's
 `GpuTargetConfig` text proto, which `jax.experimental.topologies.get_topology_desc` turns
 into a device-less topology: `jax.jit(...).lower(...).compile()` on its mesh produces a real
 executable for that card (sm_90 for the H100) on a machine without one.
+
+Each `TpuTarget` names a Cloud TPU generation with one TensorCore per chip (v5e, v6e), whose
+device-less topology libtpu builds from its name alone (`pip install libtpu`, the version
+`jax[tpu]` pins). TPU v4 and v5p are left out: libtpu's device-less v4 topology gives two
+devices per chip (no megacore), which is not how JAX runs them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from jax.experimental import topologies
 
@@ -21,6 +26,7 @@ from jax.experimental import topologies
 # (XLA_PYTHON_CLIENT_MEM_FRACTION).
 JAX_PREALLOCATE_FRACTION = 0.75
 MIB = 2 ** 20
+GIB = 2 ** 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,17 +119,65 @@ TARGETS: dict[str, GpuTarget] = {
 }
 
 
-def get_target(name: str) -> GpuTarget:
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+  """One Cloud TPU chip generation (one TensorCore per chip) and its roofline rates."""
+  name: str
+  generation: str  # libtpu's topology prefix
+  description: str  # the device kind JAX reports
+  memory_bytes: int  # HBM per chip
+  memory_bandwidth: float  # bytes/s
+  peak_flops: dict[str, float]  # per chip; float32 dots run as one bf16 pass by default
+  platform: str = "tpu"
+  compute_capability: None = None
+
+  @property
+  def bytes_limit(self) -> int:
+    """The chip's HBM. JAX on TPU does not preallocate a share of it, and the runtime's own
+    reservation (read as `memory_stats()["bytes_limit"]` on a chip) is not known here."""
+    return self.memory_bytes
+
+  def topology_name(self, num_chips: int) -> tuple[str, tuple[int, int, int]]:
+    """libtpu's name for a one-host slice of `num_chips` chips and its host bounds."""
+    shapes = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}
+    if num_chips not in shapes:
+      raise ValueError(f"--devices {num_chips}: a one-host {self.name} slice has 1, 2, 4 or 8 "
+                       "chips")
+    x, y = shapes[num_chips]
+    return f"{self.generation}:{x}x{y}", (x, y, 1)
+
+
+# Figures: Google Cloud TPU system architecture pages for v5e and v6e (Trillium): per chip,
+# peak bf16 compute, HBM capacity and bandwidth. XLA:TPU runs float32 dots at default
+# precision as a single bf16 pass, so float32's rate is bf16's.
+TPU_TARGETS: dict[str, TpuTarget] = {
+    "v5e": TpuTarget(name="v5e", generation="v5e", description="TPU v5 lite",
+                     memory_bytes=16 * GIB, memory_bandwidth=819e9,
+                     peak_flops={"bfloat16": 197e12, "float32": 197e12}),
+    "v6e": TpuTarget(name="v6e", generation="v6e", description="TPU v6 lite",
+                     memory_bytes=32 * GIB, memory_bandwidth=1640e9,
+                     peak_flops={"bfloat16": 918e12, "float32": 918e12}),
+}
+Target = Union[GpuTarget, TpuTarget]
+ALL_TARGETS: dict[str, Target] = {**TARGETS, **TPU_TARGETS}
+
+
+def get_target(name: str) -> Target:
   """The target called `name`; a ValueError naming the known ones otherwise."""
-  if name not in TARGETS:
-    raise ValueError(f"--target {name!r} is unknown; known targets: {', '.join(TARGETS)}")
-  return TARGETS[name]
+  if name not in ALL_TARGETS:
+    raise ValueError(f"--target {name!r} is unknown; known targets: {', '.join(ALL_TARGETS)}")
+  return ALL_TARGETS[name]
 
 
-def topology(target: GpuTarget, num_devices: int = 1, num_hosts: int = 1) -> Any:
+def topology(target: Target, num_devices: int = 1, num_hosts: int = 1) -> Any:
   """A device-less topology of `num_devices` such cards over `num_hosts` hosts (one slice)."""
   if num_devices % num_hosts:
     raise ValueError(f"{num_devices} devices do not split over {num_hosts} hosts")
+  if isinstance(target, TpuTarget):
+    if num_hosts != 1:
+      raise ValueError(f"{target.name}: only one-host slices are described here")
+    name, bounds = target.topology_name(num_devices)
+    return topologies.get_topology_desc(name, "tpu", chips_per_host_bounds=bounds)
   return topologies.get_topology_desc(
       platform="cuda", target_config=target.target_config(),
       topology=f"1x{num_hosts}x{num_devices // num_hosts}")
@@ -142,3 +196,17 @@ def cuda_compiler_missing() -> Optional[str]:
     return (f"no GPU compiler: the CUDA plugin did not load ({str(e).splitlines()[0]}); on a "
             "machine without a GPU run with JAX_PLATFORMS=cpu")
   return None
+
+
+def tpu_compiler_missing() -> Optional[str]:
+  """None where XLA's TPU compiler can be reached (the libtpu package); otherwise the
+  one-line reason and fix."""
+  if importlib.util.find_spec("libtpu") is None:
+    return ('no TPU compiler: libtpu is not installed (pip install "libtpu==<the version '
+            'jax[tpu] pins>", then run with JAX_PLATFORMS=cpu)')
+  return None
+
+
+def compiler_missing(target: Target) -> Optional[str]:
+  """Why `target` cannot be compiled for here (one line), or None."""
+  return tpu_compiler_missing() if isinstance(target, TpuTarget) else cuda_compiler_missing()
