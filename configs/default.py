@@ -14,7 +14,9 @@ from fedpeft_jax.privacy.config import default_privacy_config
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
-  c.seed = 0  # everything (init, partition, sampling, local shuffles, noise) derives from it.
+  # Init, partition, sampling and local shuffles derive from it; DP noise does not (its key
+  # comes from the OS unless privacy.reproducible_noise=True).
+  c.seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16"  # ViT size/patch, e.g. 'Ti/16', 'S/16', 'B/16', 'L/16'.

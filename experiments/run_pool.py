@@ -6,7 +6,8 @@ is the same for both and lives here once: a run is finished when its folder hold
 summary.json (it is skipped), an unfinished one runs, or resumes from its checkpoint, in a
 worker process; one that raises is collected and reported at the end instead of stopping
 the others; the wall seconds of each run are added to WORKDIR/wall_seconds.json
-({run name: seconds}, summed across invocations) as soon as it finishes. What a run is, how
+({run name: seconds}, summed across invocations) as soon as it finishes, except for runs
+whose DP mechanism makes their time private (`time_is_hidden`). What a run is, how
 it is named, ordered and configured stays in each script. So do their results, written
 with the two helpers at the end (results.csv and results.md's tables), which tests read back.
 """
@@ -55,6 +56,13 @@ def read_summary(run_dir: str) -> Optional[dict]:
     return json.load(f)
 
 
+def time_is_hidden(summary: dict) -> bool:
+  """Whether the run's privacy mechanism covers its run time (DP-FedAvg: time reveals who
+  took part) and its summary therefore leaves it out: wall_seconds.json must then too."""
+  return ("train_seconds" in summary.get("non_private", ())
+          and "train_seconds" not in summary)
+
+
 def setup_process(cache_dir: str) -> None:
   """Quiet logs (orbax logs every save, dp_accounting warns per RDP order) and a persistent
   compilation cache shared by the workers and by later invocations: runs of equal shapes
@@ -95,11 +103,15 @@ class RunPool:
       self.failed[job.name] = error
       print(f"[{k}/{total}] {job.name} FAILED:\n{error}", flush=True)
       return
-    self.seconds[job.name] = self.seconds.get(job.name, 0.0) + seconds
     self.runs_done += 1
-    atomic_write_json(self.ledger_path, self.seconds)
     s = read_summary(job.run_dir)
-    print(f"[{k}/{total}] {job.name}: final {s['final_accuracy']:.4f} in {seconds:.1f}s "
+    if time_is_hidden(s):
+      took = "time not recorded (private under its DP mechanism)"
+    else:
+      self.seconds[job.name] = self.seconds.get(job.name, 0.0) + seconds
+      atomic_write_json(self.ledger_path, self.seconds)
+      took = f"in {seconds:.1f}s"
+    print(f"[{k}/{total}] {job.name}: final {s['final_accuracy']:.4f} {took} "
           f"({time.time() - t0:.0f}s elapsed)", flush=True)
 
   def run(self, jobs: Iterable[Job]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import IO, Any, Iterator, Optional, Union
 
@@ -35,12 +36,14 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
+def atomic_open(path: PathLike, mode: Optional[int] = None) -> Iterator[IO[bytes]]:
   """A binary file to write `path` through: a temp file beside it that is fsynced and renamed
   onto `path` when the block ends normally, and deleted when the block raises.
 
   For writes that stream (downloads) or may be refused half-way (a checksum that does not
-  match): raising inside the block leaves `path` as it was and no temp file behind.
+  match): raising inside the block leaves `path` as it was and no temp file behind. `mode`:
+  the file's permission bits (default: what a plain open() makes under the umask; 0o600
+  keeps a secret the owner's from the first byte, as mkstemp creates it so).
   """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
@@ -51,7 +54,7 @@ def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
       yield f
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, _default_mode())
+    os.chmod(tmp, _default_mode() if mode is None else mode)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
@@ -60,10 +63,31 @@ def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
   _fsync_dir(directory)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes, mode: Optional[int] = None) -> None:
   """Writes `data` to `path`: readers see the old file or the new one, never a partial one."""
-  with atomic_open(path) as f:
+  with atomic_open(path, mode) as f:
     f.write(data)
+
+
+def scrub(path: PathLike) -> None:
+  """Overwrites a file's bytes with zeros (fsynced), then unlinks it; a directory: each of its
+  files, then the tree. For secrets: an unlinked file's blocks keep their bytes until reused,
+  so they are zeroed first (best effort: copy-on-write filesystems and SSD wear-levelling may
+  still hold old copies)."""
+  path = os.fspath(path)
+  if os.path.isdir(path) and not os.path.islink(path):
+    for root, _, files in os.walk(path):
+      for name in files:
+        scrub(os.path.join(root, name))
+    shutil.rmtree(path)
+    return
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.write(b"\0" * size)
+    f.flush()
+    os.fsync(f.fileno())
+  os.unlink(path)
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

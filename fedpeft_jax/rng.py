@@ -9,9 +9,18 @@ derived from (seed, stream name), so changing one (e.g. the init) never shifts a
 The `dp` stream is the exception: its key must not be derivable from anything published
 (config.json holds the seed), or anyone could regenerate and subtract the noise. A run
 with a privacy mechanism draws it from the OS (`secret_key_data`; process 0's, broadcast
-to the others) and keeps it only in its checkpointed server state, which must therefore
-stay as private as the training data; `stream_key_data(seed, "dp")` is for runs without
-privacy (where it is unused), tests and debugging (privacy.reproducible_noise).
+to the others); the runner keeps it in memory and in one private file beside the
+checkpoints, which it erases when the run finishes (`runner.checkpointing`).
+`stream_key_data(seed, "dp")` is for runs without privacy (where it is unused), tests and
+debugging (privacy.reproducible_noise).
+
+The dp key has 128 bits (`DP_KEY_WORDS` uint32 words), more than one threefry key's 64: its
+implementation, `DP_KEY_IMPL`, is a pair of independent threefry keys whose random bits are
+XORed (split and fold_in act on both halves). Predicting its output needs both halves:
+2^128 guesses by brute force, or about 2^64 work and 2^64 stored streams by meeting in the
+middle, against 2^64 guesses for a single threefry key. Built from threefry's own
+functions, it keeps threefry's guarantee that a vmapped draw equals the per-key draw, so
+noise does not depend on how clients are chunked over devices.
 """
 
 from __future__ import annotations
@@ -19,21 +28,64 @@ from __future__ import annotations
 import secrets
 
 import jax
+import jax.extend.random as jex_random
+import jax.numpy as jnp
 import numpy as np
 
 STREAMS = ("init", "data", "sampling", "train", "dp", "personal")
+DP_KEY_WORDS = 4  # 128 bits
+_THREEFRY = jex_random.threefry_prng_impl
 
 
-def _key_shape() -> tuple[int, ...]:
-  """Shape of raw key data of the default PRNG implementation (threefry: (2,))."""
+def _halves(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return key[..., :2], key[..., 2:]
+
+
+def _pair_seed(seed: jax.Array) -> jax.Array:
+  # Only for completeness (jax.random.key(seed, impl=...)): the runner never seeds the dp
+  # stream from an integer.
+  return jnp.concatenate([_THREEFRY.seed(seed), _THREEFRY.fold_in(_THREEFRY.seed(seed), 1)])
+
+
+def _pair_split(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  a, b = _halves(key)
+  return jnp.concatenate([_THREEFRY.split(a, shape), _THREEFRY.split(b, shape)], axis=-1)
+
+
+def _pair_fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
+  a, b = _halves(key)
+  return jnp.concatenate([_THREEFRY.fold_in(a, data), _THREEFRY.fold_in(b, data)])
+
+
+def _pair_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+  a, b = _halves(key)
+  return _THREEFRY.random_bits(a, bit_width, shape) ^ _THREEFRY.random_bits(b, bit_width, shape)
+
+
+DP_KEY_IMPL = jex_random.define_prng_impl(
+    key_shape=(DP_KEY_WORDS,), seed=_pair_seed, split=_pair_split, random_bits=_pair_bits,
+    fold_in=_pair_fold_in, name="threefry2x32_pair", tag="fry2")
+
+
+def _key_shape(stream: str = "train") -> tuple[int, ...]:
+  """Shape of raw key data of a stream: the dp stream's `DP_KEY_IMPL` (4,), the others the
+  default PRNG implementation's (threefry: (2,))."""
+  if stream == "dp":
+    return (DP_KEY_WORDS,)
   return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.PRNGKey(0))).shape)
 
 
+def dp_key(key_data: jax.Array) -> jax.Array:
+  """A typed key of the dp stream from its raw data (uint32 [4])."""
+  return jax.random.wrap_key_data(key_data, impl=DP_KEY_IMPL)
+
+
 def stream_key_data(seed: int, stream: str) -> np.ndarray:
-  """Raw key data (uint32) of stream `stream` of `seed`, usable as a legacy PRNG key."""
+  """Raw key data (uint32) of stream `stream` of `seed`: a legacy PRNG key, or for the dp
+  stream `DP_KEY_IMPL`'s (`dp_key`)."""
   if stream not in STREAMS:
     raise ValueError(f"unknown random stream {stream!r}; streams: {', '.join(STREAMS)}")
-  shape = _key_shape()
+  shape = _key_shape(stream)
   words = np.random.SeedSequence([int(seed), STREAMS.index(stream)]).generate_state(
       int(np.prod(shape)), np.uint32)
   return words.reshape(shape)
@@ -50,7 +102,6 @@ def key_seed(key_data: np.ndarray) -> int:
 
 
 def secret_key_data() -> np.ndarray:
-  """Raw key data from the OS's entropy (`secrets`): for the DP stream."""
-  shape = _key_shape()
-  words = [secrets.randbits(32) for _ in range(int(np.prod(shape)))]
-  return np.asarray(words, np.uint32).reshape(shape)
+  """128 bits of the OS's entropy (`secrets`) as the dp stream's raw key data (uint32 [4])."""
+  value = secrets.randbits(32 * DP_KEY_WORDS)
+  return np.frombuffer(value.to_bytes(4 * DP_KEY_WORDS, "little"), np.uint32).copy()

@@ -38,14 +38,14 @@ HELD_CLI = textwrap.dedent("""
     from fedpeft_jax.runner import checkpointing, train
 
     class Held(checkpointing.RunCheckpointer):
-      def __init__(self, directory, keep=3):
+      def __init__(self, directory, keep=3, **kwargs):
         calls = []
         def hook():
           calls.append(1)
           if len(calls) == 2:
             open({marker!r}, "w").close()
             time.sleep(3600)
-        super().__init__(directory, keep, post_finalization_callback=hook)
+        super().__init__(directory, keep, post_finalization_callback=hook, **kwargs)
 
     checkpointing.RunCheckpointer = train.RunCheckpointer = Held
     sys.argv = ["fedpeft_jax.main", *{args!r}]

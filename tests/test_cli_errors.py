@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,31 @@ def test_attention_that_does_not_apply_names_the_field_and_why(tmp_path):
   assert "float32 is not half precision" in line and "set it to 'auto'" in line, line
   line = _fails(tmp_path, "--config.model.attention=flash")
   assert "config.model.attention" in line and "flash" in line, line
+
+
+def test_infeasible_dirichlet_partition_names_the_fields_and_what_fits(tmp_path):
+  # A new user's first try: the default config (64 clients, alpha 0.1, at least 10 examples
+  # each) on digits' 1,437 training images.
+  line = _fails(tmp_path, "--config.data.dataset=digits", config="configs/default.py")
+  for field in ("config.data.alpha=0.1", "config.data.min_size=10",
+                "config.federated.num_clients=64"):
+    assert field in line, line
+  assert line.endswith("use fewer clients or a larger alpha"), line
+  # Where some smaller min_size fits the seed's draw, the message names it.
+  line = _fails(tmp_path, "--config.data.dataset=digits", "--config.data.alpha=0.5",
+                "--config.data.min_size=20", config="configs/default.py")
+  fits = re.search(r"set config.data.min_size <= (\d+) \(fits this seed\)", line)
+  assert fits and int(fits.group(1)) < 20, line
+
+
+def test_a_workdir_of_another_config_is_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  base = [sys.executable, "-m", "fedpeft_jax.main", "--config=configs/tiny.py:bias,rounds=1",
+          f"--workdir={workdir}", "--no_progress"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  assert subprocess.run(base, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+  proc = subprocess.run(base + ["--config.seed=1"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  (line,) = proc.stderr.splitlines()
+  assert f"--workdir {workdir} holds a run of a different config" in line, line

@@ -15,6 +15,7 @@ from fedpeft_jax.runner.checkpointing import RunCheckpointer
 from tests.test_federated import run_on_cpu_devices, setup
 
 NUM_CLIENTS = 6
+SENTINEL = -999
 
 
 def counting_client(poison: int = -1, poison_state: int = -1):
@@ -24,9 +25,11 @@ def counting_client(poison: int = -1, poison_state: int = -1):
   client `poison_state` sends a finite update but its new state is NaN."""
   def client_update(trainable, frozen, data, client_id, key, active, client_state):
     n = data.sizes[client_id].astype(jnp.float32)
-    count = client_state["count"] + jnp.where(active, 1, 0)
-    acc = client_state["acc"] + jnp.where(active, jnp.stack([client_id.astype(jnp.float32), n]),
-                                          0.0)
+    # An inactive slot (padding, a client that did not report) returns a sentinel row, so a
+    # write the engine should have skipped shows up in the state.
+    count = jnp.where(active, client_state["count"] + 1, SENTINEL)
+    acc = jnp.where(active, client_state["acc"] + jnp.stack([client_id.astype(jnp.float32), n]),
+                    float(SENTINEL))
     acc = jnp.where(client_id == poison_state, jnp.nan, acc)
     bad = client_id == poison
     update = jax.tree_util.tree_map(

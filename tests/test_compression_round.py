@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedpeft_jax import peft
-from fedpeft_jax.federated import RoundSpec, build_algorithm, comm_cost, plan_round
+from fedpeft_jax.federated import RoundSpec, ServerDP, build_algorithm, comm_cost, plan_round
 from fedpeft_jax.federated.compression import encoded_bytes
 from fedpeft_jax.models import build_model
 from fedpeft_jax.runner.config_files import repo_config
@@ -93,3 +93,46 @@ def test_topk_error_feedback_through_the_round():
     want = sum(wi * (rounds * u[k] - residual[k][i]) for i, (wi, u) in enumerate(zip(w, updates)))
     np.testing.assert_allclose(got[k] - x, want, rtol=1e-4, atol=1e-6, err_msg=k)
     assert np.any(residual[k] != 0) or x.size <= 4  # top-k held entries back
+
+
+@pytest.mark.parametrize("rule", ["dp_fedavg", "max_update_norm"])
+def test_topk_error_feedback_survives_the_server_clip(rule):
+  """With a server-side clip C, each client sends top-k of m = clip(update + residual, C)
+  (the clip re-derived here in NumPy, global L2 norm over the tree) and keeps m - sent: the
+  sent vector is m on at most k entries per tensor and zero elsewhere, its norm is <= C so
+  the server's clip cuts nothing, and the model moves by exactly the sum of what was sent
+  (DP-FedAvg with zero noise: sum / expected clients; the weighted mean: by examples)."""
+  sizes, rounds, clip, fraction = (6, 10, 4), 4, 0.05, 0.25
+  model, params, trainable, frozen, data, _, cspec, client_tx, server_tx = setup(sizes=sizes)
+  extra = ({"dp": ServerDP(True, 0.0, 3)} if rule == "dp_fedavg"
+           else {"max_update_norm": clip})
+  algo = build_algorithm(model, client_tx, server_tx, cspec,
+                         RoundSpec(1, 1, compression="topk", compression_fraction=fraction,
+                                   num_clients=3, **extra), 4, client_update=pattern_client)
+  state = algo.init(trainable, seed=0, clip_norm=clip if rule == "dp_fedavg" else 0.0)
+  updates = [flat(pattern_client(trainable, frozen, data, jnp.int32(i), None)["update"])
+             for i in range(3)]
+  coef = (np.full(3, 1 / 3) if rule == "dp_fedavg"
+          else np.asarray(sizes, np.float64) / sum(sizes))
+  clipped_any = False
+  for r in range(rounds):
+    before = flat(jax.tree_util.tree_map(np.asarray, state.clients["residual"]))
+    x0 = flat(state.trainable)
+    state, _ = algo.apply(state, frozen, data, plan_round(0, r, 3, 3))
+    after = flat(jax.tree_util.tree_map(np.asarray, state.clients["residual"]))
+    moved = {k: np.zeros_like(v) for k, v in x0.items()}
+    for i in range(3):
+      acc = {k: updates[i][k].astype(np.float64) + before[k][i] for k in x0}
+      norm = np.sqrt(sum(np.sum(v ** 2) for v in acc.values()))
+      clipped_any |= norm > clip
+      m = {k: v * min(1.0, clip / norm) for k, v in acc.items()}
+      sent = {k: m[k] - after[k][i] for k in x0}
+      assert np.sqrt(sum(np.sum(v ** 2) for v in sent.values())) <= clip * (1 + 1e-5)
+      for k, s in sent.items():
+        on = np.abs(s) > 1e-9
+        assert on.sum() <= int(np.ceil(fraction * s.size)), (k, r, i)
+        np.testing.assert_allclose(s[on], m[k][on], rtol=1e-5, atol=1e-8)
+        moved[k] += coef[i] * s
+    for k, x in flat(state.trainable).items():
+      np.testing.assert_allclose(x - x0[k], moved[k], rtol=1e-4, atol=1e-7, err_msg=k)
+  assert clipped_any  # the clip was active

@@ -277,6 +277,19 @@ def test_fedper_run_sends_only_shared_leaves_and_resumes_exactly(tmp_path):
   rows2 = [json.loads(line) for line in open(os.path.join(workdir2, "metrics.jsonl"))]
   for x, y in zip(rows, rows2):
     assert x["personalized_accuracy"] == y["personalized_accuracy"]
+    # The resumed run replays rounds 0..1's draws to know who has reported.
+    assert x["personalized_accuracy_trained"] == y["personalized_accuracy_trained"]
+  # Over clients that reported at least once: the mean over all of them once all have.
+  fed = config.federated
+  reported = set()
+  for r, row in enumerate(rows):
+    reported |= set(plan_round(rng_lib.stream_seed(config.seed, "sampling"), r,
+                               fed.num_clients, fed.clients_per_round, fed.dropout
+                               ).reporting.tolist())
+    if len(reported) == fed.num_clients:
+      assert row["personalized_accuracy_trained"] == pytest.approx(row["personalized_accuracy"])
+  assert summary["final_personalized_accuracy_trained"] == rows[-1][
+      "personalized_accuracy_trained"]
 
 
 @pytest.mark.parametrize("fields,named", [

@@ -536,3 +536,22 @@ def test_bad_inputs_in_mechanisms_and_accounting():
   out = f(0.5, 0.0, 2.0)["a"]  # each row [1, 1, 1] (norm sqrt 3) clipped to 0.5, sum / 2
   assert out.shape == (3,)
   np.testing.assert_allclose(np.asarray(out), np.full(3, 2 * 0.5 / math.sqrt(3) / 2), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- secure noise
+
+def test_secure_noise_is_standard_normal_and_not_the_plain_draw():
+  # (z1 + z2 + z3 + z4) / 2 is exactly N(0, 1): mean 0, variance 1, kurtosis 3 (5 standard
+  # errors each) and a Kolmogorov-Smirnov test against scipy's normal; it is not the plain
+  # single draw of the same key, and add_gaussian_noise scales it to the asked std.
+  key = jax.random.PRNGKey(3)
+  n = 400_000
+  z = np.asarray(P.standard_normal(key, (n,), secure=True), np.float64)
+  assert abs(z.mean()) < 5 / math.sqrt(n)
+  assert abs(z.var() - 1.0) < 5 * math.sqrt(2.0 / n)
+  assert abs(((z - z.mean()) ** 4).mean() / z.var() ** 2 - 3.0) < 5 * math.sqrt(24.0 / n)
+  assert stats.kstest(z, "norm").pvalue > 1e-3
+  assert not np.allclose(z, np.asarray(P.standard_normal(key, (n,))))
+  noisy = P.add_gaussian_noise({"w": jnp.zeros((n,))}, key, 2.5, secure=True)["w"]
+  assert float(jnp.std(noisy)) == pytest.approx(2.5, rel=5 * math.sqrt(0.5 / n))
+

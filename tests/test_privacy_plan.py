@@ -359,3 +359,14 @@ def test_reproducible_noise_voids_the_guarantee():
     c.privacy.reproducible_noise = False
     plan = P.PrivacyPlan(c, sizes, 4, _steps_of(c), 3)
     assert plan.summary()["formal_guarantee"] is True and not plan.reproducible_noise
+
+
+def test_secure_noise_reaches_every_mechanism_from_the_config():
+  sizes = np.asarray([40, 100, 250, 60, 90, 75, 80, 50])
+  for mechanism, side in (("dp_fedavg", "server"), ("dp_sgd", "client"),
+                          ("paper_gaussian", "client")):
+    for secure in (False, True):
+      c = _config(mechanism, noise_multiplier=1.0, secure_noise=secure)
+      plan = P.PrivacyPlan(c, sizes, 4, _steps_of(c), 3)
+      assert getattr(plan, side).secure_noise is secure, (mechanism, secure)
+      assert plan.summary()["secure_noise"] is secure

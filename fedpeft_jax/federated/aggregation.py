@@ -13,7 +13,7 @@ axis) and returns what enters the running sums; `finalize` runs once on the sums
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,13 @@ class Contribution(NamedTuple):
 class Aggregator(NamedTuple):
   """contribute(updates, num_examples, ok, clip_norm) -> Contribution, per chunk;
   finalize(update_sum, weight_sum, norms, ok, clip_norm, key) -> (mean_update,
-  new_clip_norm, apply, metrics), once per round over all slots (`norms`, `ok`: [slots])."""
+  new_clip_norm, apply, metrics), once per round over all slots (`norms`, `ok`: [slots]);
+  bound(clip_norm) -> the L2 norm `contribute` clips each update to, or None where it does
+  not clip. A client that keeps error feedback clips update + residual to `bound` before
+  it compresses, so the server's clip cuts nothing the residual does not hold."""
   contribute: Callable[..., Contribution]
   finalize: Callable[..., tuple[PyTree, jax.Array, jax.Array, dict]]
+  bound: Optional[Callable[[jax.Array], jax.Array]] = None
 
 
 def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> Aggregator:
@@ -63,7 +67,9 @@ def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> 
     mean = optax.tree.scale(1.0 / jnp.maximum(weight_sum, 1e-12), update_sum)
     return mean, clip_norm, weight_sum > 0, {}
 
-  return Aggregator(contribute, finalize)
+  bound = (lambda clip_norm: jnp.asarray(max_update_norm, jnp.float32)
+           ) if max_update_norm > 0 else None
+  return Aggregator(contribute, finalize, bound)
 
 
 def dp_fedavg(dp: ServerDP, max_update_norm: float = 0.0) -> Aggregator:
@@ -81,7 +87,8 @@ def dp_fedavg(dp: ServerDP, max_update_norm: float = 0.0) -> Aggregator:
 
   def finalize(update_sum, weight_sum, norms, ok, clip_norm, key):
     k_sum, k_count = jax.random.split(key)
-    noisy = mechanisms.noisy_sum(update_sum, k_sum, clip_norm, dp.noise_multiplier)
+    noisy = mechanisms.noisy_sum(update_sum, k_sum, clip_norm, dp.noise_multiplier,
+                                 dp.secure_noise)
     mean = optax.tree.scale(1.0 / dp.expected_clients, noisy)
     metrics = {"clip_norm": clip_norm,
                # Not private (no noise): a diagnostic of the simulation.
@@ -90,10 +97,15 @@ def dp_fedavg(dp: ServerDP, max_update_norm: float = 0.0) -> Aggregator:
     new_clip = clip_norm
     if dp.adaptive:
       fraction = mechanisms.noisy_unclipped_fraction(norms, ok, k_count, clip_norm,
-                                                     dp.count_noise_std, dp.expected_clients)
+                                                     dp.count_noise_std, dp.expected_clients,
+                                                     dp.secure_noise)
       new_clip = mechanisms.adaptive_clip_update(clip_norm, fraction, dp.target_quantile,
                                                  dp.clip_lr)
       metrics["unclipped_fraction_noisy"] = fraction
     return mean, new_clip, jnp.asarray(True), metrics
 
-  return Aggregator(contribute, finalize)
+  def bound(clip_norm):
+    c = jnp.asarray(clip_norm, jnp.float32)
+    return jnp.minimum(c, max_update_norm) if max_update_norm > 0 else c
+
+  return Aggregator(contribute, finalize, bound)

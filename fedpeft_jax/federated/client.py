@@ -98,13 +98,15 @@ def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation
       grads, stats = mechanisms.dp_sgd_grad(example_loss, trainable, batch, mask,
                                             k_noise, dp.clip_norm, dp.noise_std, expected,
                                             frozen, k_model, anchor,
-                                            chunk_size=dp.per_example_chunk)
+                                            chunk_size=dp.per_example_chunk,
+                                            secure=dp.secure_noise)
       m = mask.astype(jnp.float32)
       return jnp.sum(stats["losses"] * m) / jnp.maximum(jnp.sum(m), 1.0), grads
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, images, labels, mask, k_model,
                                               anchor)
     if dp.mechanism == "paper_gaussian":
-      grads = mechanisms.paper_gaussian(grads, k_noise, dp.clip_norm, dp.noise_std)
+      grads = mechanisms.paper_gaussian(grads, k_noise, dp.clip_norm, dp.noise_std,
+                                        dp.secure_noise)
     return loss, grads
 
   def client_update(trainable, frozen, data, client_id, key, active=True):

@@ -22,8 +22,15 @@ a static shape per leaf with no concatenation of all trainable parameters, and `
 runs on each leaf's own (short) vector, which is far cheaper on accelerators than one top-k
 over millions of values.
 
-Under DP the order is clip, then noise, then compress: quantisation and sparsification are
-post-processing of the privatised update and cost no privacy.
+The order with a server-side clip (DP-FedAvg, `federated.max_update_norm`): the client
+compresses, the server decodes, clips each decoded update to C, sums, and (DP-FedAvg) adds
+the noise. The clip bounds what is summed, so compression costs no privacy; quantisation
+may lengthen an update a little, and the clip takes that off. With top-k's error feedback
+the client first clips update + residual to C itself (the engine asks the aggregator's
+`bound`), so the residual holds exactly what top-k kept back of the clipped message and the
+server's clip cuts nothing: model + residuals = every clipped message. Client-level DP-SGD
+and the study's Gaussian noise act on the gradients during local training, before any of
+this.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, t
 from fedpeft_jax.federated.sampling import RoundPlan
 from fedpeft_jax.peft.partition import nbytes
 from fedpeft_jax.peft.spec import to_spec
+from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
 # Folded into the train stream's key (then the round) for FLoRA's LoRA restart. Clients' keys
@@ -234,7 +235,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
 
     def chunk_body(carry, xs):
       ids_c, valid_c, keys_c = xs
-      keys_c = jax.random.wrap_key_data(keys_c)
+      # Under privacy the clients' keys are the dp stream's (128-bit `rng.DP_KEY_IMPL`).
+      keys_c = rng_lib.dp_key(keys_c) if private else jax.random.wrap_key_data(keys_c)
       # This chunk's rows of the per-client state.
       rows = {} if clients is None else jax.tree_util.tree_map(lambda x: x[ids_c], clients)
       rule_rows = (rows["rule"],) if "rule" in rows else ()
@@ -249,6 +251,18 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
             trainable, frozen, data, ids_c, keys_c, valid_c, *rule_rows)
       upload = comm.on_wire(out["update"], wire)  # what the server receives
       new_rows = {}
+      residual_in, pre_clip_norms = rows.get("residual"), None
+      if error_feedback and aggregator.bound is not None:
+        # The server clips each update (DP-FedAvg, max_update_norm): clip update + residual
+        # to that norm here, before top-k, and keep the residual of the clipped message. Top-k
+        # never lengthens a vector, so the server's clip then cuts nothing, and model +
+        # residuals = every clipped message exactly. The norms the server sees (adaptive
+        # clipping's count) are those before this clip.
+        combined = jax.tree_util.tree_map(lambda u, r: u.astype(r.dtype) + r, upload,
+                                          residual_in)
+        upload, pre_clip_norms = mechanisms.clip_per_example(combined,
+                                                             aggregator.bound(clip_norm))
+        residual_in = optax.tree.zeros_like(residual_in)
       if round_spec.compression != "none":
         # Stochastic rounding with the client's own key, or top-k of update + residual; the
         # server decodes. The residual of what top-k did not send stays with the client.
@@ -257,7 +271,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
               u, jax.random.fold_in(k, 3), round_spec.compression, round_spec.compression_block,
               round_spec.compression_fraction, r)
           return decoded, residual
-        upload, residual = jax.vmap(encode)(upload, keys_c, rows.get("residual"))
+        upload, residual = jax.vmap(encode)(upload, keys_c, residual_in)
         if error_feedback:
           new_rows["residual"] = residual
       if "rule" in rows:
@@ -270,6 +284,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       safe = jax.tree_util.tree_map(
           lambda u: jnp.where(ok.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0.0), upload)
       c = aggregator.contribute(safe, out["num_examples"], ok, clip_norm)
+      if pre_clip_norms is not None:
+        c = c._replace(norms=jnp.where(ok, pre_clip_norms, c.norms))
       coeff = jnp.where(ok, c.coefficients, 0.0)
       weighted = jax.tree_util.tree_map(lambda u: jnp.tensordot(coeff.astype(u.dtype), u, 1),
                                         c.updates)
@@ -285,7 +301,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           "examples": carry["examples"] + jnp.sum(examples),
           "contributed": carry["contributed"] + jnp.sum(ok),
           "nonfinite": carry["nonfinite"] + jnp.sum(valid_c & ~finite),
-          "steps": carry["steps"] + jnp.sum(jnp.where(ok, out["steps"], 0)),
+          # Steps every reporting client ran, usable update or not: counting only usable
+          # ones would reveal clients_nonfinite (not covered by DP-SGD's epsilon).
+          "steps": carry["steps"] + jnp.sum(jnp.where(valid_c, out["steps"], 0)),
           # What the hardware ran: every slot of a vmapped chunk steps until its longest
           # client is done (the select keeps finished clients still, but their compute
           # happens).
@@ -317,7 +335,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   def round_step(state: server_lib.ServerState, frozen: PyTree, data: Any, ids: jax.Array,
                  valid: jax.Array):
     train_round = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
-    dp_round = jax.random.fold_in(jax.random.wrap_key_data(state.dp_rng), state.round)
+    dp_round = jax.random.fold_in(rng_lib.dp_key(state.dp_rng), state.round)
     client_stream = jax.random.fold_in(dp_round, 0) if private else train_round
     # Each client's randomness depends only on (stream, round, client id): chunking and
     # device layout cannot change results.

@@ -30,8 +30,9 @@ multiplied by `rank_mask` before anything else, so garbage in the padding contri
 nothing. Scaling: every rule takes the model's scaling `scaling` (what the global LoRA module
 computes with) and optionally `client_scaling` [K], the scaling client k actually trained
 with. Padded clients vmapped through one model all compute with the model's alpha / r_max,
-which is the default; a client that trains a genuine rank-r_k LoRA with alpha / r_k (as
-in FLoRA) must pass `client_scalings(alpha, ranks)`. Each client's own scaling is folded into
+which is the default and what FLoRA's own code does too (one scaling for every rank); a
+client that trains a genuine rank-r_k LoRA with its own alpha / r_k must pass
+`client_scalings(alpha, ranks)`. Each client's own scaling is folded into
 its A (equivalently into its product) before the weighted sum, so the residual / merged delta
 is exact whatever the mix of ranks; the returned A', B' are then used with `scaling`.
 """

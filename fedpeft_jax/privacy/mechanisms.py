@@ -26,8 +26,9 @@ noise. Host-side argument checks run only on concrete Python numbers; traced val
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -91,14 +92,31 @@ def _norm_f32(tree: PyTree) -> jax.Array:
   return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
 
 
-def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: Scalar) -> PyTree:
+# `secure` noise: each coordinate the normalised sum of this many independent draws, as
+# Opacus's secure mode (after Holohan & Braghin 2021), against the floating-point attacks on
+# a single Gaussian sample's low-order bits (Mironov 2012).
+SECURE_DRAWS = 4
+
+
+def standard_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32,
+                    secure: bool = False) -> jax.Array:
+  """N(0, 1) draws of `shape`; `secure`: (z_1 + ... + z_4) / 2, still exactly N(0, 1)."""
+  if not secure:
+    return jax.random.normal(key, shape, dtype)
+  draws = jax.random.normal(key, (SECURE_DRAWS, *shape), dtype)
+  return draws.sum(axis=0) / jnp.sqrt(jnp.asarray(SECURE_DRAWS, dtype))
+
+
+def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: Scalar,
+                       secure: bool = False) -> PyTree:
   """tree + N(0, stddev^2) per element; one independent key per leaf (optax's per-leaf
   key split; drawn in float32 and cast to the leaf dtype, so a bfloat16 leaf gets the
-  same draw, rounded, as a float32 one)."""
+  same draw, rounded, as a float32 one). `secure`: `standard_normal`'s secure draws."""
   check_noise(stddev, "noise stddev")
   if not jax.tree_util.tree_leaves(tree):
     return tree
-  noise = optax.tree.random_like(key, tree, jax.random.normal, jnp.float32)
+  noise = optax.tree.random_like(key, tree, functools.partial(standard_normal, secure=secure),
+                                 jnp.float32)
   scaled = optax.tree.scale(jnp.asarray(stddev, jnp.float32), noise)
   return optax.tree.add(tree, optax.tree.cast_like(scaled, tree))
 
@@ -147,12 +165,13 @@ def clip_per_tensor(grads: PyTree, clip_norm: Scalar) -> PyTree:
   return jax.tree_util.tree_map(lambda g: clip_update(g, clip_norm)[0], grads)
 
 
-def paper_gaussian(grads: PyTree, key: jax.Array, clip_norm: Scalar, sigma: Scalar) -> PyTree:
+def paper_gaussian(grads: PyTree, key: jax.Array, clip_norm: Scalar, sigma: Scalar,
+                   secure: bool = False) -> PyTree:
   """The study's step: clip each tensor's *batch* gradient to norm C, add N(0, sigma^2)
   to every element (fresh key per leaf). A Gaussian mechanism with multiplier
   sigma / (2C sqrt(k)) for k leaves (accounting.paper_gaussian_noise_multiplier)."""
   check_noise(sigma, "sigma")
-  return add_gaussian_noise(clip_per_tensor(grads, clip_norm), key, sigma)
+  return add_gaussian_noise(clip_per_tensor(grads, clip_norm), key, sigma, secure)
 
 
 # ----------------------------------------------------------------------------- DP-SGD
@@ -166,7 +185,7 @@ def clip_per_example(per_example_grads: PyTree, clip_norm: Scalar) -> tuple[PyTr
 
 
 def noisy_sum(sum_of_clipped: PyTree, key: jax.Array, clip_norm: Scalar,
-              noise_multiplier: Scalar) -> PyTree:
+              noise_multiplier: Scalar, secure: bool = False) -> PyTree:
   """Sum of clipped contributions + N(0, (noise_multiplier * C)^2) per element.
 
   The Gaussian mechanism on a sum whose L2 sensitivity is C (one example for DP-SGD,
@@ -174,7 +193,7 @@ def noisy_sum(sum_of_clipped: PyTree, key: jax.Array, clip_norm: Scalar,
   check_clip_norm(clip_norm)
   check_noise(noise_multiplier)
   std = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(clip_norm, jnp.float32)
-  return add_gaussian_noise(sum_of_clipped, key, std)
+  return add_gaussian_noise(sum_of_clipped, key, std, secure)
 
 
 def clip_stats(norms: jax.Array, mask: jax.Array, clip_norm: Scalar) -> dict[str, jax.Array]:
@@ -240,7 +259,8 @@ def _clipped_sum_and_losses(loss_fn: Callable[..., Any], trainable: PyTree, batc
 def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
                 example_mask: jax.Array, key: jax.Array, clip_norm: Scalar,
                 noise_multiplier: Scalar, expected_batch_size: Scalar, *args: Any,
-                chunk_size: int = 0) -> tuple[PyTree, dict[str, jax.Array]]:
+                chunk_size: int = 0, secure: bool = False
+                ) -> tuple[PyTree, dict[str, jax.Array]]:
   """The whole DP-SGD gradient of one local step: (noisy mean gradient, clip stats).
 
   Per-example gradients of `loss_fn(trainable, example_batch_of_one, *args)` (vmap of
@@ -257,7 +277,7 @@ def dp_sgd_grad(loss_fn: Callable[..., Any], trainable: PyTree, batch: PyTree,
   _check(expected_batch_size, "expected_batch_size", lambda v: v > 0, "> 0")
   summed, norms, losses = _clipped_sum_and_losses(loss_fn, trainable, batch, example_mask,
                                                   clip_norm, *args, chunk_size=chunk_size)
-  noisy = noisy_sum(summed, key, clip_norm, noise_multiplier)
+  noisy = noisy_sum(summed, key, clip_norm, noise_multiplier, secure)
   # x / B leaf by leaf in the leaf's dtype: optax.tree.scale(1 / B, .) rounds differently
   # and, with a traced float32 B (Poisson: min(B, n_i)), would promote bfloat16 leaves.
   d = jnp.asarray(expected_batch_size, jnp.float32)
@@ -392,7 +412,7 @@ def value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
 
 def noisy_unclipped_fraction(norms: jax.Array, client_mask: jax.Array, key: jax.Array,
                              clip_norm: Scalar, count_stddev: Scalar,
-                             expected_clients: Scalar) -> jax.Array:
+                             expected_clients: Scalar, secure: bool = False) -> jax.Array:
   """Private estimate of the fraction of clients whose update norm was <= C.
 
   Each client contributes b_i - 1/2 (b_i = 1[norm_i <= C]) so one client changes the
@@ -400,7 +420,8 @@ def noisy_unclipped_fraction(norms: jax.Array, client_mask: jax.Array, key: jax.
   1/2 back, clip to [0, 1]."""
   m = jnp.asarray(client_mask, bool)
   b = jnp.where(m, (norms <= clip_norm).astype(jnp.float32) - 0.5, 0.0)
-  noisy = jnp.sum(b) + jnp.asarray(count_stddev, jnp.float32) * jax.random.normal(key, (), jnp.float32)
+  noisy = jnp.sum(b) + jnp.asarray(count_stddev, jnp.float32) * standard_normal(
+      key, (), jnp.float32, secure)
   return jnp.clip(noisy / jnp.asarray(expected_clients, jnp.float32) + 0.5, 0.0, 1.0)
 
 

@@ -40,7 +40,8 @@ _UNNOISED = ("train_loss", "clients_contributed", "clients_nonfinite")
 # The partition's per-client sizes and label statistics (summary 'partition'), and the
 # per-client evaluation: each client's test set follows its training class mix.
 _DATA_STATISTICS = ("partition", "personalized_accuracy", "personalized_accuracy_min",
-                    "personalized_accuracy_max", "final_personalized_accuracy")
+                    "personalized_accuracy_max", "final_personalized_accuracy",
+                    "personalized_accuracy_trained", "final_personalized_accuracy_trained")
 # Who took part: what Poisson sampling of clients hides under DP-FedAvg (the unit is a
 # client), so counts of clients and everything derived from them (steps, bytes, time).
 _PARTICIPATION = ("clients_sampled", "clients_reporting", "local_steps", "executed_steps",
@@ -165,7 +166,8 @@ class PrivacyPlan:
     self.nominal_epsilon = float(p.epsilon)
     self.noise = paper_gaussian_noise_multiplier(self.paper_sigma, float(p.clip_norm),
                                                  self.num_trainable_tensors)
-    self.client = ClientDP("paper_gaussian", float(p.clip_norm), self.paper_sigma)
+    self.client = ClientDP("paper_gaussian", float(p.clip_norm), self.paper_sigma,
+                           secure_noise=bool(p.secure_noise))
     present = [int(n) for n in np.unique(self.sizes) if n > 0]
     example_steps = self.rounds * max((self._uses_of(n) for n in present), default=0)
     client_steps = self.rounds * max((int(self.steps_of(n)) for n in present), default=0)
@@ -187,8 +189,8 @@ class PrivacyPlan:
     if poisson:
       self._plan_capacity(p)
     self.client = ClientDP("dp_sgd", float(p.clip_norm), self.noise, poisson=poisson,
-                                capacity=self.capacity,
-                                per_example_chunk=int(p.per_example_chunk))
+                           capacity=self.capacity, per_example_chunk=int(p.per_example_chunk),
+                           secure_noise=bool(p.secure_noise))
 
   def _run_steps(self) -> list[int]:
     """Local steps of each client if it joined every planned round (the worst case)."""
@@ -245,8 +247,8 @@ class PrivacyPlan:
       if not self.noise < 2.0 * count_std:
         raise PrivacyBudgetError(self._adaptive_advice(p))
       value_z = value_noise_multiplier(self.noise, count_std)
-    self.server = ServerDP(True, value_z, m, bool(p.adaptive_clip),
-                                float(p.target_quantile), float(p.clip_lr), count_std)
+    self.server = ServerDP(True, value_z, m, bool(p.adaptive_clip), float(p.target_quantile),
+                           float(p.clip_lr), count_std, secure_noise=bool(p.secure_noise))
     self.planned_epsilon = float(dp_fedavg_epsilon(m, self.num_clients, self.noise, self.rounds,
                                                    self.delta, p.accountant))
 

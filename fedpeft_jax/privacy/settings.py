@@ -19,6 +19,7 @@ class ClientDP:
   poisson: bool = False  # dp_sgd: Poisson sampling of each batch at rate batch/n_i
   capacity: int = 0  # dp_sgd + poisson: static batch capacity (rows beyond it are dropped)
   per_example_chunk: int = 0  # dp_sgd: per-example gradients this many at a time
+  secure_noise: bool = False  # each coordinate a sum of draws (mechanisms.standard_normal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,3 +33,4 @@ class ServerDP:
   target_quantile: float = 0.5
   clip_lr: float = 0.2
   count_noise_std: float = 0.0  # std of the noise on the count of unclipped clients
+  secure_noise: bool = False  # each coordinate a sum of draws (mechanisms.standard_normal)

@@ -8,6 +8,16 @@ True)`), so a round never waits on disk. Each step is written into
 mid-save resumes from the previous one. A crashed run's leftover temporary directory is
 removed when the next run opens the checkpoints (`cleanup_tmp_directories=True`), and orbax
 removes a stale one again before it writes that step.
+
+Under a privacy mechanism (`private=True`) the checkpoints are as secret as the training
+data, and less is kept in them:
+  * the folder is 0700 from its creation and every file in it 0600 once committed;
+  * the dp stream's key never enters a checkpoint (its `dp_rng` is saved as zeros); the
+    runner keeps it in `SECRET_FILE` (0600), written before anything is released;
+  * when the run finishes, `seal` zeroes the per-client rows of every kept checkpoint
+    (top-k residuals, personal heads: un-noised client data, not part of the released
+    model), re-saves each step whole before swapping it in, and scrubs the secret file and
+    the old files. What stays is the released model and the server's optimizer state.
 """
 
 from __future__ import annotations
@@ -19,8 +29,15 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from fedpeft_jax import files
 from fedpeft_jax.federated.state import ServerState
+
+SECRET_FILE = "dp_secret"  # the dp stream's raw key (uint32 little-endian), beside the steps
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+_SEALING = ".sealing"  # where `seal` writes the cleaned steps before swapping them in
 
 
 def _host_snapshot(state: ServerState) -> ServerState:
@@ -47,14 +64,21 @@ class RunCheckpointer:
   use it to hold a save in flight.
   """
 
-  def __init__(self, directory: str, keep: int = 3, *,
+  def __init__(self, directory: str, keep: int = 3, *, private: bool = False,
                post_finalization_callback: Optional[Callable[[], None]] = None):
     self._dir = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
+    self._private = private
+    if private:  # 0700 before orbax writes the first file
+      os.makedirs(self._dir, mode=PRIVATE_DIR_MODE, exist_ok=True)
+      os.chmod(self._dir, PRIVATE_DIR_MODE)
+      stale = os.path.join(self._dir, _SEALING)
+      if os.path.exists(stale):  # a seal interrupted mid-way
+        files.scrub(stale)
+    self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=post_finalization_callback))
-    self._manager = ocp.CheckpointManager(self._dir, options=options)
+    self._manager = ocp.CheckpointManager(self._dir, options=self._options)
 
   @property
   def directory(self) -> str:
@@ -62,6 +86,9 @@ class RunCheckpointer:
 
   def save(self, step: int, state: ServerState, meta: dict) -> None:
     """Starts saving `step`; returns once `state` and `meta` are snapshotted on the host."""
+    if self._private:
+      self.wait()  # the previous step is committed: restrict its files now
+      state = state.replace(dp_rng=np.zeros(np.shape(state.dp_rng), np.uint32))
     state = _host_snapshot(state)
     meta = json.loads(json.dumps(meta))  # the caller keeps mutating its counters
     self._manager.save(step, args=ocp.args.Composite(
@@ -70,6 +97,8 @@ class RunCheckpointer:
   def wait(self) -> None:
     """Blocks until the last save is committed (re-raises a background write's error)."""
     self._manager.wait_until_finished()
+    if self._private:
+      _restrict(self._dir)
 
   wait_until_finished = wait
 
@@ -83,11 +112,85 @@ class RunCheckpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
+    return self._restore(step, template)
+
+  def close(self) -> None:
+    """Waits for the last save to commit, then closes the manager."""
+    self._manager.close()
+    if self._private:
+      _restrict(self._dir)
+
+  # The dp stream's secret key, kept beside the checkpoints (never inside them).
+  def write_secret(self, key_data: np.ndarray) -> None:
+    """Stores the dp key (0600, atomic, fsynced): before the first release, so a run killed
+    at any point resumes under the key its released rows were noised with."""
+    files.atomic_write_bytes(os.path.join(self._dir, SECRET_FILE),
+                             np.asarray(key_data, "<u4").tobytes(), mode=PRIVATE_FILE_MODE)
+
+  def read_secret(self) -> Optional[np.ndarray]:
+    """The stored dp key, or None (never written, or erased by `seal`)."""
+    path = os.path.join(self._dir, SECRET_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path, "rb") as f:
+      return np.frombuffer(f.read(), "<u4").astype(np.uint32)
+
+  def seal(self, template: ServerState) -> list[int]:
+    """A finished run's erasure: every kept step's per-client rows zeroed (and `dp_rng`, were
+    it ever set), each step saved whole into a side folder and swapped in for the old one,
+    whose files are then scrubbed, and the secret file scrubbed last. `template` gives the
+    state's structure. Returns the steps sealed. Every process calls it (orbax's reads and
+    writes are collective); process 0 moves and scrubs the files. Closes the checkpointer."""
+    self._manager.close()  # waits for the last save; then a fresh view of what is on disk
+    self._manager = ocp.CheckpointManager(self._dir, options=self._options)
+    steps = sorted(self._manager.all_steps())
+    primary = jax.process_index() == 0
+    side = ocp.CheckpointManager(
+        os.path.join(self._dir, _SEALING),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+    for step in steps:
+      state, meta = self._restore(step, template)
+      clean = state.replace(
+          dp_rng=np.zeros(np.shape(state.dp_rng), np.uint32),
+          clients=jax.tree_util.tree_map(np.zeros_like, state.clients))
+      meta["sealed"] = True
+      side.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_host_snapshot(clean)), meta=ocp.args.JsonSave(meta)))
+      side.wait_until_finished()
+      if primary:
+        old = os.path.join(self._dir, str(step))
+        retired = os.path.join(self._dir, f".retired-{step}")
+        os.replace(old, retired)
+        os.replace(os.path.join(self._dir, _SEALING, str(step)), old)
+        files.scrub(retired)
+      _sync_processes(f"seal {step}")
+    side.close()
+    self._manager.close()
+    if primary:
+      files.scrub(os.path.join(self._dir, _SEALING))
+      secret = os.path.join(self._dir, SECRET_FILE)
+      if os.path.exists(secret):
+        files.scrub(secret)
+      _restrict(self._dir)
+    _sync_processes("sealed")
+    return steps
+
+  def _restore(self, step: int, template: ServerState) -> tuple[ServerState, dict]:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], dict(out["meta"])
 
-  def close(self) -> None:
-    """Waits for the last save to commit, then closes the manager."""
-    self._manager.close()
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _restrict(directory: str) -> None:
+  """Folders 0700 and files 0600 under `directory` (orbax writes under the umask; the 0700
+  folder already keeps others out while it does)."""
+  for root, dirs, names in os.walk(directory):
+    os.chmod(root, PRIVATE_DIR_MODE)
+    for name in names:
+      os.chmod(os.path.join(root, name), PRIVATE_FILE_MODE)

@@ -41,10 +41,10 @@ from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundSpec,
 from fedpeft_jax.federated import lora_aggregation as lora_agg
 from fedpeft_jax.models.factory import (attention_choice, base_param_shapes, build_model,
                                         device_capability, init_params)
-from fedpeft_jax.privacy import PrivacyPlan, poisson_capacity
+from fedpeft_jax.privacy import PrivacyBudgetError, PrivacyPlan, poisson_capacity
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.checkpointing import RunCheckpointer
-from fedpeft_jax.runner.validate import (as_config_error, parse_clients_per_chunk,
+from fedpeft_jax.runner.validate import (ConfigError, as_config_error, parse_clients_per_chunk,
                                          validate_config)
 
 PyTree = Any
@@ -69,10 +69,27 @@ def partition_clients(config: ml_collections.ConfigDict, train_labels: np.ndarra
   """The clients' training indices (config.data's partition over config.federated's
   clients), drawn from the seed's data stream."""
   d = config.data
-  return fdata.partition(train_labels, config.federated.num_clients, method=d.partition,
-                         alpha=d.alpha, min_size=d.min_size,
-                         seed=rng_lib.stream_seed(config.seed, "data"),
-                         shards_per_client=d.shards_per_client)
+  seed = rng_lib.stream_seed(config.seed, "data")
+  draw = lambda min_size: fdata.partition(  # noqa: E731
+      train_labels, config.federated.num_clients, method=d.partition, alpha=d.alpha,
+      min_size=min_size, seed=seed, shards_per_client=d.shards_per_client)
+  try:
+    return draw(d.min_size)
+  except ValueError as e:
+    n, k = len(train_labels), config.federated.num_clients
+    fits = "use fewer clients or a larger alpha"
+    if d.partition == "dirichlet" and d.min_size * k <= n:
+      # The first draw is the same whatever min_size: its smallest client is what fits.
+      smallest = int(min(draw(0).sizes))
+      if smallest > 0:
+        fits = f"set config.data.min_size <= {smallest} (fits this seed), or {fits}"
+      else:
+        fits = f"a client of this seed's draw holds no example: {fits}"
+    raise ConfigError(
+        f"config.data.partition {d.partition!r} of {n} examples over config.federated."
+        f"num_clients={k} with config.data.alpha={d.alpha}, config.data.min_size={d.min_size} "
+        f"cannot be drawn ({e.args[0].split(';')[0]}): {fits}",
+        field="config.data.min_size") from e
 
 
 def local_test_partition(test_labels: np.ndarray, part: Any, size: int, seed: int) -> Any:
@@ -183,8 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     with open(config_path) as f:
       previous = json.load(f)
     if previous != resolved:
-      raise ValueError(f"workdir {workdir} holds a run of a different config; use a new "
-                       "--workdir (diff the two with config.json)")
+      raise ConfigError(f"--workdir {workdir} holds a run of a different config; use a new "
+                        "--workdir (diff the two with config.json)", field="workdir")
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
@@ -229,8 +246,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   def steps_of(n: int) -> int:  # the real local steps a client of n examples runs
     return int(fdata.num_local_steps(n, fed.batch_size, local_epochs, fed.local_steps))
 
-  privacy = PrivacyPlan(config, np.asarray(part.sizes), per_round, steps_of,
-                        len(jax.tree_util.tree_leaves(trainable)))
+  try:
+    privacy = PrivacyPlan(config, np.asarray(part.sizes), per_round, steps_of,
+                          len(jax.tree_util.tree_leaves(trainable)))
+  except PrivacyBudgetError:
+    raise  # its own one-line error at the command line
+  except ValueError as e:  # the plan meets the data (e.g. dp_sgd with no client holding data)
+    raise ConfigError(f"config.privacy: {e}", field="config.privacy") from e
   inputs, cache_note = input_spec(config, model, mask, augment)
   cspec = client_spec(config, local_epochs, max_n, augment, inputs, privacy)
   poisson_clients = privacy.poisson_clients
@@ -315,32 +337,57 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     # Per-client class histograms are not covered by DP: under DP written only if asked.
     if "partition" in privacy.filter_metrics({"partition": None}):
       outputs.atomic_write_json(os.path.join(workdir, "partition.json"), part.to_json())
-  # The dp stream's key: from the OS (kept only in the checkpointed state), unless the
-  # config asks for noise derived from its seed (tests and debugging; no guarantee then).
-  ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-  # A resumed run takes its dp key from the checkpoint: the initial state is then only the
-  # restore template, and nothing is drawn from the OS.
-  template_only = ckpt.latest_step() is not None
-  state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm,
-                    dp_key=(rng_lib.stream_key_data(config.seed, "dp")
-                            if privacy.reproducible_noise or template_only else None))
-  metrics_log = (outputs.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary
-                 else _Discard())
+  # The dp stream's key: from the OS, unless the config asks for noise derived from its seed
+  # (tests and debugging; no guarantee then). Under privacy the checkpoints are private
+  # (0700/0600), hold no key, and the OS key lives in their folder's secret file until the
+  # run finishes (runner.checkpointing).
+  private = privacy.mechanism != "none"
+  secret_key = private and not privacy.reproducible_noise
+  ckpt = RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                         private=private)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  resuming = ckpt.latest_step() is not None
+  dp_key = None  # a fresh private run draws it from the OS (engine.init)
+  if privacy.reproducible_noise or not secret_key:
+    dp_key = rng_lib.stream_key_data(config.seed, "dp")
+  elif resuming:
+    dp_key = ckpt.read_secret()
+    if dp_key is None and ckpt.latest_step() >= fed.rounds:
+      dp_key = np.zeros(rng_lib.DP_KEY_WORDS, np.uint32)  # finished: no round left to noise
+    elif dp_key is None:
+      raise ConfigError(
+          f"--workdir {workdir}: its checkpoints hold no DP key (the run's secret file is "
+          "gone: erased when the run finished, or deleted); resuming would release rounds "
+          "under a new key: restore the run's files or use a new --workdir", field="workdir")
+  released = outputs.MetricsLog(metrics_path).read() if primary else []
+  if not resuming and released:
+    message = (f"--workdir {workdir}: metrics.jsonl holds {len(released)} released rounds but "
+               "no checkpoint can be restored")
+    if private:  # a fresh start would release those rounds again with new, unaccounted noise
+      raise ConfigError(f"{message}; restore {os.path.join(workdir, 'checkpoints')} or use a "
+                        "new --workdir", field="workdir")
+    print(f"Warning: {message}; starting afresh and rewriting them")
+  state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm, dp_key=dp_key)
+  metrics_log = outputs.MetricsLog(metrics_path) if primary else _Discard()
   restored = ckpt.restore_latest(state)
   cumulative = {"bytes": 0, "bytes_full": 0, "seconds": 0.0}
   if restored is not None:
-    state, meta = restored
+    # The key was never checkpointed: keep the one placed above (the secret, or the seed's).
+    state, meta = restored[0].replace(dp_rng=state.dp_rng), restored[1]
     cumulative = meta["cumulative"]
     privacy.restore_ledger(meta.get("ledger"))
     metrics_log.truncate_after(int(state.round))
     print(f"Resumed from round {int(state.round)} in {workdir}")
   else:
     metrics_log.truncate_after(0)
-    if privacy.ledger is not None:
-      # Round 0's checkpoint holds the dp key before anything is released: a run killed
-      # before its first periodic checkpoint then resumes with the same key and replays the
-      # rows it already wrote, instead of drawing new noise for them.
+    if secret_key and primary:
+      ckpt.write_secret(host_value(state.dp_rng))
+    if private:
+      # Round 0's checkpoint is committed before any row is released: a DP run killed
+      # before its first periodic checkpoint then resumes (with the same key) and replays
+      # the rows it had written, instead of starting afresh and releasing them again.
       ckpt.save(0, state, {"cumulative": cumulative, "ledger": privacy.ledger.to_dict()})
+      ckpt.wait()
   # Who takes part is what client-level DP hides: under DP-FedAvg clients are drawn from
   # the secret dp stream (read from the state, so a resumed run draws the same clients).
   sampling_seed = (rng_lib.key_seed(host_value(state.dp_rng)) if privacy.mechanism == "dp_fedavg"
@@ -377,6 +424,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       row.update({"personalized_accuracy": float(ev["clients"]["mean"]),
                   "personalized_accuracy_min": float(ev["clients"]["min"]),
                   "personalized_accuracy_max": float(ev["clients"]["max"])})
+      # The mean over every client (above) counts those never sampled at their initial
+      # rows (chance for FedPer's zero-init head); this one only clients that reported in
+      # some round so far.
+      acc = np.asarray(ev["clients"]["accuracy"])
+      seen = pending["reported"] & ~np.isnan(acc)
+      row["personalized_accuracy_trained"] = float(acc[seen].mean()) if seen.any() else None
     row.update({
         "train_loss": float(m["train_loss"]),
         "clients_sampled": plan.num_sampled,
@@ -412,9 +465,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   # round r + 1 is queued, so the device always has work. Checkpoint rounds read their own
   # row first, so a checkpoint never gets ahead of metrics.jsonl.
   pending: dict | None = None
+  # Which clients have reported so far (personalized_accuracy_trained); a resumed run
+  # replays the earlier rounds' draws.
+  reported = np.zeros(fed.num_clients, bool)
+  for r in range(int(state.round)):
+    reported[plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
+                        poisson=poisson_clients).reporting] = True
   for r in range(int(state.round), fed.rounds):
     plan = plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
                       poisson=poisson_clients)
+    reported[plan.reporting] = True
     if privacy.would_exceed(plan.reporting):
       print(f"Stopping before round {r + 1}: it would exceed privacy.max_epsilon "
             f"{privacy.max_epsilon}")
@@ -440,6 +500,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     if pending is not None:
       finish(pending)
     pending = {"round": r, "plan": plan, "bytes": b, "metrics": m, "eval": ev,
+               "reported": reported.copy(),
                "cumulative_bytes": cumulative["bytes"],
                "cumulative_bytes_full": cumulative["bytes_full"], "privacy": privacy.metrics()}
     done = r + 1 == fed.rounds
@@ -468,6 +529,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   rows = metrics_log.read()
   accs = [x["test_accuracy"] for x in rows if "test_accuracy" in x]
   personalized = [x["personalized_accuracy"] for x in rows if "personalized_accuracy" in x]
+  personalized_trained = [x["personalized_accuracy_trained"] for x in rows
+                          if "personalized_accuracy_trained" in x]
   summary = {
       "dataset": config.data.dataset,
       "method": config.peft.method,
@@ -478,6 +541,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "final_accuracy": accs[-1] if accs else None,
       "best_accuracy": max(accs) if accs else None,
       "final_personalized_accuracy": personalized[-1] if personalized else None,
+      "final_personalized_accuracy_trained": (personalized_trained[-1] if personalized_trained
+                                              else None),
       "personal": fed.personal,
       "personal_schedule": fed.personal_schedule if fed.personal else None,
       # What each client keeps for itself, never sent.
@@ -503,6 +568,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     outputs.write_plots(rows, workdir, title=header)
     outputs.atomic_write_json(summary_path, summary)
     print(outputs.format_table([summary_row(summary)], SUMMARY_COLUMNS))
+    if private:
+      # Nothing is left to resume: erase the key and the per-client rows from disk.
+      ckpt.seal(state)
   return summary
 
 
