@@ -16,7 +16,8 @@ debugging (privacy.reproducible_noise).
 
 The dp key has 128 bits (`DP_KEY_WORDS` uint32 words), more than one threefry key's 64: its
 implementation, `DP_KEY_IMPL`, is a pair of independent threefry keys whose random bits are
-XORed (split and fold_in act on both halves). Predicting its output needs both halves:
+XORed (split and fold_in act on both halves; the second half folds in a constant before it
+draws, so equal halves do not cancel). Predicting its output needs both halves:
 2^128 guesses by brute force, or about 2^64 work and 2^64 stored streams by meeting in the
 middle, against 2^64 guesses for a single threefry key. Built from threefry's own
 functions, it keeps threefry's guarantee that a vmapped draw equals the per-key draw, so
@@ -44,7 +45,8 @@ def _halves(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _pair_seed(seed: jax.Array) -> jax.Array:
   # Only for completeness (jax.random.key(seed, impl=...)): the runner never seeds the dp
   # stream from an integer.
-  return jnp.concatenate([_THREEFRY.seed(seed), _THREEFRY.fold_in(_THREEFRY.seed(seed), 1)])
+  return jnp.concatenate([_THREEFRY.seed(seed),
+                          _THREEFRY.fold_in(_THREEFRY.seed(seed), jnp.uint32(1))])
 
 
 def _pair_split(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -57,8 +59,14 @@ def _pair_fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
   return jnp.concatenate([_THREEFRY.fold_in(a, data), _THREEFRY.fold_in(b, data)])
 
 
+# Folded into the second half before it draws bits: a key whose halves are equal (split and
+# fold_in keep them so) must not XOR two equal streams into zeros.
+_SECOND_HALF = 0x5EC2E7
+
+
 def _pair_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
   a, b = _halves(key)
+  b = _THREEFRY.fold_in(b, jnp.uint32(_SECOND_HALF))
   return _THREEFRY.random_bits(a, bit_width, shape) ^ _THREEFRY.random_bits(b, bit_width, shape)
 
 

@@ -234,3 +234,23 @@ def test_dp_fedavg_with_compressed_uploads_keeps_epsilon_and_counts_bytes(tmp_pa
     for row in got:
       if row["clients_reporting"]:
         assert row["bytes_up"] == per_upload[method] * row["clients_reporting"], method
+
+
+def test_a_seal_killed_mid_way_is_completed_by_the_next_start(tmp_path):
+  # As if killed between the seal's two renames of the last step: the step sits under
+  # .retired-2, the swapped copy in .sealing, no summary yet. The next start puts the step
+  # back, finds no round left, seals and finishes; nothing but the steps (no hidden folder) stays.
+  config = _residual_config()
+  workdir = str(tmp_path / "w")
+  run(config, workdir, progress=False, stop_after_round=1)
+  run(config, workdir, progress=False)
+  ckpts = os.path.join(workdir, "checkpoints")
+  os.replace(os.path.join(ckpts, "2"), os.path.join(ckpts, ".retired-2"))
+  os.makedirs(os.path.join(ckpts, ".sealing", "2"))
+  os.unlink(os.path.join(workdir, "summary.json"))
+  summary = run(config, workdir, progress=False)
+  assert summary["rounds"] == 2
+  assert "2" in os.listdir(ckpts) and not [n for n in os.listdir(ckpts) if n.startswith(".")]
+  state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, "2", "state"))
+  for leaf in jax.tree_util.tree_leaves(state["clients"]):
+    assert not np.asarray(leaf).any()

@@ -53,11 +53,16 @@ def test_dp_key_uses_all_128_bits_and_vmaps_like_single_draws():
     flipped = base.copy()
     flipped[word] ^= 1
     assert not np.any(np.isclose(draw(flipped), reference)), word
-  # The construction: the XOR of two threefry streams, one per 64-bit half.
+  # The construction: the XOR of two threefry streams, one per 64-bit half (the second
+  # with a constant folded in, so a key of equal halves does not draw zeros).
   key = rng.dp_key(jnp.asarray(base))
-  halves = [jax.random.wrap_key_data(jnp.asarray(base[i:i + 2])) for i in (0, 2)]
+  first = jax.random.wrap_key_data(jnp.asarray(base[:2]))
+  second = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(base[2:])), 0x5EC2E7)
   assert np.array_equal(jax.random.bits(key, (5,)),
-                        jax.random.bits(halves[0], (5,)) ^ jax.random.bits(halves[1], (5,)))
+                        jax.random.bits(first, (5,)) ^ jax.random.bits(second, (5,)))
+  equal = rng.dp_key(jnp.asarray([5, 6, 5, 6], np.uint32))
+  assert np.count_nonzero(np.asarray(jax.random.bits(equal, (64,)))) > 60
+  assert jax.random.key_data(jax.random.key(3, impl=rng.DP_KEY_IMPL)).shape == (4,)
   # vmapped draws over split keys equal one-by-one draws: chunking cannot change the noise.
   keys = jax.random.split(jax.random.fold_in(key, 7), 5)
   batched = jax.vmap(lambda k: jax.random.normal(k, (3,)))(keys)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from typing import Any, Optional, Union
 
 from jax.experimental import topologies
@@ -177,6 +178,10 @@ def topology(target: Target, num_devices: int = 1, num_hosts: int = 1) -> Any:
     if num_hosts != 1:
       raise ValueError(f"{target.name}: only one-host slices are described here")
     name, bounds = target.topology_name(num_devices)
+    # libtpu takes a per-machine lock when it loads, meant for processes sharing real chips;
+    # a device-less compile holds none, so two planners (or a planner beside the tests) may
+    # load it at once. Read when libtpu loads: set before the first TPU topology.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return topologies.get_topology_desc(name, "tpu", chips_per_host_bounds=bounds)
   return topologies.get_topology_desc(
       platform="cuda", target_config=target.target_config(),

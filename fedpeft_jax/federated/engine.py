@@ -285,6 +285,10 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           lambda u: jnp.where(ok.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0.0), upload)
       c = aggregator.contribute(safe, out["num_examples"], ok, clip_norm)
       if pre_clip_norms is not None:
+        # The norms the aggregator would have seen: after max_update_norm's robustness clip,
+        # before the clip to C (what adaptive clipping counts).
+        if round_spec.max_update_norm > 0:
+          pre_clip_norms = jnp.minimum(pre_clip_norms, round_spec.max_update_norm)
         c = c._replace(norms=jnp.where(ok, pre_clip_norms, c.norms))
       coeff = jnp.where(ok, c.coefficients, 0.0)
       weighted = jax.tree_util.tree_map(lambda u: jnp.tensordot(coeff.astype(u.dtype), u, 1),

@@ -68,12 +68,11 @@ class RunCheckpointer:
                post_finalization_callback: Optional[Callable[[], None]] = None):
     self._dir = os.path.abspath(directory)
     self._private = private
-    if private:  # 0700 before orbax writes the first file
+    if private and jax.process_index() == 0:  # 0700 before orbax writes the first file
       os.makedirs(self._dir, mode=PRIVATE_DIR_MODE, exist_ok=True)
       os.chmod(self._dir, PRIVATE_DIR_MODE)
-      stale = os.path.join(self._dir, _SEALING)
-      if os.path.exists(stale):  # a seal interrupted mid-way
-        files.scrub(stale)
+      _finish_interrupted_seal(self._dir)
+    _sync_processes("private checkpoints")
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
@@ -97,7 +96,7 @@ class RunCheckpointer:
   def wait(self) -> None:
     """Blocks until the last save is committed (re-raises a background write's error)."""
     self._manager.wait_until_finished()
-    if self._private:
+    if self._private and jax.process_index() == 0:
       _restrict(self._dir)
 
   wait_until_finished = wait
@@ -117,7 +116,7 @@ class RunCheckpointer:
   def close(self) -> None:
     """Waits for the last save to commit, then closes the manager."""
     self._manager.close()
-    if self._private:
+    if self._private and jax.process_index() == 0:
       _restrict(self._dir)
 
   # The dp stream's secret key, kept beside the checkpoints (never inside them).
@@ -187,10 +186,29 @@ def _sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _finish_interrupted_seal(directory: str) -> None:
+  """A seal killed mid-way: a step between its two renames is put back (`.retired-N` -> `N`;
+  its client rows are then still there, and the next seal zeroes them), an already swapped
+  one's retired copy is scrubbed, and the side folder is scrubbed."""
+  for name in os.listdir(directory):
+    if name.startswith(".retired-"):
+      retired, step = os.path.join(directory, name), os.path.join(directory, name[9:])
+      if os.path.exists(step):
+        files.scrub(retired)
+      else:
+        os.replace(retired, step)
+  if os.path.exists(os.path.join(directory, _SEALING)):
+    files.scrub(os.path.join(directory, _SEALING))
+
+
 def _restrict(directory: str) -> None:
   """Folders 0700 and files 0600 under `directory` (orbax writes under the umask; the 0700
-  folder already keeps others out while it does)."""
+  folder already keeps others out while it does). A file orbax removes meanwhile (an old
+  step past `max_to_keep`) is skipped."""
   for root, dirs, names in os.walk(directory):
-    os.chmod(root, PRIVATE_DIR_MODE)
-    for name in names:
-      os.chmod(os.path.join(root, name), PRIVATE_FILE_MODE)
+    for path, mode in [(root, PRIVATE_DIR_MODE)] + [
+        (os.path.join(root, n), PRIVATE_FILE_MODE) for n in names]:
+      try:
+        os.chmod(path, mode)
+      except FileNotFoundError:
+        pass

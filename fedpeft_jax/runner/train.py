@@ -77,16 +77,25 @@ def partition_clients(config: ml_collections.ConfigDict, train_labels: np.ndarra
     return draw(d.min_size)
   except ValueError as e:
     n, k = len(train_labels), config.federated.num_clients
+    if d.partition != "dirichlet":
+      raise ConfigError(
+          f"config.data.partition {d.partition!r} of {n} examples over config.federated."
+          f"num_clients={k} cannot be drawn ({e}); use fewer clients"
+          + (" or a smaller config.data.shards_per_client" if d.partition == "shards" else ""),
+          field="config.federated.num_clients") from e
     fits = "use fewer clients or a larger alpha"
-    if d.partition == "dirichlet" and d.min_size * k <= n:
+    if d.min_size * k <= n:
       # The first draw is the same whatever min_size: its smallest client is what fits.
-      smallest = int(min(draw(0).sizes))
+      try:
+        smallest = int(min(draw(0).sizes))
+      except ValueError:  # not even min_size 0 can be drawn (more clients than examples)
+        smallest = 0
       if smallest > 0:
         fits = f"set config.data.min_size <= {smallest} (fits this seed), or {fits}"
       else:
         fits = f"a client of this seed's draw holds no example: {fits}"
     raise ConfigError(
-        f"config.data.partition {d.partition!r} of {n} examples over config.federated."
+        f"config.data.partition 'dirichlet' of {n} examples over config.federated."
         f"num_clients={k} with config.data.alpha={d.alpha}, config.data.min_size={d.min_size} "
         f"cannot be drawn ({e.args[0].split(';')[0]}): {fits}",
         field="config.data.min_size") from e
@@ -359,7 +368,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
           f"--workdir {workdir}: its checkpoints hold no DP key (the run's secret file is "
           "gone: erased when the run finished, or deleted); resuming would release rounds "
           "under a new key: restore the run's files or use a new --workdir", field="workdir")
-  released = outputs.MetricsLog(metrics_path).read() if primary else []
+  # Every process reads it (the workdir is shared), so all of them refuse together.
+  released = outputs.MetricsLog(metrics_path).read()
   if not resuming and released:
     message = (f"--workdir {workdir}: metrics.jsonl holds {len(released)} released rounds but "
                "no checkpoint can be restored")
@@ -564,13 +574,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   }
   summary.update(privacy.summary())
   summary = privacy.filter_metrics(summary)
+  if private:
+    # Nothing is left to resume: erase the key and the per-client rows from disk (every
+    # process: orbax's reads and writes are collective). Before the summary, which marks
+    # the run finished: a seal killed mid-way is completed by the next start, which finds
+    # no summary and resumes at the last round.
+    ckpt.seal(state)
   if primary:
     outputs.write_plots(rows, workdir, title=header)
     outputs.atomic_write_json(summary_path, summary)
     print(outputs.format_table([summary_row(summary)], SUMMARY_COLUMNS))
-    if private:
-      # Nothing is left to resume: erase the key and the per-client rows from disk.
-      ckpt.seal(state)
   return summary
 
 
