@@ -35,7 +35,9 @@ def _rows(workdir: str) -> dict[int, dict]:
   if not os.path.exists(path):
     return {}
   rows = {}
-  for line in open(path):
+  with open(path) as f:
+    lines = f.readlines()
+  for line in lines:
     try:
       row = json.loads(line)
     except json.JSONDecodeError:  # a row torn by the kill is not released
@@ -46,7 +48,10 @@ def _rows(workdir: str) -> dict[int, dict]:
 
 def _secret(workdir: str) -> bytes | None:
   path = os.path.join(workdir, "checkpoints", "dp_secret")
-  return open(path, "rb").read() if os.path.exists(path) else None
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def test_sigkill_at_random_points_never_releases_a_round_twice(tmp_path):
@@ -93,7 +98,8 @@ def test_sigkill_at_random_points_never_releases_a_round_twice(tmp_path):
   for r, copies in seen.items():
     for row in copies:
       assert row == final[r], (r, row, final[r])  # one release per round
-  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
   accountant = dp_accounting.rdp.RdpAccountant()
   accountant.compose(dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(PER_ROUND / CLIENTS, dp_accounting.GaussianDpEvent(Z)),

@@ -254,3 +254,21 @@ def test_a_seal_killed_mid_way_is_completed_by_the_next_start(tmp_path):
   state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, "2", "state"))
   for leaf in jax.tree_util.tree_leaves(state["clients"]):
     assert not np.asarray(leaf).any()
+
+
+def test_checkpoints_of_an_older_state_are_one_config_error(tmp_path):
+  # A step whose dp_rng has the old 2 words (threefry's 64-bit key) does not restore into
+  # today's 4-word state: one ConfigError naming the workdir, not an orbax traceback.
+  config = _dp_config(rounds=2)
+  config.privacy.mechanism = "none"
+  workdir = str(tmp_path / "w")
+  run(config, workdir, progress=False, stop_after_round=1)
+  ckpts = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  state = ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(step), "state"))
+  state["dp_rng"] = np.zeros(2, np.uint32)
+  shutil.rmtree(os.path.join(ckpts, str(step), "state"))
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(os.path.join(ckpts, str(step), "state"), state)
+  with pytest.raises(ConfigError, match=r"its checkpoints do not fit this run's server state"):
+    run(config, workdir, progress=False)

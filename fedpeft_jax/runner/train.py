@@ -379,7 +379,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     print(f"Warning: {message}; starting afresh and rewriting them")
   state = algo.init(trainable, seed=config.seed, clip_norm=privacy.clip_norm, dp_key=dp_key)
   metrics_log = outputs.MetricsLog(metrics_path) if primary else _Discard()
-  restored = ckpt.restore_latest(state)
+  try:
+    restored = ckpt.restore_latest(state)
+  except ValueError as e:  # orbax: a stored array whose shape or dtype the state no longer has
+    raise ConfigError(
+        f"--workdir {workdir}: its checkpoints do not fit this run's server state "
+        f"({str(e).strip().splitlines()[0][:200]}); they may come from an older fedpeft_jax "
+        "(e.g. a 2-word dp_rng): resume them with that version or use a new --workdir",
+        field="workdir") from e
   cumulative = {"bytes": 0, "bytes_full": 0, "seconds": 0.0}
   if restored is not None:
     # The key was never checkpointed: keep the one placed above (the secret, or the seed's).
