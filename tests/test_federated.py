@@ -224,6 +224,13 @@ def test_communication_bytes_are_those_of_the_arrays_sent(method, wire):
   cost = comm_cost(trainable, params, base, wire)
   sent = to_wire(trainable, wire)  # the payload the engine sends
   assert cost.trainable_bytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(sent))
+  # By hand (width 16, MLP 32, one block, NUM_CLASSES classes): the head is 16 x C + C; bias
+  # tuning adds the block's 8 biases (2 LayerNorms, q, k, v, out, fc2: 16 each; fc1: 32), the
+  # patch embedding's and the final LayerNorm's (16 each).
+  head = 16 * NUM_CLASSES + NUM_CLASSES
+  by_hand = {"head": head, "bias": head + 7 * 16 + 32 + 2 * 16}
+  if method in by_hand:
+    assert cost.trainable_bytes == by_hand[method] * (2 if wire == "bfloat16" else 4)
   b = cost.round_bytes(num_sampled=8, num_reporting=6)
   assert b["bytes_down"] == cost.trainable_bytes * 8 and b["bytes_up"] == cost.trainable_bytes * 6
   # Full fine-tuning of the same model without PEFT modules: backbone + head, by hand.
