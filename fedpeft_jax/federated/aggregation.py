@@ -35,7 +35,9 @@ class Contribution(NamedTuple):
 
 
 class Aggregator(NamedTuple):
-  """contribute(updates, num_examples, ok, clip_norm) -> Contribution, per chunk;
+  """contribute(updates, num_examples, ok, clip_norm, norms=None) -> Contribution, per chunk
+  (`norms`: given where the clients clipped their updates to `bound` themselves, each
+  update's norm before that clip, to report in place of the clipped updates' own);
   finalize(update_sum, weight_sum, norms, ok, clip_norm, key) -> (mean_update,
   new_clip_norm, apply, metrics), once per round over all slots (`norms`, `ok`: [slots]);
   bound(clip_norm) -> the L2 norm `contribute` clips each update to, or None where it does
@@ -53,11 +55,12 @@ def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> 
   if weighting not in WEIGHTINGS:
     raise ValueError(f"federated.weighting: {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
 
-  def contribute(updates, num_examples, ok, clip_norm):
+  def contribute(updates, num_examples, ok, clip_norm, norms=None):
     if max_update_norm > 0:
-      updates, norms = mechanisms.clip_per_example(updates, max_update_norm)
+      updates, own_norms = mechanisms.clip_per_example(updates, max_update_norm)
     else:
-      norms = jax.vmap(optax.tree.norm)(updates)
+      own_norms = jax.vmap(optax.tree.norm)(updates)
+    norms = own_norms if norms is None else norms
     trained = ok & (num_examples > 0)
     w = (jnp.where(trained, num_examples, 0.0) if weighting == "examples"
          else trained.astype(jnp.float32))
@@ -78,10 +81,15 @@ def dp_fedavg(dp: ServerDP, max_update_norm: float = 0.0) -> Aggregator:
   denominator: the realised count would leak who took part). With `dp.adaptive`, C
   follows the noised fraction of unclipped clients towards `dp.target_quantile`."""
 
-  def contribute(updates, num_examples, ok, clip_norm):
+  def contribute(updates, num_examples, ok, clip_norm, norms=None):
     if max_update_norm > 0:
       updates, _ = mechanisms.clip_per_example(updates, max_update_norm)
-    clipped, norms = mechanisms.clip_per_example(updates, clip_norm)
+    clipped, own_norms = mechanisms.clip_per_example(updates, clip_norm)
+    # The adaptive count's norms: after the robustness clip, before the clip to C.
+    if norms is None:
+      norms = own_norms
+    elif max_update_norm > 0:
+      norms = jnp.minimum(norms, max_update_norm)
     one = ok.astype(jnp.float32)
     return Contribution(clipped, one, one, norms)
 

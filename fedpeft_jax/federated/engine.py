@@ -256,8 +256,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         # The server clips each update (DP-FedAvg, max_update_norm): clip update + residual
         # to that norm here, before top-k, and keep the residual of the clipped message. Top-k
         # never lengthens a vector, so the server's clip then cuts nothing, and model +
-        # residuals = every clipped message exactly. The norms the server sees (adaptive
-        # clipping's count) are those before this clip.
+        # residuals = every clipped message exactly. The aggregator is handed the norms
+        # before this clip (adaptive clipping counts them).
         combined = jax.tree_util.tree_map(lambda u, r: u.astype(r.dtype) + r, upload,
                                           residual_in)
         upload, pre_clip_norms = mechanisms.clip_per_example(combined,
@@ -283,13 +283,11 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       # Non-finite updates become zeros before anything multiplies them (0 * NaN is NaN).
       safe = jax.tree_util.tree_map(
           lambda u: jnp.where(ok.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0.0), upload)
-      c = aggregator.contribute(safe, out["num_examples"], ok, clip_norm)
-      if pre_clip_norms is not None:
-        # The norms the aggregator would have seen: after max_update_norm's robustness clip,
-        # before the clip to C (what adaptive clipping counts).
-        if round_spec.max_update_norm > 0:
-          pre_clip_norms = jnp.minimum(pre_clip_norms, round_spec.max_update_norm)
-        c = c._replace(norms=jnp.where(ok, pre_clip_norms, c.norms))
+      if pre_clip_norms is None:
+        c = aggregator.contribute(safe, out["num_examples"], ok, clip_norm)
+      else:  # the aggregator reports the norms before the clients' own clip
+        c = aggregator.contribute(safe, out["num_examples"], ok, clip_norm,
+                                  jnp.where(ok, pre_clip_norms, 0.0))
       coeff = jnp.where(ok, c.coefficients, 0.0)
       weighted = jax.tree_util.tree_map(lambda u: jnp.tensordot(coeff.astype(u.dtype), u, 1),
                                         c.updates)

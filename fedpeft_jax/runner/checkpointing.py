@@ -135,8 +135,7 @@ class RunCheckpointer:
       return np.frombuffer(f.read(), "<u4").astype(np.uint32)
 
   def seal(self, template: ServerState) -> list[int]:
-    """A finished run's erasure: every kept step's per-client rows zeroed (and `dp_rng`, were
-    it ever set), each step saved whole into a side folder and swapped in for the old one,
+    """A finished run's erasure: every kept step's per-client rows zeroed, each step saved whole into a side folder and swapped in for the old one,
     whose files are then scrubbed, and the secret file scrubbed last. `template` gives the
     state's structure. Returns the steps sealed. Every process calls it (orbax's reads and
     writes are collective); process 0 moves and scrubs the files. Closes the checkpointer."""
@@ -149,9 +148,8 @@ class RunCheckpointer:
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
     for step in steps:
       state, meta = self._restore(step, template)
-      clean = state.replace(
-          dp_rng=np.zeros(np.shape(state.dp_rng), np.uint32),
-          clients=jax.tree_util.tree_map(np.zeros_like, state.clients))
+      # (dp_rng is zeros already: `save` never writes the key.)
+      clean = state.replace(clients=jax.tree_util.tree_map(np.zeros_like, state.clients))
       meta["sealed"] = True
       side.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_host_snapshot(clean)), meta=ocp.args.JsonSave(meta)))

@@ -357,7 +357,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   resuming = ckpt.latest_step() is not None
   dp_key = None  # a fresh private run draws it from the OS (engine.init)
-  if privacy.reproducible_noise or not secret_key:
+  if not secret_key:  # no privacy, or privacy.reproducible_noise
     dp_key = rng_lib.stream_key_data(config.seed, "dp")
   elif resuming:
     dp_key = ckpt.read_secret()
