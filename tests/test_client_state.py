@@ -153,24 +153,112 @@ def test_state_is_checkpointed_and_resume_is_exact(tmp_path):
 
 
 MULTI_DEVICE = textwrap.dedent("""
-    import sys
+    import sys, tempfile
     sys.path.insert(0, {root!r})
     import jax, numpy as np
+    from fedpeft_jax.federated import client_state_bytes
     from fedpeft_jax.federated.mesh import make_mesh, replicate
-    from tests.test_client_state import build, plans, numpy_bookkeeping
-    for devices, chunk in ((4, 1), (2, 2)):
+    from fedpeft_jax.runner.checkpointing import RunCheckpointer
+    from tests.test_client_state import NUM_CLIENTS, build, plans, numpy_bookkeeping
+
+    def run(devices, chunk, state=None, rounds=plans()):
       mesh = make_mesh(jax.devices()[:devices])
       algo, trainable, frozen, data = build(chunk, devices=devices, mesh=mesh)
-      state = algo.init(trainable, seed=0)
+      state = algo.init(trainable, seed=0) if state is None else state(algo, trainable)
       frozen, data = replicate(frozen, mesh), replicate(data, mesh)
-      for plan in plans():
+      for plan in rounds:
         state, _ = algo.apply(state, frozen, data, plan)
-      count, acc = numpy_bookkeeping(plans())
-      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"]), count)
-      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"]), acc)
+      return state
+
+    count, acc = numpy_bookkeeping(plans())
+    for devices, chunk, per in ((4, 1, 2), (2, 2, 3)):
+      state = run(devices, chunk)
+      table = np.asarray(state.clients["rule"]["count"])
+      assert table.shape == (devices * per,), table.shape  # 6 clients, padded to the devices
+      np.testing.assert_array_equal(table[:NUM_CLIENTS], count)
+      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"])[:NUM_CLIENTS], acc)
+      # Each device holds exactly its block of client ids, nothing else.
+      want = np.zeros(devices * per, count.dtype)
+      want[:NUM_CLIENTS] = count
+      shards = state.clients["rule"]["count"].addressable_shards
+      assert len(shards) == devices
+      for shard in shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
+        assert shard.data.shape == (per,)
+      assert client_state_bytes(state) == per * (4 + 8)  # int32 count + 2 float32 per row
+
+    # Resume across device counts: 4 devices' checkpoint (8 rows) on 1 device (6 rows), and
+    # 1 device's on 4; both equal the uninterrupted run.
+    whole = run(1, 1)
+    for saved_on, resumed_on in ((4, 1), (1, 4)):
+      half = run(saved_on, 1, rounds=plans()[:2])
+      with tempfile.TemporaryDirectory() as d:
+        ckpt = RunCheckpointer(d)
+        ckpt.save(2, half, {{}})
+        ckpt.close()
+        restore = lambda algo, t: RunCheckpointer(d).restore_latest(algo.init(t, seed=0))[0]
+        state = run(resumed_on, 1, state=restore, rounds=plans()[2:])
+      for a, b in zip(jax.tree_util.tree_leaves(whole.trainable),
+                      jax.tree_util.tree_leaves(state.trainable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"])[:NUM_CLIENTS],
+                                    count)
     print("OK", len(jax.devices()))
 """)
 
 
 def test_state_on_four_cpu_devices():
+  """The rows are split over the devices by client id (each device holds its block) and
+  follow NumPy bookkeeping; a checkpoint resumes on another device count."""
   run_on_cpu_devices(MULTI_DEVICE)
+
+
+TEN_THOUSAND = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from fedpeft_jax.federated import RoundSpec, build_algorithm, client_state_bytes, plan_round
+    from fedpeft_jax.federated.mesh import make_mesh, replicate
+    from tests.test_federated import NUM_CLASSES, flat, setup
+    N, PER_ROUND, ROUNDS = 10_000, 8, 3
+    model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(2,) * N)
+    plans = [plan_round(5, r, N, PER_ROUND) for r in range(ROUNDS)]
+    out = {{}}
+    for devices in (1, 4):
+      mesh = make_mesh(jax.devices()[:devices])
+      spec = RoundSpec(1, devices, compression="topk", compression_fraction=0.25, num_clients=N)
+      algo = build_algorithm(model, ctx, stx, cspec, spec, NUM_CLASSES, mesh=mesh)
+      state = algo.init(trainable, seed=0)
+      f, d = replicate(frozen, mesh), replicate(data, mesh)
+      for plan in plans:
+        state, m = algo.apply(state, f, d, plan)
+        assert int(m["clients_contributed"]) == PER_ROUND
+      out[devices] = state
+    # Bias tuning of the tiny ViT, by hand: head 16 x 4 + 4, the block's 7 width-16 biases
+    # and fc1's 32, the patch embedding's and final LayerNorm's 16 each: one float32 residual.
+    row = 4 * (16 * 4 + 4 + 7 * 16 + 32 + 2 * 16)
+    assert client_state_bytes(out[1]) == N * row
+    assert client_state_bytes(out[4]) == N * row // 4
+    one, four = flat(out[1].trainable), flat(out[4].trainable)
+    for k in one:
+      np.testing.assert_allclose(four[k], one[k], atol=1e-6, err_msg=k)
+    reported = np.zeros(N, bool)
+    for plan in plans:
+      reported[plan.reporting] = True
+    for a, b in zip(jax.tree_util.tree_leaves(out[1].clients),
+                    jax.tree_util.tree_leaves(out[4].clients)):
+      a, b = np.asarray(a), np.asarray(b)
+      np.testing.assert_allclose(b[:N], a, atol=1e-6)
+    # The residuals (top-k keeps 3/4 of each update back) sit in the rows of the clients
+    # that reported, and only there.
+    norms = sum(np.abs(np.asarray(x)[:N]).reshape(N, -1).sum(1)
+                for x in jax.tree_util.tree_leaves(out[4].clients))
+    np.testing.assert_array_equal(norms > 0, reported)
+    print("OK", len(jax.devices()))
+""")
+
+
+def test_ten_thousand_clients_split_over_four_devices():
+  """10,000 clients keep a top-k residual each: split over 4 devices, each holds a quarter
+  (counted by hand), and 3 rounds equal one device's to 1e-6."""
+  run_on_cpu_devices(TEN_THOUSAND)

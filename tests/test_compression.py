@@ -21,6 +21,13 @@ def _odd_tree(rng):
           "c": {"d": rng.normal(size=(2, 3, 3)).astype(np.float32)}}
 
 
+def _at(tree, path):
+  """The leaf of `tree` at a `tree_leaves_with_path` path."""
+  for entry in path:
+    tree = tree[entry.key]
+  return tree
+
+
 def _np_steps(x, bits, block):
   """NumPy's step of each element: absmax / L of its tensor or of its block."""
   levels = 2 ** (bits - 1) - 1
@@ -223,6 +230,22 @@ def test_jit_and_vmap_over_clients(method):
   if method != "none":  # compression changed the values (the test compares something)
     assert any(not np.array_equal(np.asarray(a), b)
                for a, b in zip(jax.tree.leaves(dec_v), jax.tree.leaves(stack(trees))))
+  # Against NumPy, client by client: top-k keeps the ceil(0.3 n) largest |update +
+  # residual| and feeds back the rest; int8/int4 land within one step of the update.
+  for i in range(clients):
+    for path, x in jax.tree_util.tree_leaves_with_path(trees[i]):
+      got = np.asarray(_at(dec_v, path)[i], np.float64)
+      x = np.asarray(x, np.float64)
+      if method == "topk":
+        combined = x + np.asarray(_at(residuals[i], path), np.float64)
+        keep = np.zeros(combined.size, bool)
+        keep[np.argsort(-np.abs(combined).reshape(-1))[:math.ceil(0.3 * combined.size)]] = True
+        want = np.where(keep.reshape(combined.shape), combined, 0.0)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_at(res_v, path)[i]), combined - want, atol=1e-6)
+      elif method in ("int8", "int4"):
+        step = _np_steps(x, 8 if method == "int8" else 4, 4)
+        assert (np.abs(got - x) <= step * (1 + 1e-5)).all()
 
 
 def test_none_is_identity():

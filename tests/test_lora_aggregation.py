@@ -113,18 +113,33 @@ def test_flora_heterogeneous_ranks_merge_exactly_and_padding_is_ignored():
   np.testing.assert_array_equal(agg.b, np.zeros((r_max, D_OUT)))
 
 
-def test_rules_are_jittable_and_dispatch():
+def test_rules_dispatched_by_name_under_jit_match_numpy():
+  """Each rule, called by name inside jit, against float64 NumPy: FedIT's factor means, FFA's
+  shared A and mean B, and the exact mean of the products that FedEx-LoRA (residual plus the
+  new factors) and FLoRA (its folded delta) give the frozen weight."""
   a, b, w = _factors(6)
+  s = 0.5
   key = jax.random.PRNGKey(1)
+  mean_a, mean_b = np.einsum("k,kir->ir", w, a), np.einsum("k,kro->ro", w, b)
+  exact = _np_mean_of_products(a, b, w, np.full(K, s))
   for rule in la.LORA_AGGREGATIONS:
-    eager = la.aggregate(rule, _j(a), _j(b), _j(w), 0.5, key)
-    jitted = jax.jit(lambda a, b, w, k, rule=rule: la.aggregate(rule, a, b, w, 0.5, k))(
+    out = jax.jit(lambda a, b, w, k, rule=rule: la.aggregate(rule, a, b, w, s, k))(
         _j(a), _j(b), _j(w), key)
-    for x, y in zip(eager, jitted):
-      if x is None:
-        assert y is None
-      else:
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    close = lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float64), y, rtol=1e-5,
+                                                    atol=1e-5, err_msg=rule)
+    if rule in ("fedit", "fedex"):
+      close(out.a, mean_a)
+    if rule != "flora":
+      close(out.b, mean_b)
+    if rule == "ffa":
+      close(out.a, a[0])
+    if rule in ("fedit", "ffa"):
+      assert out.delta_w is None
+    if rule == "fedex":
+      close(np.asarray(out.delta_w, np.float64)
+            + s * np.asarray(out.a, np.float64) @ np.asarray(out.b, np.float64), exact)
+    if rule == "flora":
+      close(out.delta_w, exact)
   with pytest.raises(ValueError, match="lora_aggregation"):
     la.aggregate("fedavg", _j(a), _j(b), _j(w))
   with pytest.raises(ValueError, match="key"):

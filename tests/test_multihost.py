@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -71,16 +72,20 @@ def test_two_process_distributed_matches_single_process():
       np.testing.assert_allclose(np.asarray(r["params"][k]), np.asarray(v), atol=1e-5, err_msg=k)
 
 
-def test_two_process_cli_run_matches_single_process(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--config.federated.compression=topk",)],
+                         ids=["bias", "topk"])
+def test_two_process_cli_run_matches_single_process(tmp_path, extra):
   """`python -m fedpeft_jax.main --coordinator_address=...` on two processes sharing a
-  workdir: process 0 writes the outputs and the metrics equal a one-process run."""
+  workdir: process 0 writes the outputs and the metrics equal a one-process run. With top-k,
+  each process holds only its devices' rows of the clients' residuals (checkpointed shard by
+  shard)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = "--config=configs/tiny.py:bias,rounds=2"
+  config, variant = "--config=configs/tiny.py:bias,rounds=2", extra
 
   def cli(workdir, *extra, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, "-m", "fedpeft_jax.main", config,
+    return subprocess.Popen([sys.executable, "-m", "fedpeft_jax.main", config, *variant,
                              f"--workdir={workdir}", "--no_progress", *extra],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -263,6 +263,7 @@ def test_fedper_run_sends_only_shared_leaves_and_resumes_exactly(tmp_path):
     assert row["bytes_down"] == row["clients_sampled"] * shared_bytes
   assert summary["personal_params_per_client"] == 32 * 10 + 10
   assert summary["client_state_bytes"] == 4 * (32 * 10 + 10) * 4
+  assert summary["client_state_bytes_per_device"] == 4 * (32 * 10 + 10) * 4  # one device
   assert summary["final_personalized_accuracy"] == rows[-1]["personalized_accuracy"]
   # Killed after round 1 and resumed: the same params, personal rows and metrics.
   config2, workdir2 = _tiny(tmp_path, "fedper_resumed", personal="head")

@@ -5,6 +5,7 @@ from fedpeft_jax.federated.aggregation import (WEIGHTINGS, Aggregator, Contribut
 from fedpeft_jax.federated.client import (CLIENT_OPTIMIZERS, ClientDP, ClientSpec,
                                           make_client_optimizer, make_client_update,
                                           masked_cross_entropy)
+from fedpeft_jax.federated import client_rows
 from fedpeft_jax.federated.comm import (WIRE_DTYPES, CommCost, comm_cost, on_wire, payload_bytes,
                                         to_wire)
 from fedpeft_jax.federated.compression import COMPRESSIONS, compress, compressed_bytes
@@ -37,5 +38,5 @@ __all__ = [
     "device_bytes_limit", "layout_clients", "layout_shape", "AXIS", "host_value", "make_mesh", "replicate",
     "split_rows", "to_global", "RoundPlan", "plan_round", "resolve_clients_per_round",
     "FEDOPT_KINDS", "SERVER_OPTIMIZERS", "make_server_optimizer", "scale_by_fedopt", "ServerState", "apply_server_update",
-    "init_server_state",
+    "init_server_state", "client_rows",
 ]

@@ -28,13 +28,12 @@ from jax.sharding import PartitionSpec as P
 
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.accelerators import aot
-from fedpeft_jax.federated import aggregation, comm, compression, lora_aggregation
+from fedpeft_jax.federated import aggregation, client_rows, comm, compression, lora_aggregation
 from fedpeft_jax.federated import state as server_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
 from fedpeft_jax.federated.layout import layout_clients, layout_shape
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, to_global
 from fedpeft_jax.federated.sampling import RoundPlan
-from fedpeft_jax.peft.partition import nbytes
 from fedpeft_jax.peft.spec import to_spec
 from fedpeft_jax.privacy import mechanisms
 
@@ -82,15 +81,18 @@ class ClientStateSpec:
   A stateful rule is called as `client_update(trainable, frozen, data, client_id, key,
   active, client_state)` with its client's row and returns the new row as
   `out["client_state"]`. Rows of clients that did not report, and of clients whose update
-  was not finite, are kept unchanged; padding slots never write.
+  was not finite, are kept unchanged; padding slots never write. The rows are split over
+  the mesh's devices by client id (`client_rows`): `ServerState.clients` holds
+  `client_rows.padded_rows(num_clients, devices)` rows, client c's at index c.
   """
   init: Callable[[PyTree], PyTree]
   num_clients: int
 
 
 def client_state_bytes(state: server_lib.ServerState) -> int:
-  """Bytes the per-client state holds on one device (0 without one)."""
-  return nbytes(state.clients)
+  """Bytes the per-client state holds on one device (0 without one): its block of the
+  table split over the devices (`client_rows`)."""
+  return client_rows.bytes_per_device(state.clients)
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -179,10 +181,12 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   def initial_state(trainable: PyTree, seed: int, clip_norm: float, dp_key: np.ndarray,
                     xp: Any = np) -> server_lib.ServerState:
     """Round 0's state, not yet placed. The per-client rows are NumPy broadcast views (no
-    num_clients copies before placement); `state_shapes` traces it with `xp=jnp`."""
+    num_clients copies before placement), as many as `client_rows.padded_rows` (padding
+    rows last); `state_shapes` traces it with `xp=jnp`."""
     def per_client(one, num):
+      rows = client_rows.padded_rows(num, round_spec.num_devices)
       return jax.tree_util.tree_map(
-          lambda x: xp.broadcast_to(xp.asarray(x), (num,) + xp.shape(x)), one)
+          lambda x: xp.broadcast_to(xp.asarray(x), (rows,) + xp.shape(x)), one)
     # Per-client state: the rule's own ("rule") and the round's ("residual"), if any.
     clients = {}
     if client_state is not None:
@@ -205,26 +209,31 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
            dp_key: np.ndarray | None = None) -> server_lib.ServerState:
     """Round 0's state. `dp_key`: raw key data of the dp stream; by default drawn from
     the OS when a privacy mechanism is on (and the seed's otherwise unused dp stream when
-    not). Placed replicated on the mesh like every later state, so round 2 reuses round
-    1's compiled executable."""
+    not). Placed like every later state (replicated, the per-client rows split over the
+    devices), so round 2 reuses round 1's compiled executable."""
     if dp_key is None and private:
       dp_key = rng_lib.secret_key_data()
       if jax.process_count() > 1:  # every process must hold process 0's secret
         dp_key = np.asarray(multihost_utils.broadcast_one_to_all(dp_key))
     elif dp_key is None:
       dp_key = rng_lib.stream_key_data(seed, "dp")
-    return replicate(initial_state(trainable, seed, clip_norm, dp_key), mesh)
+    state = initial_state(trainable, seed, clip_norm, dp_key)
+    split = jax.tree_util.tree_map(lambda x: to_global(np.asarray(x), client_rows.sharding(mesh)),
+                                   state.clients)
+    return replicate(state.replace(clients=None), mesh).replace(clients=split)
 
   def state_shapes(trainable: PyTree) -> server_lib.ServerState:
-    """Round 0's state as ShapeDtypeStructs replicated on the mesh: `trainable` may be
-    shapes only (nothing is drawn, allocated or placed)."""
+    """Round 0's state as ShapeDtypeStructs placed on the mesh like `init`'s: `trainable`
+    may be shapes only (nothing is drawn, allocated or placed)."""
     shapes = jax.eval_shape(
         lambda t: initial_state(t, 0, 0.0, rng_lib.stream_key_data(0, "dp"), xp=jnp), trainable)
-    return aot.abstract(shapes, mesh)
+    return aot.abstract(shapes.replace(clients=None), mesh).replace(
+        clients=aot.abstract(shapes.clients, mesh, P(AXIS)))
 
-  def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
+  def device_sums(trainable, frozen, data, ids, valid, keys, clip_norm, rows):
     """Per device: scan over chunks [chunks, chunk]; this device's sums, and per slot the
-    update norm and whether it counted ([chunks, chunk] each)."""
+    update norm, whether it counted and its new per-client rows ([chunks, chunk] each).
+    `rows`: the slots' per-client rows (leaves [chunks, chunk, ...]) or None."""
     f32 = lambda: jnp.zeros((), jnp.float32)
     init_carry = {"update": optax.tree.zeros_like(trainable), "weight": f32(), "loss": f32(),
                   "examples": f32(), "contributed": f32(), "nonfinite": f32(), "steps": f32(),
@@ -234,11 +243,10 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
           jnp.asarray, lora_aggregation.folded_zeros(trainable))
 
     def chunk_body(carry, xs):
-      ids_c, valid_c, keys_c = xs
+      ids_c, valid_c, keys_c, rows = xs  # rows: this chunk's per-client rows
       # Under privacy the clients' keys are the dp stream's (128-bit `rng.DP_KEY_IMPL`).
       keys_c = rng_lib.dp_key(keys_c) if private else jax.random.wrap_key_data(keys_c)
-      # This chunk's rows of the per-client state.
-      rows = {} if clients is None else jax.tree_util.tree_map(lambda x: x[ids_c], clients)
+      rows = rows or {}
       rule_rows = (rows["rule"],) if "rule" in rows else ()
       if ids_c.shape[0] == 1:
         # One client per chunk: no vmap, the client's loop runs exactly its real steps.
@@ -318,17 +326,30 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         new["lora_products"] = lora_products
       return new, (c.norms.astype(jnp.float32), ok, new_rows or None)
 
-    return jax.lax.scan(chunk_body, init_carry, (ids, valid, keys))
+    return jax.lax.scan(chunk_body, init_carry, (ids, valid, keys, rows))
 
   def sharded_sums(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
+    """The round's sums over every device, per slot (norm, counted), and the per-client
+    table with the round's new rows written (each device its own block, `client_rows`)."""
     def per_device(trainable, frozen, data, ids, valid, keys, clip_norm, clients):
-      sums, per_slot = device_sums(trainable, frozen, data, ids[0], valid[0], keys[0], clip_norm,
-                                   clients)
-      return jax.lax.psum(sums, AXIS), jax.tree_util.tree_map(lambda x: x[None], per_slot)
+      ids, valid, keys = ids[0], valid[0], keys[0]
+      rows = None
+      if clients is not None:  # every device's slots, device-major, as the table sees them
+        every_id = jax.lax.all_gather(ids, AXIS, tiled=True).reshape(-1)
+        rows = jax.tree_util.tree_map(lambda x: x.reshape(ids.shape + x.shape[1:]),
+                                      client_rows.gather(clients, every_id))
+      sums, (norms, ok, new_rows) = device_sums(trainable, frozen, data, ids, valid, keys,
+                                                clip_norm, rows)
+      if clients is not None:
+        gathered = lambda x: jax.lax.all_gather(x.reshape((-1,) + x.shape[2:]), AXIS,
+                                                tiled=True)
+        clients = client_rows.scatter(clients, every_id, gathered(ok),
+                                      jax.tree_util.tree_map(gathered, new_rows))
+      return jax.lax.psum(sums, AXIS), (norms[None], ok[None]), clients
     split, rep = P(AXIS), P()
     return jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(rep, rep, rep, split, split, split, rep, rep),
-                         out_specs=(rep, split), check_vma=False)(
+                         in_specs=(rep, rep, rep, split, split, split, rep, split),
+                         out_specs=(rep, split, split), check_vma=False)(
                              trainable, frozen, data, ids, valid, keys, clip_norm, clients)
 
   # The server state is donated: its buffers become the next state's, so a round holds
@@ -348,8 +369,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     # The frozen weights with what FedEx-LoRA / FLoRA folded into them (a no-op otherwise),
     # as the clients download the folded deltas: in the wire dtype.
     seen = lora_aggregation.fold_into(frozen, comm.on_wire(state.folded, wire))
-    sums, (norms, ok, new_rows) = sharded_sums(sent, seen, data, ids, valid, keys,
-                                               state.clip_norm, state.clients)
+    sums, (norms, ok), clients = sharded_sums(sent, seen, data, ids, valid, keys,
+                                              state.clip_norm, state.clients)
     mean_update, clip_norm, apply_update, agg_metrics = aggregator.finalize(
         sums["update"], sums["weight"], norms.reshape(-1), ok.reshape(-1), state.clip_norm,
         jax.random.fold_in(dp_round, 1))
@@ -365,15 +386,6 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     # A round in which no client contributed leaves the model and optimizer untouched.
     new_trainable = optax.tree.where(apply_update, new_trainable, state.trainable)
     new_opt = optax.tree.where(apply_update, new_opt, state.opt_state)
-    clients = state.clients
-    if clients is not None:
-      # Each reporting client's new row goes back to its index; padding and non-finite
-      # slots point past the end and are dropped (a slot never overwrites another's row).
-      num = jax.tree_util.tree_leaves(clients)[0].shape[0]
-      target = jnp.where(ok.reshape(-1), ids.reshape(-1), num)
-      clients = jax.tree_util.tree_map(
-          lambda old, rows: old.at[target].set(rows.reshape((-1,) + old.shape[1:]),
-                                               mode="drop"), clients, new_rows)
     new_state = state.replace(trainable=new_trainable, opt_state=new_opt, round=state.round + 1,
                               clip_norm=clip_norm, clients=clients, folded=folded)
     metrics = {

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 import fedpeft_jax.data as fdata
-from fedpeft_jax.federated import features
+from fedpeft_jax.federated import client_rows, features
 from fedpeft_jax.federated.mesh import AXIS, make_mesh, split_rows
 from fedpeft_jax.peft.partition import merge
 
@@ -105,7 +105,7 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
   Client k scores merge(shared, personal_k, frozen) on the rows of `test` (a `ClientData`
   over the test split, from `data.partition_test`) that are its own. `personal` is None
   (every client uses the global model) or a pytree whose leaves lead with [num_clients]
-  (client k uses row k). `adapt(personal_k, merge(shared, frozen), train, k, key_k)`, if
+  (client k uses row k; placed by `client_rows.place`, or any array, padded and split here). `adapt(personal_k, merge(shared, frozen), train, k, key_k)`, if
   given, replaces row k before scoring (FedBABU's local fine-tuning on `train`, the
   clients' training `ClientData`); `key_k` = fold_in(key, k), so results do not depend
   on the device layout.
@@ -119,10 +119,10 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
   num_devices = mesh.devices.size
   inputs = inputs or features.images_input(image_size)
 
-  def one_client(shared, frozen, personal, test, train, key, client):
+  def one_client(shared, frozen, personal, test, train, key, client, position):
     row_k = None
     if personal is not None:
-      row_k = jax.tree_util.tree_map(lambda x: x[client], personal)
+      row_k = jax.tree_util.tree_map(lambda x: x[position], personal)
       if adapt is not None:
         row_k = adapt(row_k, merge(shared, frozen), train,
                       client, jax.random.fold_in(key, client))
@@ -134,19 +134,25 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
     return correct, loss
 
   def local(shared, frozen, personal, test, train, key, clients):
+    # `personal` is this device's block of rows: its clients' rows, in order.
+    positions = jnp.arange(clients.shape[1], dtype=jnp.int32)
     return jax.lax.map(
-        lambda c: one_client(shared, frozen, personal, test, train, key, c),
-        clients[0], batch_size=clients_per_chunk)
+        lambda cp: one_client(shared, frozen, personal, test, train, key, *cp),
+        (clients[0], positions), batch_size=clients_per_chunk)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 6 + (P(AXIS),),
-                          out_specs=P(AXIS), check_vma=False)
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 2 + (P(AXIS),) + (P(),) * 3
+                          + (P(AXIS),), out_specs=P(AXIS), check_vma=False)
 
   @jax.jit
   def evaluate(shared: PyTree, frozen: PyTree, personal: Optional[PyTree], test: Any,
                train: Any, key: jax.Array) -> dict:
     num = test.sizes.shape[0]
-    per_device = -(-num // num_devices)
-    # Padding slots evaluate client 0 again; their results are cut off below.
+    per_device = client_rows.rows_per_device(num, num_devices)
+    # Client k on device k // per_device, where its row is (`client_rows`'s layout; rows
+    # given unpadded or unplaced are padded and split here). Padding slots evaluate client
+    # 0 again; their results are cut off below.
+    if personal is not None:
+      personal = client_rows.pad(personal, per_device * num_devices, xp=jnp)
     clients = jnp.arange(per_device * num_devices, dtype=jnp.int32) % num
     correct, loss = sharded(shared, frozen, personal, test, train, key,
                             clients.reshape(num_devices, per_device))

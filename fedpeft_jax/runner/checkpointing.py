@@ -27,11 +27,15 @@ import os
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fedpeft_jax import files
+from fedpeft_jax.federated.mesh import host_value, to_global
 from fedpeft_jax.federated.state import ServerState
 
 SECRET_FILE = "dp_secret"  # the dp stream's raw key (uint32 little-endian), beside the steps
@@ -40,15 +44,25 @@ PRIVATE_FILE_MODE = 0o600
 _SEALING = ".sealing"  # where `seal` writes the cleaned steps before swapping them in
 
 
+_fresh_copy = jax.jit(lambda x: x + jnp.zeros((), x.dtype))
+
+
 def _host_snapshot(state: ServerState) -> ServerState:
-  """A host copy of `state` that shares no memory with its device buffers.
+  """A copy of `state` that shares no memory with its device buffers.
 
   `np.array(..., copy=True)` rather than relying on orbax's device-to-host copy: on the CPU
   backend `device_get` may hand back a zero-copy view of the device buffer, which the next
   jitted round may donate and overwrite while the background thread is still writing. The
   PEFT server state is small (trainable leaves and optimizer moments), so the copy is cheap.
+  An array split over several processes (the per-client rows, `client_rows`) has no host
+  value on any one process: it is copied into fresh device buffers, which orbax writes
+  shard by shard.
   """
-  return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), jax.device_get(state))
+  def copy(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return _fresh_copy(x)
+    return np.array(jax.device_get(x), copy=True)
+  return jax.tree_util.tree_map(copy, state)
 
 
 class RunCheckpointer:
@@ -77,7 +91,8 @@ class RunCheckpointer:
         max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=post_finalization_callback))
-    self._manager = ocp.CheckpointManager(self._dir, options=self._options)
+    self._manager = ocp.CheckpointManager(self._dir, options=self._options,
+                                         item_handlers=_handlers())
 
   @property
   def directory(self) -> str:
@@ -140,7 +155,8 @@ class RunCheckpointer:
     state's structure. Returns the steps sealed. Every process calls it (orbax's reads and
     writes are collective); process 0 moves and scrubs the files. Closes the checkpointer."""
     self._manager.close()  # waits for the last save; then a fresh view of what is on disk
-    self._manager = ocp.CheckpointManager(self._dir, options=self._options)
+    self._manager = ocp.CheckpointManager(self._dir, options=self._options,
+                                         item_handlers=_handlers())
     steps = sorted(self._manager.all_steps())
     primary = jax.process_index() == 0
     side = ocp.CheckpointManager(
@@ -149,7 +165,8 @@ class RunCheckpointer:
     for step in steps:
       state, meta = self._restore(step, template)
       # (dp_rng is zeros already: `save` never writes the key.)
-      clean = state.replace(clients=jax.tree_util.tree_map(np.zeros_like, state.clients))
+      clean = state.replace(clients=jax.tree_util.tree_map(
+          lambda x: np.zeros(x.shape, x.dtype), state.clients))
       meta["sealed"] = True
       side.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_host_snapshot(clean)), meta=ocp.args.JsonSave(meta)))
@@ -173,10 +190,36 @@ class RunCheckpointer:
     return steps
 
   def _restore(self, step: int, template: ServerState) -> tuple[ServerState, dict]:
+    """Step `step` placed like `template`. Per-client rows saved by a run on another number
+    of devices (another padding, `client_rows`) are read whole and refitted: the rows both
+    tables have are kept, the new table's padding rows are zeros."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    stored = self._manager.item_metadata(step)["state"].tree.get("clients")
+    refit = stored is not None and template.clients is not None and any(
+        tuple(s.shape) != tuple(t.shape) for s, t in zip(jax.tree_util.tree_leaves(stored),
+                                                      jax.tree_util.tree_leaves(template.clients)))
+    if refit:
+      whole = lambda s, t: jax.ShapeDtypeStruct(
+          tuple(s.shape), t.dtype, sharding=NamedSharding(t.sharding.mesh, P()))
+      abstract = abstract.replace(clients=jax.tree_util.tree_map(
+          whole, stored, template.clients, is_leaf=lambda x: hasattr(x, "shape")))
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return out["state"], dict(out["meta"])
+    state = out["state"]
+    if refit:
+      def fit(saved, t):
+        rows = np.zeros(t.shape, t.dtype)
+        n = min(saved.shape[0], t.shape[0])
+        rows[:n] = host_value(saved)[:n]
+        return to_global(rows, t.sharding)
+      state = state.replace(clients=jax.tree_util.tree_map(fit, state.clients,
+                                                           template.clients))
+    return state, dict(out["meta"])
+
+
+def _handlers() -> dict:
+  """The items of a step, so a fresh manager can read a step's metadata before restoring."""
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 def _sync_processes(name: str) -> None:

@@ -29,7 +29,7 @@ import fedpeft_jax.data as fdata
 from fedpeft_jax import peft
 from fedpeft_jax.accelerators import aot
 from fedpeft_jax import rng as rng_lib
-from fedpeft_jax.federated import compression
+from fedpeft_jax.federated import client_rows, compression
 from fedpeft_jax.federated import personal as personal_lib
 from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundSpec,
                                    auto_clients_per_chunk, build_algorithm, build_cache,
@@ -308,7 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         adapt=(personal_lib.make_finetune(model, client_tx, cspec, dataset.num_classes,
                                           fed.personal_finetune_epochs) if babu else None))
     # FedBABU: every client fine-tunes its copy of the initial personal leaves.
-    babu_rows = (replicate(jax.tree_util.tree_map(
+    babu_rows = (client_rows.place(jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.asarray(x), (fed.num_clients,) + np.shape(x)),
         personal_init), mesh) if babu else None)
     personal_key = jax.random.wrap_key_data(
@@ -423,6 +423,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         f"({attention_why}) | "
         f"feature cache {cache_note} | "
         f"clients per chunk {chunk}: {chunk_note}")
+  if state.clients is not None:
+    print(f"per-client state: {client_state_bytes(state) / 1e6:.3f} MB per device "
+          f"({fed.num_clients} clients split over {num_devices} device(s))")
   bar = _progress(fed.rounds, int(state.round), progress and primary)
   stopped_early = False
   clock = {"last": time.time()}
@@ -565,7 +568,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       # What each client keeps for itself, never sent.
       "personal_params_per_client": (0 if personal_init is None
                                      else peft.count(personal_init)),
-      "client_state_bytes": client_state_bytes(state),
+      # Per-client rows the round carries (personal heads, top-k residuals), split over
+      # the devices by client id: what one device holds, and the whole population's.
+      "client_state_bytes_per_device": client_state_bytes(state),
+      "client_state_bytes": (client_state_bytes(state) * fed.num_clients
+                             // client_rows.rows_per_device(fed.num_clients, num_devices)),
       "trainable_params": cost.trainable_params,
       "total_params": cost.total_params,
       "bytes_per_transfer": cost.trainable_bytes,
