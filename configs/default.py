@@ -45,6 +45,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.min_size = 10  # Dirichlet: redraw until every client holds at least this many.
   c.data.shards_per_client = 2  # 'shards': classes per client.
   c.data.train_size = 0  # > 0: subsample the training set to this many examples.
+  # Validation split held out of the training pool before partitioning (stratified, from the
+  # seed's validation stream; no client holds it): a fraction in (0, 1) or a count; 0 = none.
+  # Selections (best round, sweeps) use it; the test split is only reported.
+  c.data.val_size = 0.0
   c.data.sample_with_replacement = False  # the study's authors subsampled with replacement.
   c.data.augment = "auto"  # 'auto' (the dataset's study augmentation), 'crop_flip', 'flip', 'none'.
   c.data.resolution = 32  # native resolution of 'digits' and 'synthetic'.

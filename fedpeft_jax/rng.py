@@ -33,7 +33,7 @@ import jax.extend.random as jex_random
 import jax.numpy as jnp
 import numpy as np
 
-STREAMS = ("init", "data", "sampling", "train", "dp", "personal")
+STREAMS = ("init", "data", "sampling", "train", "dp", "personal", "validation")
 DP_KEY_WORDS = 4  # 128 bits
 _THREEFRY = jex_random.threefry_prng_impl
 

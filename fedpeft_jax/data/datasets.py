@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from fedpeft_jax.data import idx
+from fedpeft_jax.data import idx, partitioning
 
 AUGMENTS = ("none", "flip", "crop_flip")
 ClassesArg = Union[None, str, Sequence[int]]  # load_dataset(classes=...): see parse_classes
@@ -80,9 +80,13 @@ class Dataset:
   augment: str = "none"
   class_names: Optional[tuple[str, ...]] = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for run logs
+  # A validation split held out of the training pool (`split_validation`), or None.
+  val_images: Optional[np.ndarray] = None
+  val_labels: Optional[np.ndarray] = None
 
   def __post_init__(self):
-    for split in ("train", "test"):
+    splits = ("train", "test") + (("val",) if self.val_images is not None else ())
+    for split in splits:
       x, y = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
       if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"{self.name}: {split}_images must be uint8 [N,H,W,1|3], got "
@@ -108,16 +112,37 @@ class Dataset:
     return len(self.test_labels)
 
   @property
+  def num_val(self) -> int:
+    return 0 if self.val_labels is None else len(self.val_labels)
+
+  @property
   def nbytes(self) -> int:
-    """Host (and, once placed, device) bytes of all four arrays."""
+    """Host (and, once placed, device) bytes of all its arrays."""
     return sum(a.nbytes for a in (self.train_images, self.train_labels, self.test_images,
-                                  self.test_labels))
+                                  self.test_labels, self.val_images, self.val_labels)
+               if a is not None)
 
   def summary(self) -> str:
     h, w, c = self.image_shape
-    return (f"{self.name}: {self.num_train:,} train / {self.num_test:,} test, {h}x{w}x{c} uint8, "
+    val = f" / {self.num_val:,} validation" if self.num_val else ""
+    return (f"{self.name}: {self.num_train:,} train{val} / {self.num_test:,} test, "
+            f"{h}x{w}x{c} uint8, "
             f"{self.num_classes} classes, augment={self.augment}, "
             f"{self.nbytes / 2**20:.1f} MiB")
+
+
+def split_validation(ds: Dataset, size: float, seed: int) -> Dataset:
+  """`ds` with `size` (a fraction of its training examples, or a count; 0 = none) held out of
+  its training split as its validation split: stratified by class, drawn with `seed`
+  (`partitioning.hold_out`). The clients are partitioned afterwards, from what is left."""
+  count = partitioning.validation_count(size, ds.num_train)
+  if not count:
+    return ds
+  kept, held = partitioning.hold_out(ds.train_labels, count, seed)
+  return dataclasses.replace(
+      ds, train_images=ds.train_images[kept], train_labels=ds.train_labels[kept],
+      val_images=ds.train_images[held], val_labels=ds.train_labels[held],
+      info={**ds.info, "validation": {"examples": count, "seed": seed}})
 
 
 def list_datasets(all_tfds: bool = False) -> list[str]:

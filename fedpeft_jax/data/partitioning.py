@@ -219,6 +219,40 @@ def largest_remainder(total: int, weights: Any) -> np.ndarray:
   return q
 
 
+def validation_count(size: float, num_examples: int) -> int:
+  """`data.val_size` as a number of examples: a fraction of `num_examples` in (0, 1) (rounded
+  to the nearest), or a count >= 1; 0 = no validation split."""
+  if size < 0 or (size >= 1 and size != int(size)):
+    raise ValueError(f"val_size={size!r}: give a fraction in (0, 1), a whole count, or 0")
+  count = int(round(size * num_examples)) if size < 1 else int(size)
+  if count >= num_examples:
+    raise ValueError(f"val_size={size!r} holds out {count} of {num_examples} training examples;"
+                     " leave some for the clients")
+  return count
+
+
+def hold_out(labels: Any, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(kept, held_out): sorted indices of `labels`, `count` of them held out, stratified.
+
+  Each class gives the held-out set its share of `count` (largest-remainder rounding of
+  count x class size / N), drawn without replacement from the class's examples with
+  `seed`. Held out before clients are partitioned, so no client ever holds a held-out
+  example; it depends only on the labels and the seed, so every method of a seed sees the
+  same split.
+  """
+  y = np.asarray(labels)
+  if y.ndim != 1 or not 0 <= count < len(y):
+    raise ValueError(f"cannot hold out {count} of {len(y)} examples")
+  rng = np.random.default_rng(seed)
+  classes, counts = np.unique(y, return_counts=True)
+  shares = largest_remainder(count, counts)
+  held = [rng.choice(np.flatnonzero(y == c), size=int(k), replace=False)
+          for c, k in zip(classes, shares)]
+  held_out = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, np.int64)
+  kept = np.setdiff1d(np.arange(len(y)), held_out)
+  return kept, held_out
+
+
 def partition_test(test_labels: Any, train_partition: Partition, size_per_client: int = 0,
                    seed: int = 0, replace: bool = False) -> Partition:
   """Per-client local test sets drawn from the test split with each client's training class

@@ -62,6 +62,9 @@ def load_data(config: ml_collections.ConfigDict):
                                train_size=d.train_size or None,
                                sample_with_replacement=d.sample_with_replacement, seed=seed,
                                classes=d.classes, **kw)
+  # The validation split leaves the training pool before any client is drawn from it.
+  dataset = as_config_error("data", lambda: fdata.split_validation(
+      dataset, d.val_size, rng_lib.stream_seed(config.seed, "validation")))
   return dataset, partition_clients(config, dataset.train_labels)
 
 
@@ -284,12 +287,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     client_state = ClientStateSpec(init=lambda _: personal_init, num_clients=fed.num_clients)
   host_data = fdata.client_data(dataset, part, device=jax.local_devices(backend="cpu")[0])
   test_examples = np.asarray(dataset.test_images)
+  val_examples = None if dataset.val_images is None else np.asarray(dataset.val_images)
   if inputs.kind != "images":
     cached_params = params  # the prefix reads frozen leaves only
-    host_data = dataclasses.replace(host_data, images=np.asarray(build_cache(
-        model, cached_params, np.asarray(dataset.train_images), inputs, fed.eval_batch_size)))
-    test_examples = np.asarray(build_cache(model, cached_params, test_examples, inputs,
-                                           fed.eval_batch_size))
+    cached = lambda images: np.asarray(build_cache(model, cached_params, images, inputs,
+                                                   fed.eval_batch_size))
+    host_data = dataclasses.replace(host_data,
+                                    images=cached(np.asarray(dataset.train_images)))
+    test_examples = cached(test_examples)
+    val_examples = None if val_examples is None else cached(val_examples)
     cache_note += (f" ({(host_data.images.nbytes + test_examples.nbytes) / 1e6:.1f} MB, "
                    f"{host_data.images.dtype})")
   client_data = replicate(host_data, mesh)
@@ -335,6 +341,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                                bytes_limit=device_bytes_limit())
   algo = build(chunk)
   test_images, test_labels = place_eval_set(test_examples, dataset.test_labels, mesh)
+  val_set = (None if val_examples is None
+             else place_eval_set(val_examples, dataset.val_labels, mesh))
 
   # The workdir is made only once data, checkpoint and privacy plan are in hand: a run
   # that fails on its inputs leaves nothing behind. Several processes (jax.distributed)
@@ -440,6 +448,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     row: dict[str, Any] = {"round": r + 1}
     if ev is not None:
       row.update({"test_accuracy": float(ev["accuracy"]), "test_loss": float(ev["loss"])})
+      if "val" in ev:
+        row.update({"val_accuracy": float(ev["val"]["accuracy"]),
+                    "val_loss": float(ev["val"]["loss"])})
     if ev is not None and "clients" in ev:
       row.update({"personalized_accuracy": float(ev["clients"]["mean"]),
                   "personalized_accuracy_min": float(ev["clients"]["min"]),
@@ -505,9 +516,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     if (r + 1) % fed.eval_every == 0 or r + 1 == fed.rounds:
       # The global model: the trainable leaves over the frozen weights with what
       # FedEx-LoRA / FLoRA folded into them.
-      ev = evaluate(peft.merge(state.trainable,
-                               lora_agg.fold_into(global_frozen_dev, state.folded)),
-                    test_images, test_labels)
+      global_params = peft.merge(state.trainable,
+                                 lora_agg.fold_into(global_frozen_dev, state.folded))
+      ev = evaluate(global_params, test_images, test_labels)
+      if val_set is not None:
+        ev["val"] = evaluate(global_params, *val_set)
       if local_eval is not None:
         rows = state.clients["rule"] if client_state is not None else babu_rows
         ev["clients"] = local_eval(state.trainable,
@@ -559,7 +572,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "rounds": int(state.round),
       "stopped_early_for_privacy_budget": stopped_early,
       "final_accuracy": accs[-1] if accs else None,
-      "best_accuracy": max(accs) if accs else None,
+      **best_round(rows),
       "final_personalized_accuracy": personalized[-1] if personalized else None,
       "final_personalized_accuracy_trained": (personalized_trained[-1] if personalized_trained
                                               else None),
@@ -584,6 +597,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
       "clients_per_chunk": chunk,
       "wall_seconds_this_session": time.time() - t_start,
       "partition": part.summary(),
+      "validation_examples": dataset.num_val,
       "versions": outputs.versions(),
   }
   summary.update(privacy.summary())
@@ -599,6 +613,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     outputs.atomic_write_json(summary_path, summary)
     print(outputs.format_table([summary_row(summary)], SUMMARY_COLUMNS))
   return summary
+
+
+def best_round(rows: list[dict]) -> dict:
+  """The best evaluated round and its test accuracy. Chosen on validation (`val_accuracy`,
+  the first of ties) when the run has a validation split, so the test split is only
+  reported; without one, the round of the highest test accuracy, an optimistic number that
+  `best_selected_on: "test"` marks."""
+  evaluated = [x for x in rows if "test_accuracy" in x]
+  if not evaluated:
+    return {"best_accuracy": None, "best_round": None, "best_selected_on": None}
+  on = "val_accuracy" if all("val_accuracy" in x for x in evaluated) else "test_accuracy"
+  best = max(evaluated, key=lambda x: x[on])  # max keeps the first of equal values
+  out = {"best_accuracy": best["test_accuracy"], "best_round": best["round"],
+         "best_selected_on": "validation" if on == "val_accuracy" else "test"}
+  if on == "val_accuracy":
+    out.update(best_val_accuracy=best["val_accuracy"],
+               final_val_accuracy=evaluated[-1]["val_accuracy"])
+  return out
 
 
 class _Discard:

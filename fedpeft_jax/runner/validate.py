@@ -317,6 +317,10 @@ def _validate_data(config: Any) -> None:
       _fail("data.train_size", f"({train_size}) is too small for {num_clients} clients"
             + (f" holding at least config.data.min_size ({min_size}) examples each"
                if method == "dirichlet" else "") + f"; need >= {need}")
+  val_size = _num(config, "data.val_size", 0.0)
+  if val_size >= 1 and val_size != int(val_size):
+    _fail("data.val_size", f"is {val_size!r}: give a fraction in (0, 1), a whole count of "
+          "examples, or 0 (no validation split)")
   _bool(config, "data.sample_with_replacement")
   classes = _get(config, "data.classes")
   if not isinstance(classes, str):
