@@ -48,9 +48,11 @@ STATE = ClientStateSpec(init=lambda t: {"count": jnp.zeros((), jnp.int32),
 SIZES = (5, 7, 3, 6, 4, 2)
 
 
-def build(chunk: int, poison: int = -1, devices: int = 1, mesh=None, poison_state: int = -1):
+def build(chunk: int, poison: int = -1, devices: int = 1, mesh=None, poison_state: int = -1,
+          **round_kw):
   model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=SIZES)
-  algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(chunk, devices), 4, mesh=mesh,
+  algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(chunk, devices, **round_kw), 4,
+                         mesh=mesh,
                          client_update=counting_client(poison, poison_state),
                          client_state=STATE)
   return algo, trainable, frozen, data
@@ -203,6 +205,21 @@ MULTI_DEVICE = textwrap.dedent("""
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
       np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"])[:NUM_CLIENTS],
                                     count)
+      np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"])[:NUM_CLIENTS], acc)
+
+    # Two tables of different populations in one tree: the rule's 6 rows and top-k residuals
+    # sized for 10 clients (blocks of 2 and 3 rows per device).
+    mesh = make_mesh(jax.devices())
+    algo, trainable, frozen, data = build(1, devices=4, mesh=mesh, compression="topk",
+                                          compression_fraction=0.5, num_clients=10)
+    state = algo.init(trainable, seed=0)
+    frozen, data = replicate(frozen, mesh), replicate(data, mesh)
+    for plan in plans():
+      state, _ = algo.apply(state, frozen, data, plan)
+    assert state.clients["rule"]["count"].shape == (8,)
+    assert jax.tree_util.tree_leaves(state.clients["residual"])[0].shape[0] == 12
+    np.testing.assert_array_equal(np.asarray(state.clients["rule"]["count"])[:NUM_CLIENTS], count)
+    np.testing.assert_array_equal(np.asarray(state.clients["rule"]["acc"])[:NUM_CLIENTS], acc)
     print("OK", len(jax.devices()))
 """)
 
@@ -220,7 +237,7 @@ TEN_THOUSAND = textwrap.dedent("""
     from fedpeft_jax.federated import RoundSpec, build_algorithm, client_state_bytes, plan_round
     from fedpeft_jax.federated.mesh import make_mesh, replicate
     from tests.test_federated import NUM_CLASSES, flat, setup
-    N, PER_ROUND, ROUNDS = 10_000, 8, 3
+    N, PER_ROUND, ROUNDS = 10_001, 8, 3  # not a multiple of 4: the table is padded
     model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(2,) * N)
     plans = [plan_round(5, r, N, PER_ROUND) for r in range(ROUNDS)]
     out = {{}}
@@ -238,7 +255,7 @@ TEN_THOUSAND = textwrap.dedent("""
     # and fc1's 32, the patch embedding's and final LayerNorm's 16 each: one float32 residual.
     row = 4 * (16 * 4 + 4 + 7 * 16 + 32 + 2 * 16)
     assert client_state_bytes(out[1]) == N * row
-    assert client_state_bytes(out[4]) == N * row // 4
+    assert client_state_bytes(out[4]) == 2501 * row  # ceil(10,001 / 4) rows per device
     one, four = flat(out[1].trainable), flat(out[4].trainable)
     for k in one:
       np.testing.assert_allclose(four[k], one[k], atol=1e-6, err_msg=k)
@@ -259,6 +276,6 @@ TEN_THOUSAND = textwrap.dedent("""
 
 
 def test_ten_thousand_clients_split_over_four_devices():
-  """10,000 clients keep a top-k residual each: split over 4 devices, each holds a quarter
-  (counted by hand), and 3 rounds equal one device's to 1e-6."""
+  """10,001 clients keep a top-k residual each: split over 4 devices, each holds a quarter
+  (2,501 rows, counted by hand), and 3 rounds equal one device's to 1e-6."""
   run_on_cpu_devices(TEN_THOUSAND)

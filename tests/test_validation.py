@@ -33,12 +33,12 @@ def test_hold_out_is_disjoint_stratified_and_counted():
   assert not np.array_equal(fdata.hold_out(labels, 20, seed=4)[1], held)
 
 
-@pytest.mark.parametrize("size, count", [(0.25, 25), (0.004, 0), (0.006, 1), (30, 30), (0, 0)])
+@pytest.mark.parametrize("size, count", [(0.25, 25), (0.006, 1), (30, 30), (0, 0)])
 def test_validation_count(size, count):
   assert fdata.validation_count(size, 100) == count
 
 
-@pytest.mark.parametrize("size", [100, 150, 2.5, -0.1])
+@pytest.mark.parametrize("size", [100, 150, 2.5, -0.1, 0.004])
 def test_validation_count_rejects(size):
   with pytest.raises(ValueError, match="val_size"):
     fdata.validation_count(size, 100)
@@ -76,6 +76,27 @@ def test_split_is_the_seeds_for_every_method_and_no_client_holds_it():
 def test_bad_val_size_is_one_config_error():
   with pytest.raises(ConfigError, match=r"config.data.val_size"):
     runner.validate_config(_config(val_size=2.5))
+  # A pool drawn with replacement holds duplicates: a held-out example could be a client's.
+  config = _config()
+  config.data.sample_with_replacement = True
+  with pytest.raises(ConfigError, match=r"config.data.val_size with config.data.sample_with"):
+    runner.validate_config(config)
+  config = _config(val_size=0.5)
+  config.data.train_size = 30  # 15 held out leave 15 for 4 clients of at least 10
+  config.data.partition = "dirichlet"
+  config.data.min_size = 10
+  with pytest.raises(ConfigError, match=r"after config.data.val_size holds out 15; need >= 55"):
+    runner.validate_config(config)
+
+
+def test_best_round_by_hand_where_validation_and_test_disagree():
+  rows = [{"round": 1, "test_accuracy": 0.9, "val_accuracy": 0.5},
+          {"round": 2, "test_accuracy": 0.6, "val_accuracy": 0.8},
+          {"round": 3, "test_accuracy": 0.7, "val_accuracy": 0.8},  # a tie: the first wins
+          {"round": 4, "train_loss": 0.1}]  # not evaluated
+  assert runner.best_round(rows) == {
+      "best_accuracy": 0.6, "best_round": 2, "best_selected_on": "validation",
+      "best_val_accuracy": 0.8, "final_val_accuracy": 0.8}
 
 
 def _poisoned(monkeypatch):

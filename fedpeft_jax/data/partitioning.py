@@ -225,6 +225,9 @@ def validation_count(size: float, num_examples: int) -> int:
   if size < 0 or (size >= 1 and size != int(size)):
     raise ValueError(f"val_size={size!r}: give a fraction in (0, 1), a whole count, or 0")
   count = int(round(size * num_examples)) if size < 1 else int(size)
+  if size and not count:
+    raise ValueError(f"val_size={size!r} holds out no example of {num_examples}: give a larger "
+                     "fraction or a count")
   if count >= num_examples:
     raise ValueError(f"val_size={size!r} holds out {count} of {num_examples} training examples;"
                      " leave some for the clients")

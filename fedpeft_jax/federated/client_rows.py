@@ -3,7 +3,8 @@
 A cross-device population (10^4-10^5 clients) keeps one row per client. Replicated, every
 device would hold all of them; here client c's row lives only on device
 c // rows_per_device (contiguous blocks). The table is padded to devices x rows_per_device
-rows, the padding rows last; no real client ever reads or writes them.
+rows, the padding rows last (`init` fills them with the initial row, `place` with zeros); no real client ever
+reads or writes them.
 
 Why on the devices rather than on the host: the round stays one jitted program with no
 host round trip. Kept on the host, the round's rows would have to be read back after each
@@ -61,8 +62,8 @@ def sharding(mesh: Mesh) -> NamedSharding:
 
 
 def place(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Host rows [num_clients, ...] (views are fine: each device copies only its block) padded
-  and split over `mesh`'s devices."""
+  """Host rows [num_clients, ...] padded with zero rows and split over `mesh`'s devices (a
+  view is copied once on the host where padding is needed)."""
   num = jax.tree_util.tree_leaves(tree)[0].shape[0]
   rows = padded_rows(num, mesh.devices.size)
   split = sharding(mesh)
@@ -82,18 +83,19 @@ def bytes_per_device(tree: PyTree) -> int:
 def gather(block: PyTree, slot_ids: jax.Array) -> PyTree:
   """Inside `shard_map` over `AXIS`: this device's slots' rows, [slots_per_device, ...].
 
-  `block` is this device's rows of the table; `slot_ids` the client ids of every slot of
+  `block` is this device's rows of the table(s); `slot_ids` the client ids of every slot of
   the round, [devices * slots_per_device] with device d's slots at d's position (the
   all-gathered layout). Each device contributes the rows it owns and zeros elsewhere, and
-  the reduce-scatter sums them, exactly (one nonzero term per slot)."""
+  the reduce-scatter sums them, exactly (one nonzero term per slot). Each leaf's block size
+  is its own (tables of different populations may share the tree)."""
   me = jax.lax.axis_index(AXIS)
-  per = jax.tree_util.tree_leaves(block)[0].shape[0]
-  local = slot_ids - me * per
-  mine = (local >= 0) & (local < per)
-  at = jnp.clip(local, 0, per - 1)
 
   def one(x):
-    owned = jnp.where(mine.reshape((-1,) + (1,) * (x.ndim - 1)), x[at], jnp.zeros((), x.dtype))
+    per = x.shape[0]
+    local = slot_ids - me * per
+    mine = (local >= 0) & (local < per)
+    owned = jnp.where(mine.reshape((-1,) + (1,) * (x.ndim - 1)), x[jnp.clip(local, 0, per - 1)],
+                      jnp.zeros((), x.dtype))
     summed = owned.astype(jnp.int32) if x.dtype == jnp.bool_ else owned
     out = jax.lax.psum_scatter(summed, AXIS, scatter_dimension=0, tiled=True)
     return out.astype(x.dtype)
@@ -107,8 +109,10 @@ def scatter(block: PyTree, slot_ids: jax.Array, write: jax.Array, rows: PyTree) 
   (leaves [devices * slots_per_device, ...]) are the round's, all-gathered; a slot whose
   `write` is False (padding, a non-finite update) writes nothing."""
   me = jax.lax.axis_index(AXIS)
-  per = jax.tree_util.tree_leaves(block)[0].shape[0]
-  local = slot_ids - me * per
-  target = jnp.where(write & (local >= 0) & (local < per), local, per)  # per: dropped
-  return jax.tree_util.tree_map(lambda old, new: old.at[target].set(new, mode="drop"),
-                                block, rows)
+
+  def one(old, new):
+    per = old.shape[0]
+    local = slot_ids - me * per
+    target = jnp.where(write & (local >= 0) & (local < per), local, per)  # per: dropped
+    return old.at[target].set(new, mode="drop")
+  return jax.tree_util.tree_map(one, block, rows)

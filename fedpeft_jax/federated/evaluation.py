@@ -151,8 +151,9 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
     # Client k on device k // per_device, where its row is (`client_rows`'s layout; rows
     # given unpadded or unplaced are padded and split here). Padding slots evaluate client
     # 0 again; their results are cut off below.
-    if personal is not None:
-      personal = client_rows.pad(personal, per_device * num_devices, xp=jnp)
+    if personal is not None:  # rows past `num` are another layout's padding
+      personal = client_rows.pad(jax.tree_util.tree_map(lambda x: x[:num], personal),
+                                 per_device * num_devices, xp=jnp)
     clients = jnp.arange(per_device * num_devices, dtype=jnp.int32) % num
     correct, loss = sharded(shared, frozen, personal, test, train, key,
                             clients.reshape(num_devices, per_device))

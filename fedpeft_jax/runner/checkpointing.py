@@ -31,11 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fedpeft_jax import files
-from fedpeft_jax.federated.mesh import host_value, to_global
+from fedpeft_jax.federated.mesh import to_global
 from fedpeft_jax.federated.state import ServerState
 
 SECRET_FILE = "dp_secret"  # the dp stream's raw key (uint32 little-endian), beside the steps
@@ -59,7 +57,7 @@ def _host_snapshot(state: ServerState) -> ServerState:
   shard by shard.
   """
   def copy(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
       return _fresh_copy(x)
     return np.array(jax.device_get(x), copy=True)
   return jax.tree_util.tree_map(copy, state)
@@ -165,8 +163,7 @@ class RunCheckpointer:
     for step in steps:
       state, meta = self._restore(step, template)
       # (dp_rng is zeros already: `save` never writes the key.)
-      clean = state.replace(clients=jax.tree_util.tree_map(
-          lambda x: np.zeros(x.shape, x.dtype), state.clients))
+      clean = state.replace(clients=jax.tree_util.tree_map(_zeros_like_placed, state.clients))
       meta["sealed"] = True
       side.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_host_snapshot(clean)), meta=ocp.args.JsonSave(meta)))
@@ -198,11 +195,10 @@ class RunCheckpointer:
     refit = stored is not None and template.clients is not None and any(
         tuple(s.shape) != tuple(t.shape) for s, t in zip(jax.tree_util.tree_leaves(stored),
                                                       jax.tree_util.tree_leaves(template.clients)))
-    if refit:
-      whole = lambda s, t: jax.ShapeDtypeStruct(
-          tuple(s.shape), t.dtype, sharding=NamedSharding(t.sharding.mesh, P()))
+    if refit:  # read to the host (not onto every device), then each device takes its block
       abstract = abstract.replace(clients=jax.tree_util.tree_map(
-          whole, stored, template.clients, is_leaf=lambda x: hasattr(x, "shape")))
+          lambda s, t: np.empty(tuple(s.shape), t.dtype), stored, template.clients,
+          is_leaf=lambda x: hasattr(x, "shape")))
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state = out["state"]
@@ -210,11 +206,17 @@ class RunCheckpointer:
       def fit(saved, t):
         rows = np.zeros(t.shape, t.dtype)
         n = min(saved.shape[0], t.shape[0])
-        rows[:n] = host_value(saved)[:n]
+        rows[:n] = np.asarray(saved)[:n]
         return to_global(rows, t.sharding)
       state = state.replace(clients=jax.tree_util.tree_map(fit, state.clients,
                                                            template.clients))
     return state, dict(out["meta"])
+
+
+def _zeros_like_placed(x: jax.Array) -> jax.Array:
+  """Zeros with `x`'s shape and placement, made on the devices (a table split over them is
+  never gathered whole onto one host)."""
+  return jax.jit(jnp.zeros_like, out_shardings=x.sharding)(x)
 
 
 def _handlers() -> dict:

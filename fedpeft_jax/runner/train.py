@@ -296,7 +296,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                     images=cached(np.asarray(dataset.train_images)))
     test_examples = cached(test_examples)
     val_examples = None if val_examples is None else cached(val_examples)
-    cache_note += (f" ({(host_data.images.nbytes + test_examples.nbytes) / 1e6:.1f} MB, "
+    cached_bytes = host_data.images.nbytes + test_examples.nbytes + (
+        0 if val_examples is None else val_examples.nbytes)
+    cache_note += (f" ({cached_bytes / 1e6:.1f} MB, "
                    f"{host_data.images.dtype})")
   client_data = replicate(host_data, mesh)
   evaluate = make_evaluate(model, fed.eval_batch_size, config.model.image_size, mesh=mesh,

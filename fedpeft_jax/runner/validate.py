@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes
+from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes, validation_count
 from fedpeft_jax.data import METHODS as PARTITION_METHODS
 from fedpeft_jax.federated import (
   CLIENT_OPTIMIZERS,
@@ -309,18 +309,27 @@ def _validate_data(config: Any) -> None:
   min_size = _int(config, "data.min_size", 0)
   if method == "shards":
     _int(config, "data.shards_per_client", 1)
-  train_size = _int(config, "data.train_size", 0)
-  num_clients = _get(config, "federated.num_clients")
-  if train_size and _is_int(num_clients) and num_clients > 0:
-    need = max(num_clients, min_size * num_clients if method == "dirichlet" else 0)
-    if train_size < need:
-      _fail("data.train_size", f"({train_size}) is too small for {num_clients} clients"
-            + (f" holding at least config.data.min_size ({min_size}) examples each"
-               if method == "dirichlet" else "") + f"; need >= {need}")
   val_size = _num(config, "data.val_size", 0.0)
   if val_size >= 1 and val_size != int(val_size):
     _fail("data.val_size", f"is {val_size!r}: give a fraction in (0, 1), a whole count of "
           "examples, or 0 (no validation split)")
+  if val_size and _bool(config, "data.sample_with_replacement"):
+    _fail("data.val_size", "with config.data.sample_with_replacement=True: a drawn pool holds "
+          "duplicates, so a held-out example could also be a client's; sample without "
+          "replacement or set val_size=0")
+  train_size = _int(config, "data.train_size", 0)
+  num_clients = _get(config, "federated.num_clients")
+  if train_size and _is_int(num_clients) and num_clients > 0:
+    need = max(num_clients, min_size * num_clients if method == "dirichlet" else 0)
+    # The validation split leaves the pool first.
+    left = train_size - as_config_error("data", lambda: validation_count(val_size, train_size))
+    if left < need:
+      held = train_size - left
+      _fail("data.train_size", f"({train_size}) is too small for {num_clients} clients"
+            + (f" holding at least config.data.min_size ({min_size}) examples each"
+               if method == "dirichlet" else "")
+            + (f" after config.data.val_size holds out {held}" if held else "")
+            + f"; need >= {need + held}")
   _bool(config, "data.sample_with_replacement")
   classes = _get(config, "data.classes")
   if not isinstance(classes, str):
