@@ -2,7 +2,6 @@
 
   python -m experiments.bench_round                    # --preset=cpu: the study code's round
   python -m experiments.bench_round --preset=study     # ViT-B/16 224, batch 64, bf16 (GPU/TPU MFU)
-  python -m experiments.bench_round --preset=head_cache
   python -m experiments.bench_round --methods=bias,full --clients_per_chunk=1,4 --out=r.json
 
 Per configuration (each in a fresh process, so its peak memory is its own) it reports
@@ -16,12 +15,9 @@ XLA's memory analysis of the compiled round (arguments + temporaries) and the pr
 RSS (CPU) or the device's peak bytes in use (GPU/TPU).
 
 Beside it, whenever torch is importable, the SAME round as a plain sequential PyTorch
-simulator: a timm VisionTransformer of the same shape loaded with the same weights, the same
-optimizer (SGD, Nesterov momentum 0.9, weight decay 1e-4 as L2 on the trainable params'
-gradients), only the method's trainable params requiring grad, clients one after another
-each from the global weights, FedAvg weighted by examples, then the same evaluation. The
-speed-up is torch_seconds / jax_seconds. torch and timm are imported only inside the
-PyTorch functions below: they are a reference, never a dependency of fedpeft_jax.
+simulator (`experiments/torch_reference.py`); the speed-up is torch_seconds / jax_seconds.
+The round shapes live in `bench_workload.py`, the FLOP and executed-step counts in
+`flop_count.py`; feature-cache timings through the runner are `bench_prefix.py`'s.
 
 When JAX is slower than PyTorch (or with --profile=on) the local step is broken down: time of
 measured variants (data gather + preprocessing, forward, forward + backward, optimizer update,
@@ -32,38 +28,36 @@ norms, GELU, softmax, preprocessing, optimizer).
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import importlib.util
 import json
 import math
 import os
-import re
 import resource
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 
 import fedpeft_jax.data as fdata
+from experiments.bench_workload import (Workload, cast_frozen, client_spec_of, client_tx_of,
+                                        cpu_workload, init_split, make_data, make_eval_batch,
+                                        make_local_step, make_model, study_cpu_workload,
+                                        study_workload, uneven_workloads)
+from experiments.flop_count import (executed_steps_fallback, executed_steps_sorted,
+                                    step_cost, vit_matmul_flops)
 from fedpeft_jax import peft
-from fedpeft_jax.federated import (ClientSpec, RoundSpec, auto_clients_per_chunk, build_algorithm,
-                                   compiled_round_bytes, device_bytes_limit,
-                                   make_client_optimizer, make_evaluate, make_server_optimizer,
-                                   masked_cross_entropy, plan_round)
-from fedpeft_jax.models import DTYPES, ViT
-from fedpeft_jax.runner import train as runner_train
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.federated import (RoundSpec, auto_clients_per_chunk, build_algorithm,
+                                   compiled_round_bytes, device_bytes_limit, make_evaluate,
+                                   make_server_optimizer, masked_cross_entropy, plan_round)
 
 PyTree = Any
-PRESETS = ("cpu", "study", "head_cache")
+PRESETS = ("cpu", "study")
 STUDY_COMMAND = "python -m experiments.bench_round --preset=study"
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", PRESETS, "Which benchmark (module docstring).")
@@ -77,370 +71,9 @@ _TORCH = flags.DEFINE_bool("torch", True, "Run the PyTorch reference when torch 
 _PROFILE = flags.DEFINE_enum("profile", "auto", ["auto", "on", "off"], "Step breakdown: 'auto' "
                              "when JAX is slower than PyTorch.")
 _UNEVEN = flags.DEFINE_bool("uneven", True, "cpu preset: also the uneven-clients rows.")
-_HEAD_ROUNDS = flags.DEFINE_integer("head_rounds", 6, "head_cache preset: rounds per run.")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON output path.")
 _SINGLE = flags.DEFINE_string("single", "", "Internal: run one job (JSON) in this process and "
                               "print its result as the last line.")
-
-
-# ------------------------------------------------------------------------------------------------
-# Workloads
-# ------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-  """One round's shape. Images are synthetic uint8 at `native_size`, resized on device."""
-  name: str
-  variant: str
-  image_size: int
-  native_size: int
-  num_classes: int
-  batch_size: int
-  client_sizes: tuple
-  method: str = "bias"
-  local_epochs: int = 1
-  eval_examples: int = 500
-  eval_batch_size: int = 250
-  dtype: str = "float32"
-  augment: str = "none"
-  lr: float = 0.01
-  arch: Optional[dict] = None  # hidden_size, depth, num_heads, mlp_dim, patch_size overrides
-
-  def replace(self, **kw) -> "Workload":
-    return dataclasses.replace(self, **kw)
-
-  def to_json(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["client_sizes"] = [int(s) for s in self.client_sizes]
-    return d
-
-  @staticmethod
-  def from_json(d: dict) -> "Workload":
-    return Workload(**{**d, "client_sizes": tuple(d["client_sizes"])})
-
-  @property
-  def max_examples(self) -> int:
-    return max(int(s) for s in self.client_sizes)
-
-  def steps_of(self, size: int) -> int:
-    return self.local_epochs * math.ceil(size / self.batch_size)
-
-  @property
-  def useful_steps(self) -> int:
-    return sum(self.steps_of(int(s)) for s in self.client_sizes)
-
-  @property
-  def train_images(self) -> int:
-    return self.local_epochs * sum(int(s) for s in self.client_sizes)
-
-  @property
-  def eval_batches(self) -> int:
-    return math.ceil(self.eval_examples / self.eval_batch_size) if self.eval_examples else 0
-
-
-def cpu_workload(method: str = "bias") -> Workload:
-  """The study code's round: 8 clients x 320 images (20 steps of 16), ViT-Ti/4 at 32x32."""
-  return Workload(name="cpu", variant="Ti/4", image_size=32, native_size=32, num_classes=10,
-                  batch_size=16, client_sizes=(320,) * 8, method=method, eval_examples=500,
-                  eval_batch_size=250)
-
-
-def uneven_workloads(method: str = "bias") -> tuple[Workload, Workload]:
-  """8 clients of 1,1,2,2,6,6,7,7 batches vs 8 of 4 each: the same 32 real steps."""
-  base = cpu_workload(method)
-  b = base.batch_size
-  even = base.replace(name="even 8x4 batches", client_sizes=(4 * b,) * 8)
-  uneven = base.replace(name="uneven 1,1,2,2,6,6,7,7 batches",
-                        client_sizes=tuple(n * b for n in (1, 1, 2, 2, 6, 6, 7, 7)))
-  return even, uneven
-
-
-def study_client_sizes(seed: int = 1, clients: int = 64, per_round: int = 8) -> tuple:
-  """Client sizes of the study's first round: CIFAR-100's 50,000 labels (500 per class)
-  split Dirichlet(0.1) over 64 clients (min 10, the study config's seed 1), 8 sampled."""
-  labels = np.repeat(np.arange(100), 500)
-  part = fdata.partition(labels, clients, method="dirichlet", alpha=0.1, min_size=10, seed=seed)
-  plan = plan_round(seed, 0, clients, per_round)
-  return tuple(int(part.sizes[c]) for c in plan.reporting)
-
-
-def study_workload(method: str = "bias") -> Workload:
-  """The study's row: ViT-B/16 at 224 (CIFAR's 32 px resized on device), batch 64, bf16."""
-  return Workload(name="study", variant="B/16", image_size=224, native_size=32,
-                  num_classes=100, batch_size=64, client_sizes=study_client_sizes(),
-                  method=method, eval_examples=10_000, eval_batch_size=256, dtype="bfloat16",
-                  augment="crop_flip")
-
-
-def study_cpu_workload(method: str = "bias") -> Workload:
-  """The study's round scaled down for a CPU: ViT-Ti/16 at 64 px, batch 16, sizes / 16."""
-  sizes = tuple(max(16, s // 16) for s in study_client_sizes())
-  return Workload(name="study (CPU-scaled)", variant="Ti/16", image_size=64, native_size=32,
-                  num_classes=100, batch_size=16, client_sizes=sizes, method=method,
-                  eval_examples=500, eval_batch_size=250, augment="crop_flip")
-
-
-# ------------------------------------------------------------------------------------------------
-# Model, data, the local step
-# ------------------------------------------------------------------------------------------------
-
-def make_model(w: Workload) -> ViT:
-  a = w.arch or {}
-  return ViT(variant=None if a else w.variant, num_classes=w.num_classes,
-             image_size=w.image_size, dtype=DTYPES[w.dtype], peft=peft.method_config(w.method),
-             **a)
-
-
-def init_split(w: Workload, model: ViT, abstract: bool = False) -> tuple[PyTree, PyTree, PyTree]:
-  """(trainable, frozen, mask) from a seeded init (abstract: ShapeDtypeStructs only)."""
-  x = jnp.zeros((1, w.image_size, w.image_size, 3))
-  init = lambda: model.init(jax.random.PRNGKey(0), x)["params"]  # noqa: E731
-  params = jax.eval_shape(init) if abstract else jax.jit(init)()
-  mask = peft.trainable_mask(params, peft.method_config(w.method))
-  trainable, frozen = peft.split(params, mask)
-  return trainable, frozen, mask
-
-
-def cast_frozen(frozen: PyTree, w: Workload) -> PyTree:
-  """The frozen backbone in the compute dtype, as the runner stores it (bf16 on GPU/TPU)."""
-  dt = DTYPES[w.dtype]
-  cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-  return jax.tree_util.tree_map(cast, frozen)
-
-
-def make_images(w: Workload, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (n, w.native_size, w.native_size, 3), dtype=np.uint8)
-  return images, rng.integers(0, w.num_classes, n).astype(np.int32)
-
-
-def make_data(w: Workload) -> tuple[fdata.ClientData, np.ndarray, np.ndarray, tuple]:
-  """Client data (client c holds a contiguous block of the synthetic training set) and the
-  test set, both deterministic from the workload; also the host copies for PyTorch."""
-  sizes = np.array(w.client_sizes, np.int64)
-  images, labels = make_images(w, int(sizes.sum()), seed=0)
-  indices = np.zeros((len(sizes), int(sizes.max())), np.int32)
-  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-  for c, (s, n) in enumerate(zip(starts, sizes)):
-    indices[c, :n] = np.arange(s, s + n)
-  data = fdata.ClientData(images=jnp.asarray(images), labels=jnp.asarray(labels),
-                          indices=jnp.asarray(indices), sizes=jnp.asarray(sizes, jnp.int32))
-  test_x, test_y = make_images(w, max(w.eval_examples, 1), seed=1)
-  clients = tuple((images[s:s + n], labels[s:s + n]) for s, n in zip(starts, sizes))
-  return data, test_x, test_y, clients
-
-
-def client_tx_of(w: Workload) -> optax.GradientTransformation:
-  return make_client_optimizer("sgd", w.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-
-
-def client_spec_of(w: Workload) -> ClientSpec:
-  return ClientSpec(batch_size=w.batch_size, local_epochs=w.local_epochs,
-                    max_examples=w.max_examples, image_size=w.image_size, augment=w.augment)
-
-
-def make_local_step(model: ViT, tx: optax.GradientTransformation, w: Workload):
-  """One local train step exactly as the engine's scan body runs it (gather excluded):
-  preprocess, forward, gradients w.r.t. the trainable subtree, optimizer, update."""
-
-  def step(trainable, opt_state, frozen, images_u8, labels, mask, key):
-    k_aug, k_grad = jax.random.split(key)
-    x = fdata.preprocess(images_u8, k_aug, image_size=w.image_size, augment=w.augment,
-                         train=True)
-
-    def loss_fn(t):
-      logits = model.apply({"params": peft.merge(t, frozen)}, x, train=True,
-                           rngs={"dropout": k_grad})
-      return masked_cross_entropy(logits, labels, mask, w.num_classes)
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  return step
-
-
-def _batch_specs(w: Workload, batch: int) -> tuple:
-  return (jax.ShapeDtypeStruct((batch, w.native_size, w.native_size, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.bool_))
-
-
-def cost_of(compiled: Any) -> dict:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-    cost = cost[0] if cost else {}
-  return dict(cost or {})
-
-
-def step_cost(w: Workload, with_hlo: bool = True) -> dict:
-  """XLA's FLOPs of ONE local train step and of one evaluation batch (abstract shapes:
-  nothing is allocated, so the study's ViT-B/16 compiles on any host)."""
-  model = make_model(w)
-  trainable, frozen, _ = init_split(w, model, abstract=True)
-  frozen = jax.eval_shape(lambda f: cast_frozen(f, w), frozen)
-  tx = client_tx_of(w)
-  opt = jax.eval_shape(tx.init, trainable)
-  key = jax.random.PRNGKey(0)
-  t0 = time.perf_counter()
-  compiled = jax.jit(make_local_step(model, tx, w)).lower(
-      trainable, opt, frozen, *_batch_specs(w, w.batch_size), key).compile()
-  out = {"step_flops": float(cost_of(compiled).get("flops", float("nan"))),
-         "step_compile_s": time.perf_counter() - t0}
-  if with_hlo:
-    out["step_hlo"] = hlo_op_flops(compiled.as_text())
-  params = peft.merge(trainable, frozen)
-  out["eval_batch_flops"] = 0.0
-  if w.eval_examples:
-    compiled_eval = jax.jit(make_eval_batch(model, w)).lower(
-        params, _batch_specs(w, w.eval_batch_size)[0]).compile()
-    out["eval_batch_flops"] = float(cost_of(compiled_eval).get("flops", float("nan")))
-  return out
-
-
-def make_eval_batch(model: ViT, w: Workload):
-  """One batch of `make_evaluate`'s scan body (preprocess + forward)."""
-
-  def f(params, images_u8):
-    x = fdata.preprocess(images_u8, jax.random.PRNGKey(0), image_size=w.image_size,
-                         augment="none", train=False)
-    return model.apply({"params": params}, x, train=False)
-
-  return f
-
-
-# ------------------------------------------------------------------------------------------------
-# FLOPs by hand and from the HLO
-# ------------------------------------------------------------------------------------------------
-
-def resolved_arch(w: Workload) -> dict:
-  return make_model(w).arch()
-
-
-def vit_matmul_flops(w: Workload, batch: Optional[int] = None) -> dict:
-  """Matmul FLOPs (2*M*N*K per dense, QK^T and AV per head) of one train step, by hand.
-
-  Backward: every dense layer needs its activation gradient (dX = dY W^T) wherever something
-  below it trains; weight gradients (dW = X^T dY) only for trainable weights: none of the
-  frozen backbone's under bias tuning, only the head's. Attention backward is two matmuls
-  per forward matmul (dQ, dK from dS; dP, dV from the context gradient). The patch
-  embedding needs no input gradient (the image is not trained) and, with a frozen kernel,
-  no weight gradient either.
-  """
-  a = resolved_arch(w)
-  d, depth, mlp, p = a["hidden_size"], a["depth"], a["mlp_dim"], a["patch_size"]
-  patches = (w.image_size // p) ** 2
-  t = patches + 1  # class token
-  b = batch or w.batch_size
-  dense = 2 * t * (4 * d * d + 2 * d * mlp)  # q, k, v, out; fc1, fc2 (per image and block)
-  attn = 2 * 2 * t * t * d  # QK^T and AV over all heads
-  patch = 2 * patches * p * p * 3 * d
-  head = 2 * d * w.num_classes  # the class token only
-  fwd = depth * (dense + attn) + patch + head
-  method = w.method
-  if method == "full":
-    bwd = depth * (2 * dense + 2 * attn) + patch + 2 * head
-  elif method == "head":
-    bwd = head  # dW of the head only; nothing below it trains
-  elif method == "bias":
-    bwd = depth * (dense + 2 * attn) + 2 * head
-  else:
-    raise ValueError(f"no hand formula for method {method!r}")
-  return {"forward": b * fwd, "backward": b * bwd, "total": b * (fwd + bwd),
-          "attention_forward": b * depth * attn}
-
-
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
-_DIMS = re.compile(r"(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
-_OPNAME = re.compile(r'op_name="([^"]*)"')
-_ATTN = re.compile(r"hqk|qhd|khd")  # Google-layout einsums ('...qhd,...khd->...hqk')
-
-
-def _is_attention(op_name: str) -> bool:
-  """The attention einsums (QK^T, PV), not the q/k/v/out projections: an einsum ('->')
-  inside the attention module, or the Google-layout einsum letters."""
-  if "lora" in op_name:
-    return False
-  return bool(_ATTN.search(op_name)) or ("MultiHeadDotProductAttention" in op_name
-                                         and "->" in op_name)
-
-
-def _operands(line: str, op: str) -> list[str]:
-  m = re.search(rf" {op}\(([^)]*)\)", line)
-  if not m:
-    return []
-  return [o.strip().split(" ")[-1].lstrip("%") for o in m.group(1).split(", ")]
-
-
-def hlo_op_flops(hlo: str) -> dict:
-  """FLOPs of the dots and convolutions of a compiled HLO module, by class.
-
-  'attention' = the dots of the attention einsums (QK^T, AV and their gradients, told by
-  their op_name); 'matmul' = every other dot and convolution (dense layers, patch
-  embedding, head; the q/k/v/out projections included). '_bwd' = under a transpose (the backward pass). Loops are counted
-  once, as XLA's cost analysis does.
-  """
-  shapes: dict[str, list[int]] = {}
-  lines = hlo.splitlines()
-  for line in lines:
-    m = _INSTR.match(line)
-    if m:
-      shapes[m.group(1)] = [int(x) for x in m.group(3).split(",") if x]
-  out = {"matmul_fwd": 0.0, "matmul_bwd": 0.0, "attention_fwd": 0.0, "attention_bwd": 0.0,
-         "dots": 0, "convolutions": 0}
-  for line in lines:
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    is_dot, is_conv = " dot(" in line, " convolution(" in line
-    if not (is_dot or is_conv):
-      continue
-    result = [int(x) for x in m.group(3).split(",") if x]
-    ops = _operands(line, "dot" if is_dot else "convolution")
-    if len(ops) != 2 or ops[0] not in shapes or ops[1] not in shapes:
-      continue
-    lhs, rhs = shapes[ops[0]], shapes[ops[1]]
-    if is_dot:
-      dims = dict(_DIMS.findall(line))
-      contract = [int(x) for x in dims.get("lhs_contracting_dims", "").split(",") if x]
-      flops = 2.0 * math.prod(result) * math.prod(lhs[i] for i in contract)
-      out["dots"] += 1
-    else:
-      labels = re.search(r"dim_labels=\w+_(\w+)->", line)
-      o = labels.group(1).index("o") if labels else len(rhs) - 1
-      flops = 2.0 * math.prod(result) * math.prod(rhs) / max(rhs[o], 1)
-      out["convolutions"] += 1
-    name = _OPNAME.search(line)
-    name = name.group(1) if name else ""
-    cls = "attention" if _is_attention(name) else "matmul"
-    out[f"{cls}_{'bwd' if 'transpose(' in name else 'fwd'}"] += flops
-  return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Executed steps
-# ------------------------------------------------------------------------------------------------
-
-def executed_steps_fallback(w: Workload, client_ids: np.ndarray, clients_per_chunk: int,
-                            num_devices: int = 1) -> int:
-  """Steps the engine before 'executed_steps' existed executes: one client per chunk runs
-  only its real steps (`lax.cond` skips padding and empty slots); under vmap every slot of
-  every chunk, padded ones included, runs local_epochs * ceil(max_n / B)."""
-  ids = np.asarray(client_ids)
-  if clients_per_chunk == 1:
-    sizes = np.asarray(w.client_sizes)
-    return int(sum(w.steps_of(int(sizes[c])) for c in ids))
-  per_step = num_devices * clients_per_chunk
-  slots = max(1, math.ceil(len(ids) / per_step)) * per_step
-  return int(slots * w.steps_of(w.max_examples))
-
-
-def executed_steps_sorted(w: Workload, clients_per_chunk: int) -> int:
-  """Hand count for an engine that sorts clients by real steps into chunks and loops each
-  chunk only while its longest client still has real steps (every slot of the chunk runs
-  each iteration)."""
-  steps = sorted((w.steps_of(int(s)) for s in w.client_sizes), reverse=True)
-  return int(sum(clients_per_chunk * max(steps[i:i + clients_per_chunk])
-                 for i in range(0, len(steps), clients_per_chunk)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -602,248 +235,6 @@ def add_flop_rates(row: dict, w: Workload, peaks: dict, cost: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The PyTorch reference (torch and timm are imported here only)
-# ------------------------------------------------------------------------------------------------
-
-_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/(.*)")
-_BLOCK_NAMES = {"LayerNorm_0": "norm1", "LayerNorm_1": "norm2",
-                "MultiHeadDotProductAttention_0/out": "attn.proj",
-                "MlpBlock_0/Dense_0": "mlp.fc1", "MlpBlock_0/Dense_1": "mlp.fc2"}
-_QKV = ("query", "key", "value")
-
-
-def timm_name(path: str) -> tuple[str, Optional[int]]:
-  """JAX leaf path 'a/b/c' -> (timm state_dict name, q/k/v part of the fused qkv or None)."""
-  top = {"embedding/kernel": "patch_embed.proj.weight", "embedding/bias": "patch_embed.proj.bias",
-         "cls": "cls_token", "Transformer/posembed_input/pos_embedding": "pos_embed",
-         "Transformer/encoder_norm/scale": "norm.weight",
-         "Transformer/encoder_norm/bias": "norm.bias", "head/kernel": "head.weight",
-         "head/bias": "head.bias"}
-  if path in top:
-    return top[path], None
-  m = _BLOCK.fullmatch(path)
-  if m:
-    i, rest = m.group(1), m.group(2)
-    module, leaf = rest.rsplit("/", 1)
-    suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    for j, qkv in enumerate(_QKV):
-      if module == f"MultiHeadDotProductAttention_0/{qkv}":
-        return f"blocks.{i}.attn.qkv.{suffix}", j
-    if module in _BLOCK_NAMES:
-      return f"blocks.{i}.{_BLOCK_NAMES[module]}.{suffix}", None
-  raise ValueError(f"no timm counterpart for {path!r} (PyTorch reference: full, head, bias)")
-
-
-def to_timm_layout(path: str, x: np.ndarray) -> np.ndarray:
-  x = np.array(x, np.float32)  # a writable copy (torch.from_numpy)
-  module = path.split("/")[-2] if "/" in path else ""
-  if path == "embedding/kernel":
-    return x.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-  if path.endswith("/kernel"):
-    if module == "out":
-      return x.reshape(-1, x.shape[-1]).T  # (H, hd, D) -> (D, H*hd)
-    return x.reshape(x.shape[0], -1).T  # (D, ...) -> (out, D)
-  if module in _QKV:
-    return x.reshape(-1)  # (H, hd) -> (H*hd,)
-  return x
-
-
-def from_timm_layout(path: str, t: np.ndarray, shape: tuple) -> np.ndarray:
-  if path == "embedding/kernel":
-    return t.transpose(2, 3, 1, 0)
-  if path.endswith("/kernel"):
-    return t.T.reshape(shape)
-  return t.reshape(shape)
-
-
-def _flat(tree: PyTree) -> dict[str, Any]:
-  return {"/".join(str(k.key) for k in kp): v
-          for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def timm_state_dict(params: PyTree) -> dict[str, np.ndarray]:
-  """The JAX ViT's params as a timm VisionTransformer state dict (fused qkv)."""
-  out: dict[str, Any] = {}
-  parts: dict[str, dict[int, np.ndarray]] = {}
-  for path, x in _flat(params).items():
-    name, part = timm_name(path)
-    y = to_timm_layout(path, np.asarray(x))
-    if part is None:
-      out[name] = y
-    else:
-      parts.setdefault(name, {})[part] = y
-  for name, p in parts.items():
-    out[name] = np.concatenate([p[0], p[1], p[2]], axis=0)
-  return out
-
-
-def read_timm_params(model: Any, like: PyTree) -> PyTree:
-  """The leaves of `like` (a JAX subtree) read back from a timm model's state dict."""
-  sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-  flat = _flat(like)
-  values = []
-  for path, ref in flat.items():
-    name, part = timm_name(path)
-    t = sd[name]
-    if part is not None:
-      t = np.split(t, 3, axis=0)[part]
-    values.append(from_timm_layout(path, t, tuple(ref.shape)))
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), values)
-
-
-def timm_model(w: Workload, params: PyTree, device: str = "cpu") -> Any:
-  """A timm VisionTransformer of the workload's shape holding `params` (merged JAX params)."""
-  import torch
-  from timm.models.vision_transformer import VisionTransformer
-  a = resolved_arch(w)
-  model = VisionTransformer(img_size=w.image_size, patch_size=a["patch_size"],
-                            num_classes=w.num_classes, global_pool="token",
-                            embed_dim=a["hidden_size"], depth=a["depth"],
-                            num_heads=a["num_heads"], mlp_ratio=a["mlp_dim"] / a["hidden_size"],
-                            qkv_bias=True, class_token=True)
-  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in timm_state_dict(params).items()}
-  model.load_state_dict(sd, strict=True)
-  return model.to(device)
-
-
-def torch_preprocess(x_u8: Any, w: Workload, gen: Any, train: bool) -> Any:
-  """uint8 NHWC -> float NCHW in [-1, 1]: fdata.preprocess's steps in torch."""
-  import torch
-  import torch.nn.functional as F
-  x = x_u8.permute(0, 3, 1, 2).float()
-  b, _, h, wd = x.shape
-  if train and w.augment in ("crop_flip", "flip"):
-    if w.augment == "crop_flip":
-      xp = F.pad(x, (4, 4, 4, 4))
-      off = torch.randint(0, 9, (b, 2), generator=gen)
-      x = torch.stack([xp[i, :, o[0]:o[0] + h, o[1]:o[1] + wd] for i, o in enumerate(off.tolist())])
-    flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-  if (h, wd) != (w.image_size, w.image_size):
-    x = F.interpolate(x, size=(w.image_size, w.image_size), mode="bilinear",
-                      align_corners=False, antialias=w.image_size < h)
-  return (x / 127.5 - 1.0).clamp(-1.0, 1.0)
-
-
-def torch_round(model: Any, trainable_names: list[str], clients: tuple, w: Workload,
-                gen: Any, device: str = "cpu", autocast: bool = False) -> dict:
-  """One FedAvg round, clients one after another, each from the global weights; the model
-  ends holding the new global weights. Returns the real steps and mean loss."""
-  import torch
-  import torch.nn.functional as F
-  named = dict(model.named_parameters())
-  train_params = [named[n] for n in trainable_names]
-  global_w = [p.detach().clone() for p in train_params]
-  acc = [torch.zeros_like(p) for p in train_params]
-  total, steps, loss_sum = 0, 0, 0.0
-  for images, labels in clients:
-    n = len(labels)
-    if n == 0:
-      continue
-    with torch.no_grad():
-      for p, g in zip(train_params, global_w):
-        p.copy_(g)
-    opt = torch.optim.SGD(train_params, lr=w.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    x_all = torch.from_numpy(images).to(device)
-    y_all = torch.from_numpy(labels).long().to(device)
-    for _ in range(w.local_epochs):
-      perm = torch.randperm(n, generator=gen)
-      for s in range(0, n, w.batch_size):
-        idx = perm[s:s + w.batch_size].to(device)
-        x = torch_preprocess(x_all[idx], w, gen, train=True)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                            enabled=autocast):
-          loss = F.cross_entropy(model(x).float(), y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-        loss_sum += float(loss.detach())
-    with torch.no_grad():
-      for a, p, g in zip(acc, train_params, global_w):
-        a.add_(p - g, alpha=float(n))
-    total += n
-  with torch.no_grad():
-    for p, g, a in zip(train_params, global_w, acc):
-      p.copy_(g + a / max(total, 1))
-  return {"steps": steps, "loss": loss_sum / max(steps, 1)}
-
-
-def torch_evaluate(model: Any, images: np.ndarray, labels: np.ndarray, w: Workload,
-                   device: str = "cpu", autocast: bool = False) -> float:
-  import torch
-  correct = 0
-  with torch.no_grad():
-    for s in range(0, len(labels), w.eval_batch_size):
-      x = torch_preprocess(torch.from_numpy(images[s:s + w.eval_batch_size]).to(device), w,
-                           None, train=False)
-      with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                          enabled=autocast):
-        logits = model(x)
-      y = torch.from_numpy(labels[s:s + w.eval_batch_size]).to(device)
-      correct += int((logits.argmax(-1) == y).sum())
-  return correct / max(len(labels), 1)
-
-
-def torch_setup(w: Workload, device: str = "cpu") -> tuple[Any, list[str], PyTree, PyTree]:
-  """(timm model with the JAX init's weights, trainable torch names, trainable, frozen)."""
-  import torch
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
-  jmodel = make_model(w)
-  trainable, frozen, _ = init_split(w, jmodel)
-  model = timm_model(w, peft.merge(trainable, frozen), device)
-  names = sorted({timm_name(p)[0] for p in _flat(trainable)})
-  for n, p in model.named_parameters():
-    p.requires_grad_(n in names)
-  return model, names, trainable, frozen
-
-
-def torch_device(backend: str) -> Optional[str]:
-  import torch
-  if backend == "cpu":
-    return "cpu"
-  return "cuda" if torch.cuda.is_available() else None
-
-
-def measure_torch(w: Workload, rounds: int, backend: str) -> dict:
-  import torch
-  device = torch_device(backend)
-  if device is None:
-    return {"impl": "torch", "skipped": "torch has no CUDA device here"}
-  autocast = w.dtype == "bfloat16" and device != "cpu"
-  model, names, _, _ = torch_setup(w, device)
-  model.train()
-  _, test_x, test_y, clients = make_data(w)
-  gen = torch.Generator().manual_seed(0)
-  sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-  # Warm-up: two steps of the first client (allocator, kernels), not a whole round.
-  warm = clients[0][0][:2 * w.batch_size], clients[0][1][:2 * w.batch_size]
-  state = {k: v.clone() for k, v in model.state_dict().items()}
-  torch_round(model, names, (warm,), w, gen, device, autocast)
-  model.load_state_dict(state)
-  times = []
-  for _ in range(max(rounds, 1)):
-    sync()
-    t0 = time.perf_counter()
-    stats = torch_round(model, names, clients, w, gen, device, autocast)
-    sync()
-    t1 = time.perf_counter()
-    acc = torch_evaluate(model, test_x, test_y, w, device, autocast) if w.eval_examples else None
-    sync()
-    times.append((time.perf_counter() - t0, t1 - t0, time.perf_counter() - t1))
-  best = min(times)
-  row = {"impl": "torch", "workload": w.name, "method": w.method, "device": device,
-         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-         "seconds_per_round": best[0], "train_seconds": best[1], "eval_seconds": best[2],
-         "timed_rounds": len(times), "all_round_seconds": [t[0] for t in times],
-         "train_images_per_s": w.train_images / best[1], "useful_steps": stats["steps"],
-         "executed_steps": stats["steps"], "train_loss": stats["loss"], "eval_accuracy": acc}
-  if device != "cpu":
-    row["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-  return row
-
-
-# ------------------------------------------------------------------------------------------------
 # Step breakdown (profile)
 # ------------------------------------------------------------------------------------------------
 
@@ -902,92 +293,10 @@ def measure_profile(w: Workload, with_torch: bool) -> dict:
   out.update(step_cost(w, with_hlo=True))
   if with_torch:
     try:
-      out["torch_ms"] = torch_profile(w, test_x)
+      out["torch_ms"] = torch_reference().torch_profile(w, test_x)
     except ImportError as e:
       out["torch_ms"] = {"skipped": str(e)}
   return out
-
-
-def torch_profile(w: Workload, test_x: np.ndarray) -> dict:
-  import torch
-  import torch.nn.functional as F
-  model, names, _, _ = torch_setup(w, "cpu")
-  _, _, _, clients = make_data(w)
-  gen = torch.Generator().manual_seed(0)
-  images = torch.from_numpy(clients[0][0][:w.batch_size])
-  y = torch.from_numpy(clients[0][1][:w.batch_size]).long()
-  named = dict(model.named_parameters())
-  opt = torch.optim.SGD([named[n] for n in names], lr=w.lr, momentum=0.9, nesterov=True,
-                        weight_decay=1e-4)
-  x = torch_preprocess(images, w, gen, train=True)
-
-  def fwd():
-    with torch.no_grad():
-      return F.cross_entropy(model(x), y)
-
-  def fwd_bwd():
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-
-  def opt_only():
-    opt.step()
-
-  def step():
-    xx = torch_preprocess(images, w, gen, train=True)
-    loss = F.cross_entropy(model(xx), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-  def evalb():
-    with torch.no_grad():
-      model(torch_preprocess(torch.from_numpy(test_x[:w.eval_batch_size]), w, None, False))
-
-  def best(fn: Any, reps: int = 5) -> float:
-    fn()
-    t_best = float("inf")
-    for _ in range(reps):
-      t = time.perf_counter()
-      fn()
-      t_best = min(t_best, time.perf_counter() - t)
-    return 1e3 * t_best
-
-  fwd_bwd()
-  return {"data: gather + preprocess": best(lambda: torch_preprocess(images, w, gen, True)),
-          "forward (loss)": best(fwd), "forward + backward": best(fwd_bwd),
-          "optimizer update only": best(opt_only), "whole local step": best(step),
-          f"eval batch ({w.eval_batch_size} images)": best(evalb)}
-
-
-# ------------------------------------------------------------------------------------------------
-# head_cache preset: head tuning through the runner, feature cache on vs off
-# ------------------------------------------------------------------------------------------------
-
-def feature_cache_available() -> bool:
-  return "feature_cache" in repo_config("default").get_config().federated
-
-
-def measure_runner(mode: str, rounds: int) -> dict:
-  """Head tuning on digits (offline) through fedpeft_jax.runner.train.run."""
-  c = repo_config("quickstart").get_config("head")
-  c.model.pretrained = ""  # a seeded random backbone: offline, same for both modes
-  c.federated.rounds = rounds
-  c.federated.feature_cache = mode
-  c.checkpoint_every = 0
-  with tempfile.TemporaryDirectory() as d:
-    t0 = time.perf_counter()
-    summary = runner_train.run(c, d, progress=False)
-    wall = time.perf_counter() - t0
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  secs = [r["seconds"] for r in rows]
-  steady = secs[1:] or secs
-  return {"impl": "runner", "feature_cache": mode, "rounds": len(rows),
-          "first_round_seconds": secs[0], "seconds_per_round": statistics.median(steady),
-          "rounds_per_s": 1.0 / statistics.median(steady), "run_wall_seconds": wall,
-          "final_accuracy": summary.get("final_accuracy"),
-          "best_accuracy": summary.get("best_accuracy")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1007,11 +316,9 @@ def run_job(job: dict) -> dict:
   if kind == "engine":
     out = measure_engine(w, job["chunk"], job["rounds"])
   elif kind == "torch":
-    out = measure_torch(w, job["rounds"], job["backend"])
+    out = torch_reference().measure_torch(w, job["rounds"], job["backend"])
   elif kind == "profile":
     out = measure_profile(w, job["torch"])
-  elif kind == "runner":
-    out = measure_runner(job["mode"], job["rounds"])
   else:
     raise ValueError(f"unknown job {kind!r}")
   if kind != "torch":
@@ -1138,33 +445,10 @@ def study_flops_text(cost: dict, w: Workload) -> str:
       f"  On a GPU/TPU (MFU against the bf16 matmul peak measured there): {STUDY_COMMAND}")
 
 
-def run_head_cache(rounds: int) -> dict:
-  if not feature_cache_available():
-    msg = ("feature_cache not available: this checkout's config has no "
-           "config.federated.feature_cache yet, so the head_cache preset has nothing to compare")
-    print(msg)
-    return {"preset": "head_cache", "note": msg}
-  rows = [child({"kind": "runner", "mode": m, "rounds": rounds}) for m in ("auto", "off")]
-  print("\n| feature_cache | s/round (runner's 'seconds', median after round 1) | rounds/s | "
-        "first round s | whole run wall s (setup, cache, compile, rounds) | final acc | best acc |"
-        "\n|---|---|---|---|---|---|---|")
-  for r in rows:
-    if "error" in r:
-      print(f"| {r.get('feature_cache', '?')} | {r['error']} | | | | | |")
-      continue
-    print(f"| {r['feature_cache']} | {r['seconds_per_round']:.3f} | {r['rounds_per_s']:.2f} | "
-          f"{r['first_round_seconds']:.1f} | {r['run_wall_seconds']:.1f} | "
-          f"{_f(r['final_accuracy'], '.4f')} | "
-          f"{_f(r['best_accuracy'], '.4f')} |")
-  out = {"preset": "head_cache", "rows": rows}
-  if all("error" not in r for r in rows):
-    out["rounds_per_s_ratio_auto_over_off"] = rows[0]["rounds_per_s"] / rows[1]["rounds_per_s"]
-    out["wall_ratio_off_over_auto"] = rows[1]["run_wall_seconds"] / rows[0]["run_wall_seconds"]
-    print(f"\nhead tuning on digits, {rounds} rounds: feature_cache auto / off = "
-          f"{out['rounds_per_s_ratio_auto_over_off']:.2f}x rounds/s by the runner's per-round "
-          f"'seconds' (host time per round: device work may run asynchronously), "
-          f"{out['wall_ratio_off_over_auto']:.2f}x by whole-run wall time")
-  return out
+def torch_reference() -> Any:
+  """`experiments.torch_reference`, loaded on first use: only a job that runs PyTorch imports
+  torch, so a JAX job's peak RSS never counts it."""
+  return importlib.import_module("experiments.torch_reference")
 
 
 def torch_available() -> bool:
@@ -1178,12 +462,6 @@ def main(argv: list[str]) -> None:
     print(json.dumps(run_job(json.loads(_SINGLE.value))))
     return
   preset = _PRESET.value
-  if preset == "head_cache":
-    result = run_head_cache(_HEAD_ROUNDS.value)
-    if _OUT.value:
-      with open(_OUT.value, "w") as f:
-        json.dump(result, f, indent=1)
-    return
   peaks = child({"kind": "peak"})
   if "error" in peaks:
     raise SystemExit(f"peak job failed: {peaks}")
