@@ -22,6 +22,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.data import idx, partitioning
 
 AUGMENTS = ("none", "flip", "crop_flip")
@@ -64,6 +65,11 @@ class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is absent from data_dir; the message holds the command that fixes it."""
 
 
+def check_augment(augment: str) -> str:
+  """data.augment: the train-time augmentation (AUGMENTS)."""
+  return one_of("data.augment", augment, AUGMENTS)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
   """A classification dataset held as NumPy arrays.
@@ -96,8 +102,7 @@ class Dataset:
                          f"{y.dtype} {y.shape}")
       if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
         raise ValueError(f"{self.name}: {split}_labels outside [0, {self.num_classes})")
-    if self.augment not in AUGMENTS:
-      raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+    check_augment(self.augment)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedpeft_jax.data.datasets import AUGMENTS
+from fedpeft_jax.data.datasets import check_augment
 
 
 def _keys_cubic(x: np.ndarray) -> np.ndarray:  # Keys (1981) with a = -0.5, as jax.image
@@ -132,8 +132,7 @@ def preprocess(images: Any, key: Optional[jax.Array] = None, *, image_size: int,
   Then resize (`resize`: jax.image.resize's weights, antialiased when shrinking), x / 127.5 - 1, grayscale
   replicated to 3 channels (as the ViT expects RGB). Jittable and vmappable.
   """
-  if augment not in AUGMENTS:
-    raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+  check_augment(augment)
   if pad_mode not in ("constant", "reflect"):
     raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
   x = jnp.asarray(images)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.privacy import mechanisms
 from fedpeft_jax.privacy.settings import ServerDP
 
@@ -48,12 +49,16 @@ class Aggregator(NamedTuple):
   bound: Optional[Callable[[jax.Array], jax.Array]] = None
 
 
+def check_weighting(weighting: str) -> str:
+  """federated.weighting: how client updates are weighted (WEIGHTINGS)."""
+  return one_of("federated.weighting", weighting, WEIGHTINGS)
+
+
 def weighted_mean(weighting: str = "examples", max_update_norm: float = 0.0) -> Aggregator:
   """The mean of the reporting clients' updates weighted by their example counts
   ('examples') or equally ('uniform'); only clients that trained on data (n_i > 0) count.
   `max_update_norm` > 0 clips each update to that norm first (robustness, not privacy)."""
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f"federated.weighting: {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+  check_weighting(weighting)
 
   def contribute(updates, num_examples, ok, clip_norm, norms=None):
     if max_update_norm > 0:

@@ -15,11 +15,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.peft.partition import count, nbytes
 
 PyTree = Any
 # config.federated.wire_dtype: the dtype parameters travel in.
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_wire_dtype(wire_dtype: str) -> str:
+  """federated.wire_dtype: what parameters and updates are rounded to in transit."""
+  return one_of("federated.wire_dtype", wire_dtype, WIRE_DTYPES)
 
 
 def to_wire(tree: PyTree, wire_dtype: Any) -> PyTree:

@@ -40,9 +40,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.peft.partition import nbytes
 
 PyTree = Any
@@ -81,12 +83,12 @@ def _is_record(x: Any) -> bool:
 
 def check_compression(method: str, block: int, fraction: float) -> None:
   """Raise on settings no codec accepts: the config checks these before any tracing."""
-  if method not in COMPRESSIONS:
-    raise ValueError(f"federated.compression must be one of {COMPRESSIONS}, got {method!r}")
-  if block < 0:
+  one_of("federated.compression", method, COMPRESSIONS)
+  if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 0:
     raise ValueError(f"federated.compression_block must be >= 0 (0: one scale per tensor), "
                      f"got {block}")
-  if not 0.0 < fraction <= 1.0:
+  if (not isinstance(fraction, (int, float, np.floating)) or isinstance(fraction, bool)
+      or not 0.0 < fraction <= 1.0):
     raise ValueError(f"federated.compression_fraction must be in (0, 1], got {fraction}")
 
 
@@ -178,7 +180,8 @@ def topk_compress(update: PyTree, residual: PyTree | None,
   """(payload, new_residual): per tensor, the k = ceil(fraction * n) largest-magnitude
   entries of update + residual (a `Sparse` per leaf), and what was not sent, which the
   client adds to its next update (error feedback). `residual` None means zeros (round 0)."""
-  if not 0.0 < fraction <= 1.0:
+  if (not isinstance(fraction, (int, float, np.floating)) or isinstance(fraction, bool)
+      or not 0.0 < fraction <= 1.0):
     raise ValueError(f"federated.compression_fraction must be in (0, 1], got {fraction}")
   acc = update if residual is None else optax.tree.add(update, residual)
   leaves, treedef = jax.tree_util.tree_flatten(acc)

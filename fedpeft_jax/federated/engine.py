@@ -141,9 +141,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   if mesh.devices.size != round_spec.num_devices:
     raise ValueError(f"mesh has {mesh.devices.size} devices, RoundSpec says "
                      f"{round_spec.num_devices}")
-  if round_spec.wire_dtype not in comm.WIRE_DTYPES:
-    raise ValueError(f"federated.wire_dtype: {round_spec.wire_dtype!r}; allowed: "
-                     f"{', '.join(comm.WIRE_DTYPES)}")
+  comm.check_wire_dtype(round_spec.wire_dtype)
   aggregator = aggregator or default_aggregator(round_spec)
   compression.check_compression(round_spec.compression, round_spec.compression_block,
                                 round_spec.compression_fraction)
@@ -161,14 +159,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       round_spec.lora_aggregation,
       to_spec(model.peft).lora_scaling if round_spec.lora_aggregation != "fedit" else 1.0,
       round_spec.client_ranks)
+  lora_aggregation.check_round(round_spec.lora_aggregation, round_spec.compression, private)
   if folding is not None:
-    if private:
-      raise ValueError(f"federated.lora_aggregation={folding.rule!r} folds the plain mean of "
-                       "the client models into the frozen weights; it does not run under DP "
-                       "(privacy.mechanism must be 'none')")
-    if folding.rule == "flora" and error_feedback:
-      raise ValueError("federated.compression='topk' with lora_aggregation='flora': the "
-                       "error-feedback residual would outlive the LoRA factors FLoRA restarts")
     if folding.ranks and len(folding.ranks) != round_spec.num_clients:
       raise ValueError(f"peft.lora.client_ranks: {len(folding.ranks)} ranks, but RoundSpec."
                        f"num_clients is {round_spec.num_clients}; give one rank per client")

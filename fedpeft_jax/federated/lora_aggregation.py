@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.peft.layers import kaiming_uniform_a_sqrt5
 from fedpeft_jax.peft.partition import flatten, unflatten
 
@@ -59,6 +60,27 @@ LORA_AGGREGATIONS = ("fedit", "ffa", "fedex", "flora")
 FOLDING_AGGREGATIONS = ("fedex", "flora")
 _PAIR = re.compile(r"^(.*)_lora/lora_([ab])$")
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes: the residual is a small difference
+
+
+def check_rule(rule: str) -> str:
+  """federated.lora_aggregation: one of LORA_AGGREGATIONS."""
+  return one_of("federated.lora_aggregation", rule, LORA_AGGREGATIONS)
+
+
+def check_round(rule: str, compression: str, private: bool) -> None:
+  """The rule's combinations with the rest of the round, checked here once (the engine and
+  the config validation both call it): a folding rule merges the plain mean of the client
+  models, so it runs without any privacy mechanism; FLoRA restarts the factors every round,
+  so no top-k error-feedback residual can follow them."""
+  check_rule(rule)
+  if rule in FOLDING_AGGREGATIONS and private:
+    raise ValueError(f"federated.lora_aggregation={rule!r} folds the plain mean of the client "
+                     "models into the frozen weights; it does not run under DP "
+                     "(privacy.mechanism must be 'none')")
+  if rule == "flora" and compression == "topk":
+    raise ValueError("federated.lora_aggregation='flora' with federated.compression='topk': "
+                     "the error-feedback residual belongs to the LoRA factors a client trained "
+                     "and FLoRA restarts them every round; use int8/int4/none with flora")
 
 
 class LoraAggregate(NamedTuple):
@@ -273,17 +295,16 @@ def aggregate(rule: str, a: jax.Array, b: jax.Array, weights: jax.Array, scaling
               key: jax.Array | None = None, client_scaling: jax.Array | None = None,
               mask: jax.Array | None = None) -> LoraAggregate:
   """Dispatch one target to `rule` (one of LORA_AGGREGATIONS)."""
+  check_rule(rule)
   if rule == "fedit":
     return fedit(a, b, weights, mask)
   if rule == "ffa":
     return ffa(a, b, weights, mask)
   if rule == "fedex":
     return fedex(a, b, weights, scaling, client_scaling, mask)
-  if rule == "flora":
-    if key is None:
-      raise ValueError("flora re-initialises LoRA's A: pass a PRNG key")
-    return flora(a, b, weights, scaling, key, client_scaling, mask)
-  raise ValueError(f"federated.lora_aggregation: {rule!r}; allowed: {', '.join(LORA_AGGREGATIONS)}")
+  if key is None:
+    raise ValueError("flora re-initialises LoRA's A: pass a PRNG key")
+  return flora(a, b, weights, scaling, key, client_scaling, mask)
 
 
 # ----------------------------------------------------------------------------- pytrees
@@ -313,9 +334,7 @@ def aggregate_lora_tree(client_params: PyTree, weights: jax.Array, rule: str,
   for fedit / ffa). Leaves other than LoRA factors are not touched: the engine's usual mean
   covers them. flora's `key` is split once per target (in sorted path order).
   """
-  if rule not in LORA_AGGREGATIONS:
-    raise ValueError(f"federated.lora_aggregation: {rule!r}; allowed: "
-                     f"{', '.join(LORA_AGGREGATIONS)}")
+  check_rule(rule)
   flat = flatten(client_params)
   targets = lora_targets(client_params)
   if not targets:
@@ -468,9 +487,7 @@ class LoraRound:
 def lora_round(rule: str, scaling: float, ranks: Sequence[int] = ()) -> LoraRound | None:
   """The round's folding piece for `rule` (None for fedit and ffa, which fold nothing:
   their aggregation is the engine's plain mean of the trainable leaves)."""
-  if rule not in LORA_AGGREGATIONS:
-    raise ValueError(f"federated.lora_aggregation: {rule!r}; allowed: "
-                     f"{', '.join(LORA_AGGREGATIONS)}")
+  check_rule(rule)
   if len(ranks) and rule != "flora":
     raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
                      "FedIT and FedEx-LoRA average factors of one shape")

@@ -16,19 +16,17 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fedpeft_jax.data import AUGMENTS, list_datasets, parse_classes, validation_count
+from fedpeft_jax.data import list_datasets, parse_classes, validation_count
 from fedpeft_jax.data import METHODS as PARTITION_METHODS
-from fedpeft_jax.federated import (
-  CLIENT_OPTIMIZERS,
-  COMPRESSIONS,
-  SERVER_OPTIMIZERS,
-  WEIGHTINGS,
-  WIRE_DTYPES,
-)
+from fedpeft_jax.data.datasets import check_augment
+from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedpeft_jax.federated.aggregation import check_weighting
+from fedpeft_jax.federated.comm import check_wire_dtype
+from fedpeft_jax.federated.compression import check_compression
 from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
 from fedpeft_jax.federated.personal import PERSONAL_SCHEDULES, parse_patterns
-from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, LORA_AGGREGATIONS,
-                                                    client_ranks)
+from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, check_round,
+                                                    check_rule, client_ranks)
 from fedpeft_jax.models import (ATTENTION_IMPLEMENTATIONS, MODEL_DTYPES, POOLS, REGISTRY, VARIANTS,
                                 parse_variant)
 from fedpeft_jax.peft.config import default_config as default_peft_config
@@ -336,7 +334,9 @@ def _validate_data(config: Any) -> None:
     _fail("data.classes", f"must be a string of comma-separated class ids ('' = all), got "
           f"{classes!r}")
   as_config_error("data", lambda: parse_classes(classes))
-  _choice(config, "data.augment", ("auto",) + tuple(AUGMENTS))
+  augment = _get(config, "data.augment")
+  if augment != "auto":  # 'auto': the dataset's own (checked by the dataset)
+    as_config_error("data", lambda: check_augment(augment))
   _int(config, "data.resolution", 1)
   _int(config, "data.host_resolution", 0)
 
@@ -370,16 +370,16 @@ def _validate_federated(config: Any) -> None:
   _num(config, f + "server_b2", 0.0, 1.0, high_open=True)
   _num(config, f + "server_eps", 0.0, low_open=True)
   _bool(config, f + "server_bias_correction")
-  _choice(config, f + "weighting", WEIGHTINGS)
+  as_config_error("federated", lambda: check_weighting(_get(config, f + "weighting")))
   _num(config, f + "dropout", 0.0, 1.0, high_open=True)
   _num(config, f + "max_update_norm", 0.0)
   parse_clients_per_chunk(_get(config, f + "clients_per_chunk"))
   _int(config, f + "eval_every", 1)
   _int(config, f + "eval_batch_size", 1)
-  _choice(config, f + "wire_dtype", WIRE_DTYPES)
-  _choice(config, f + "compression", COMPRESSIONS)
-  _int(config, f + "compression_block", 0)
-  _num(config, f + "compression_fraction", 0.0, 1.0, low_open=True)
+  as_config_error("federated", lambda: check_wire_dtype(_get(config, f + "wire_dtype")))
+  as_config_error("federated", lambda: check_compression(
+      _get(config, f + "compression"), _get(config, f + "compression_block"),
+      _get(config, f + "compression_fraction")))
   _choice(config, f + "feature_cache", FEATURE_CACHE_MODES)
 
 
@@ -409,7 +409,7 @@ def _validate_lora_aggregation(config: Any) -> None:
   """federated.lora_aggregation and peft.lora.client_ranks against the rest of the config
   (after the peft and federated sections, whose own fields are then known to be valid)."""
   field = "federated.lora_aggregation"
-  rule = _choice(config, field, LORA_AGGREGATIONS)
+  rule = as_config_error("federated", lambda: check_rule(_get(config, field)))
   methods = parse_methods(_get(config, "peft.method"))
   ranks = _get(config, "peft.lora.client_ranks")
   if not isinstance(ranks, str):
@@ -430,17 +430,11 @@ def _validate_lora_aggregation(config: Any) -> None:
     lr = _get(config, "federated.server_lr")
     if lr != 1.0:
       _fail("federated.server_lr", f"is {lr}; it must be 1.0 {why}")
-    mechanism = _get(config, "privacy.mechanism")
-    if mechanism != "none":
-      _fail("privacy.mechanism", f"is {mechanism!r}; it must be 'none' {why}: the residual "
-            "and the merge are not defined for a noised, clipped mean")
     if _get(config, "peft.lora.freeze_a"):
       _fail("peft.lora.freeze_a", f"is True; {why[1:-1]} from both trained factors, so A must "
             "train: set freeze_a=False (or use lora_aggregation 'ffa')")
-  if rule == "flora" and _get(config, "federated.compression") == "topk":
-    _fail("federated.compression", "is 'topk', whose error-feedback residual belongs to the "
-          "LoRA factors a client trained; FLoRA restarts them every round, so the residual "
-          "would be added to factors it was not computed for: use int8/int4/none with flora")
+  as_config_error("federated", lambda: check_round(
+      rule, _get(config, "federated.compression"), _get(config, "privacy.mechanism") != "none"))
   if ranks.strip():
     if rule != "flora":
       _fail("peft.lora.client_ranks", f"is {ranks!r} but config.federated.lora_aggregation is "
