@@ -159,7 +159,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       round_spec.lora_aggregation,
       to_spec(model.peft).lora_scaling if round_spec.lora_aggregation != "fedit" else 1.0,
       round_spec.client_ranks)
-  lora_aggregation.check_round(round_spec.lora_aggregation, round_spec.compression, private)
+  lora_aggregation.check_round(round_spec.lora_aggregation, round_spec.compression,
+                               "dp_fedavg" if round_spec.dp.enabled else client_spec.dp.mechanism)
   if folding is not None:
     if folding.ranks and len(folding.ranks) != round_spec.num_clients:
       raise ValueError(f"peft.lora.client_ranks: {len(folding.ranks)} ranks, but RoundSpec."

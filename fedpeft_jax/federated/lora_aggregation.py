@@ -67,20 +67,23 @@ def check_rule(rule: str) -> str:
   return one_of("federated.lora_aggregation", rule, LORA_AGGREGATIONS)
 
 
-def check_round(rule: str, compression: str, private: bool) -> None:
+def check_round(rule: str, compression: str, privacy_mechanism: str) -> None:
   """The rule's combinations with the rest of the round, checked here once (the engine and
-  the config validation both call it): a folding rule merges the plain mean of the client
-  models, so it runs without any privacy mechanism; FLoRA restarts the factors every round,
-  so no top-k error-feedback residual can follow them."""
+  the config validation both call it); each error names the field to change first: a
+  folding rule merges the plain mean of the client models, so it runs without any privacy
+  mechanism; FLoRA restarts the factors every round, so no top-k error-feedback residual can
+  follow them."""
   check_rule(rule)
-  if rule in FOLDING_AGGREGATIONS and private:
-    raise ValueError(f"federated.lora_aggregation={rule!r} folds the plain mean of the client "
-                     "models into the frozen weights; it does not run under DP "
-                     "(privacy.mechanism must be 'none')")
+  if rule in FOLDING_AGGREGATIONS and privacy_mechanism != "none":
+    raise ValueError(f"privacy.mechanism is {privacy_mechanism!r}; it must be 'none' with "
+                     f"federated.lora_aggregation={rule!r}, which folds the plain mean of the "
+                     "client models into the frozen weights (the residual and the merge are not "
+                     "defined for a noised, clipped mean)")
   if rule == "flora" and compression == "topk":
-    raise ValueError("federated.lora_aggregation='flora' with federated.compression='topk': "
-                     "the error-feedback residual belongs to the LoRA factors a client trained "
-                     "and FLoRA restarts them every round; use int8/int4/none with flora")
+    raise ValueError("federated.compression is 'topk', whose error-feedback residual belongs "
+                     "to the LoRA factors a client trained; FLoRA restarts them every round, so "
+                     "the residual would be added to factors it was not computed for: use "
+                     "int8/int4/none with flora")
 
 
 class LoraAggregate(NamedTuple):

@@ -112,9 +112,10 @@ def _bool(config: Any, field: str) -> bool:
   return v
 
 
-def as_config_error(prefix: str, fn: Callable[[], Any]) -> Any:
+def as_config_error(prefix: str | tuple[str, ...], fn: Callable[[], Any]) -> Any:
   """Runs `fn` (another module's validator, or a runner step that checks the config against
-  the model), turning a ValueError whose message starts with a field under `prefix` into a
+  the model), turning a ValueError whose message starts with a field under `prefix` (or one of
+  several prefixes) into a
   ConfigError (a one-line error at the command line)."""
   try:
     return fn()
@@ -123,9 +124,10 @@ def as_config_error(prefix: str, fn: Callable[[], Any]) -> Any:
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     msg = str(e).strip("'\"")
     field = msg.split(" ", 1)[0].rstrip(":,")
-    if field.startswith(prefix + ".") or field == prefix:
+    prefixes = (prefix,) if isinstance(prefix, str) else prefix
+    if any(field.startswith(p + ".") or field == p for p in prefixes):
       raise ConfigError(f"config.{msg}", field=f"config.{field}") from e
-    raise ConfigError(f"config.{prefix}: {msg}", field=f"config.{prefix}") from e
+    raise ConfigError(f"config.{prefixes[0]}: {msg}", field=f"config.{prefixes[0]}") from e
 
 
 def parse_clients_per_chunk(value: Any) -> int | None:
@@ -433,8 +435,8 @@ def _validate_lora_aggregation(config: Any) -> None:
     if _get(config, "peft.lora.freeze_a"):
       _fail("peft.lora.freeze_a", f"is True; {why[1:-1]} from both trained factors, so A must "
             "train: set freeze_a=False (or use lora_aggregation 'ffa')")
-  as_config_error("federated", lambda: check_round(
-      rule, _get(config, "federated.compression"), _get(config, "privacy.mechanism") != "none"))
+  as_config_error(("federated", "privacy"), lambda: check_round(
+      rule, _get(config, "federated.compression"), _get(config, "privacy.mechanism")))
   if ranks.strip():
     if rule != "flora":
       _fail("peft.lora.client_ranks", f"is {ranks!r} but config.federated.lora_aggregation is "
