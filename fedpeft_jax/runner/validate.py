@@ -114,9 +114,8 @@ def _bool(config: Any, field: str) -> bool:
 
 def as_config_error(prefix: str | tuple[str, ...], fn: Callable[[], Any]) -> Any:
   """Runs `fn` (another module's validator, or a runner step that checks the config against
-  the model), turning a ValueError whose message starts with a field under `prefix` (or one of
-  several prefixes) into a
-  ConfigError (a one-line error at the command line)."""
+  the model), turning a ValueError whose message starts with a field under `prefix` (or under
+  one of several prefixes) into a ConfigError (a one-line error at the command line)."""
   try:
     return fn()
   except ConfigError:
