@@ -65,9 +65,10 @@ class DatasetNotPreparedError(FileNotFoundError):
   """A TFDS dataset is absent from data_dir; the message holds the command that fixes it."""
 
 
-def check_augment(augment: str) -> str:
-  """data.augment: the train-time augmentation (AUGMENTS)."""
-  return one_of("data.augment", augment, AUGMENTS)
+def check_augment(augment: str, auto: bool = False) -> str:
+  """data.augment: the train-time augmentation (AUGMENTS), or, where a config names it and
+  `auto`, 'auto' (the dataset's own)."""
+  return one_of("data.augment", augment, (("auto",) if auto else ()) + AUGMENTS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -335,9 +335,7 @@ def _validate_data(config: Any) -> None:
     _fail("data.classes", f"must be a string of comma-separated class ids ('' = all), got "
           f"{classes!r}")
   as_config_error("data", lambda: parse_classes(classes))
-  augment = _get(config, "data.augment")
-  if augment != "auto":  # 'auto': the dataset's own (checked by the dataset)
-    as_config_error("data", lambda: check_augment(augment))
+  as_config_error("data", lambda: check_augment(_get(config, "data.augment"), auto=True))
   _int(config, "data.resolution", 1)
   _int(config, "data.host_resolution", 0)
 
