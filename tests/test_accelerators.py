@@ -25,7 +25,8 @@ from fedpeft_jax.models.vit import padded_attention
 from fedpeft_jax.runner.config_files import repo_config
 
 MISSING = targets.cuda_compiler_missing()
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
+pytestmark = [pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
+              pytest.mark.slow]  # the slow tier: device-less GPU/TPU compiles
 H100 = targets.TARGETS["h100"]
 
 

@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import orbax.checkpoint as ocp
 
 from fedpeft_jax.federated.state import ServerState
@@ -160,6 +161,7 @@ def test_restore_ignores_an_uncommitted_step_and_the_next_save_replaces_it(tmp_p
   assert meta == {"step": 2}
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_exactly(tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
   marker = str(tmp_path / "save_2_in_flight")

@@ -224,6 +224,7 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_state_on_four_cpu_devices():
   """The rows are split over the devices by client id (each device holds its block) and
   follow NumPy bookkeeping; a checkpoint resumes on another device count."""
@@ -275,6 +276,7 @@ TEN_THOUSAND = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ten_thousand_clients_split_over_four_devices():
   """10,001 clients keep a top-k residual each: split over 4 devices, each holds a quarter
   (2,501 rows, counted by hand), and 3 rounds equal one device's to 1e-6."""

@@ -255,7 +255,7 @@ def test_none_is_identity():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"method": "int2"}, "federated.compression must"),
+    ({"method": "int2"}, "federated.compression: 'int2'; allowed: "),
     ({"block": -1}, "federated.compression_block"),
     ({"fraction": 0.0}, "federated.compression_fraction"),
     ({"fraction": 1.5}, "federated.compression_fraction"),

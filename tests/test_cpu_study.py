@@ -23,6 +23,8 @@ import pytest
 from experiments import cpu_study, run_pool
 from fedpeft_jax.runner.config_files import repo_config
 
+pytestmark = pytest.mark.slow  # the slow tier: the quick CPU study
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900
 

@@ -16,6 +16,8 @@ import dp_accounting
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the slow tier: SIGKILL of DP runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS, CLIENTS, PER_ROUND, Z, DELTA = 8, 4, 2, 0.8, 1e-3
 ARGS = [f"--config=configs/tiny.py:bias,rounds={ROUNDS}", "--no_progress",

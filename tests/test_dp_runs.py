@@ -24,6 +24,8 @@ from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError
 from tests.test_runner import _final_params
 
+pytestmark = pytest.mark.slow  # the slow tier: DP runs end to end through the runner
+
 
 def _dp_config(rounds: int = 2):
   c = repo_config("tiny").get_config(f"bias,rounds={rounds}")

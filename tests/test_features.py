@@ -107,6 +107,7 @@ def test_cache_refused_where_invalid_with_the_reason():
     choose_input("always", True, 3, 3, "none", True, IMAGE)
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_on_four_devices_equals_numpy():
   """The test set split over 4 CPU devices (13 rows: padded to 16) gives the NumPy count."""
   script = f"""
@@ -138,6 +139,7 @@ print("OK")
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_runner_reports_the_cache(tmp_path):
   for mode, want in (("auto", "on: pooled features"), ("off", "off")):
     workdir = str(tmp_path / mode)

@@ -430,6 +430,7 @@ def run_on_cpu_devices(script: str, count: int = 4) -> None:
   assert f"OK {count}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_four_cpu_devices_match_single_device():
   run_on_cpu_devices(MULTI_DEVICE)
 
@@ -555,6 +556,7 @@ def test_poisson_client_sampling_and_static_slots():
   assert ids.shape == (2, 4, 2) and sorted(ids[valid].tolist()) == list(range(14))
 
 
+@pytest.mark.slow
 def test_sorted_chunks_run_only_real_steps_and_agree_across_layouts():
   """Clients of 1..8 batches: chunk sizes 1, 2, 4 and shuffled client orders give the same
   round to 1e-6; executed steps are the hand count of longest-first chunks."""

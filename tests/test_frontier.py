@@ -21,6 +21,8 @@ import pytest
 
 from experiments import frontier, run_pool
 
+pytestmark = pytest.mark.slow  # the slow tier: the quick frontier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 # The groups checked; "personal" and "lora" join (one entry each) once the config fields

@@ -298,6 +298,7 @@ def _rows(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_cli_flora_with_client_ranks_counts_the_folded_download(tmp_path):
   workdir = tmp_path / "flora"
   cmd = [sys.executable, "-m", "fedpeft_jax.main", "--config=configs/tiny.py:lora",
@@ -316,6 +317,7 @@ def test_cli_flora_with_client_ranks_counts_the_folded_download(tmp_path):
     assert row["bytes_up"] == row["clients_reporting"] * summary["bytes_per_transfer"]
 
 
+@pytest.mark.slow
 def test_fedex_run_resumes_exactly_and_ffa_sends_only_b(tmp_path):
   config = _tiny("fedex")
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")

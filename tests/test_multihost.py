@@ -13,6 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the slow tier: multi-process runs
+
 WORKER = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})

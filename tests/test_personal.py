@@ -251,6 +251,7 @@ def _tiny(tmp_path, name, **federated):
   return config, str(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_fedper_run_sends_only_shared_leaves_and_resumes_exactly(tmp_path):
   config, workdir = _tiny(tmp_path, "fedper", personal="head")
   summary = run(config, workdir, progress=False)
@@ -319,6 +320,7 @@ def test_personal_under_dp_is_refused():
   assert e.value.field == "config.federated.personal"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", [
     (["--config.federated.personal=pre_logits"],
      "config.federated.personal 'pre_logits' matches no trainable parameter"),
@@ -343,6 +345,7 @@ def test_personal_checked_against_the_model_is_one_line_at_the_cli(tmp_path, ove
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields", [
     {"personal": "head", "personal_schedule": "fedrep", "personal_epochs": 2},
     {"personal": "head", "personal_schedule": "fedbabu"},
@@ -392,6 +395,7 @@ print("OK", len(jax.devices()))
 """
 
 
+@pytest.mark.slow
 def test_client_evaluate_on_four_cpu_devices_matches_one():
   """Clients split over 4 devices (5 clients: one padding slot), FedBABU adaptation keyed
   by client id: the same accuracies as on one device."""

@@ -284,6 +284,7 @@ def _feasible(study_config, clients):
   return z < 0.1 * clients * p.count_noise_multiplier
 
 
+@pytest.mark.slow
 def test_adaptive_clipping_error_names_what_works():
   study_dp = _study_dp()
   c = study_dp.get_config("cifar100,bias,mechanism=dp_fedavg,adaptive=1")

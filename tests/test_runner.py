@@ -93,6 +93,7 @@ def _reevaluate(config: ml_collections.ConfigDict, workdir: str) -> float:
   return _accuracy(model, unflatten(params), dataset.test_images, dataset.test_labels)
 
 
+@pytest.mark.slow
 def test_cli_run_writes_every_output_and_resume_is_exact(tmp_path):
   full = str(tmp_path / "full")
   proc = _cli(full)
@@ -182,6 +183,7 @@ def _gaussian_epsilon(z: float, steps: int, delta: float) -> float:
   return optimize.brentq(gap, 0.0, 10 * mu * mu + 50)
 
 
+@pytest.mark.slow
 def test_privacy_mechanisms_through_the_engine(tmp_path):
 
   # The study's mechanism: each step is a Gaussian mechanism of sensitivity 2C sqrt(k) (k
@@ -257,6 +259,7 @@ def test_privacy_mechanisms_through_the_engine(tmp_path):
   assert rows[1]["clip_norm"] != pytest.approx(0.5)  # the clip norm adapts
 
 
+@pytest.mark.slow
 def test_dp_sgd_ledger_counts_local_steps(tmp_path):
   """With federated.local_steps every reporting client runs exactly local_steps DP-SGD
   steps (local_epochs is raised to reach them), and the ledger must count those."""
@@ -282,6 +285,7 @@ def test_dp_sgd_ledger_counts_local_steps(tmp_path):
   assert rows[-1]["epsilon"] == pytest.approx(eps, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_tfds_dataset_through_the_runner_with_mock_data(tmp_path):
   """The TFDS read path of a run (cifar100, 100 classes) on data tfds makes itself, offline."""
   import tensorflow_datasets as tfds  # lazy: seconds to import, two tests need it
@@ -308,6 +312,7 @@ def test_missing_dataset_leaves_no_workdir(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_study_preset_runs_end_to_end_on_mock_cifar100(tmp_path):
   """A study row (configs/study.py:cifar100,bias: crop+flip augmentation, Dirichlet 0.1,
   the study's SGD) runs through the runner once the backbone is shrunk for a CPU test."""
@@ -340,6 +345,7 @@ def test_checkpoint_that_does_not_fit_names_the_field(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_pretrain_command_writes_a_loadable_checkpoint_and_caches(tmp_path):
   c = _tiny()
   c.pretrain = ml_collections.ConfigDict({"epochs": 1, "batch_size": 50, "lr": 1e-3,
@@ -367,6 +373,7 @@ def test_pretrain_command_writes_a_loadable_checkpoint_and_caches(tmp_path):
   assert os.path.getmtime(path) == mtime
 
 
+@pytest.mark.slow
 def test_privacy_budget_stop_refuse_and_calibration(tmp_path):
 
   def dp_config(rounds):

@@ -76,6 +76,7 @@ def _poison_test_labels(monkeypatch):
   monkeypatch.setattr(fdata, "load_dataset", load)
 
 
+@pytest.mark.slow
 def test_sweep_scores_on_validation_by_hand_resumes_and_ignores_test(tmp_path, monkeypatch):
   clean_dir, poisoned_dir = str(tmp_path / "clean"), str(tmp_path / "poisoned")
   winner = sweep.sweep(_base(), GRID, clean_dir, last=3)
@@ -108,6 +109,7 @@ def test_sweep_scores_on_validation_by_hand_resumes_and_ignores_test(tmp_path, m
     assert [r["test_accuracy"] for r in a] != [r["test_accuracy"] for r in b]
 
 
+@pytest.mark.slow
 def test_cli_bad_grid_is_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.sweep", "--config=configs/tiny.py:bias,rounds=2",

@@ -110,6 +110,7 @@ def _poisoned(monkeypatch):
   monkeypatch.setattr(fdata, "load_dataset", load)
 
 
+@pytest.mark.slow
 def test_best_round_is_chosen_on_validation_never_on_test(tmp_path, monkeypatch):
   summaries, rows = {}, {}
   for name in ("clean", "poisoned"):
