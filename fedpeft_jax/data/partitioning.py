@@ -14,7 +14,14 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fedpeft_jax.choices import one_of
+
 METHODS = ("iid", "dirichlet", "shards")
+
+
+def check_method(method: str) -> str:
+  """data.partition: one of METHODS."""
+  return one_of("data.partition", method, METHODS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,8 +132,7 @@ def partition(labels: Any, num_clients: int, method: str = "dirichlet", alpha: f
     raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
   if num_clients > n:
     raise ValueError(f"num_clients={num_clients} exceeds the number of examples ({n})")
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} is unknown; choose one of {METHODS}")
+  check_method(method)
   rng = np.random.default_rng(seed)
   redraws = 0
   if method == "iid":

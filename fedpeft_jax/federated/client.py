@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 import fedpeft_jax.data as fdata
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.federated import features
 from fedpeft_jax.peft.partition import merge
 from fedpeft_jax.privacy import mechanisms
@@ -171,6 +172,7 @@ def make_client_optimizer(name: str, learning_rate: float, momentum: float = 0.9
                           ) -> optax.GradientTransformation:
   """The study's default: SGD, momentum 0.9, Nesterov, weight decay 1e-4 (PyTorch-style
   L2 added to the gradient before momentum), constant learning rate."""
+  check_client_optimizer(name)
   if learning_rate <= 0:
     raise ValueError(f"federated.client_lr must be > 0, got {learning_rate}")
   if name == "sgd":
@@ -181,7 +183,12 @@ def make_client_optimizer(name: str, learning_rate: float, momentum: float = 0.9
         if weight_decay else optax.adam(learning_rate)
   if name == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay)
-  raise ValueError(f"federated.client_optimizer: unknown {name!r}; allowed: sgd, adam, adamw")
+  raise AssertionError(name)  # check_client_optimizer admits no other name
 
 
 CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def check_client_optimizer(name: str) -> str:
+  """federated.client_optimizer: one of CLIENT_OPTIMIZERS."""
+  return one_of("federated.client_optimizer", name, CLIENT_OPTIMIZERS)

@@ -3,8 +3,8 @@
 A cross-device population (10^4-10^5 clients) keeps one row per client. Replicated, every
 device would hold all of them; here client c's row lives only on device
 c // rows_per_device (contiguous blocks). The table is padded to devices x rows_per_device
-rows, the padding rows last (`init` fills them with the initial row, `place` with zeros); no real client ever
-reads or writes them.
+rows, the padding rows last (`init` fills them with the initial row, `place` with zeros);
+no real client ever reads or writes them.
 
 Why on the devices rather than on the host: the round stays one jitted program with no
 host round trip. Kept on the host, the round's rows would have to be read back after each

@@ -105,8 +105,9 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
   Client k scores merge(shared, personal_k, frozen) on the rows of `test` (a `ClientData`
   over the test split, from `data.partition_test`) that are its own. `personal` is None
   (every client uses the global model) or a pytree whose leaves lead with [num_clients]
-  (client k uses row k; placed by `client_rows.place`, or any array, padded and split here). `adapt(personal_k, merge(shared, frozen), train, k, key_k)`, if
-  given, replaces row k before scoring (FedBABU's local fine-tuning on `train`, the
+  (client k uses row k; placed by `client_rows.place`, or any array, padded and split
+  here). `adapt(personal_k, merge(shared, frozen), train, k, key_k)`, if given, replaces
+  row k before scoring (FedBABU's local fine-tuning on `train`, the
   clients' training `ClientData`); `key_k` = fold_in(key, k), so results do not depend
   on the device layout.
 

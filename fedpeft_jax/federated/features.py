@@ -20,10 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import fedpeft_jax.data as fdata
+from fedpeft_jax.choices import one_of
 
 PyTree = Any
 KINDS = ("images", "tokens", "features")
 FEATURE_CACHE_MODES = ("auto", "off")
+
+
+def check_feature_cache(mode: str) -> str:
+  """federated.feature_cache: one of FEATURE_CACHE_MODES."""
+  return one_of("federated.feature_cache", mode, FEATURE_CACHE_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +78,7 @@ def choose_input(mode: str, only_head: bool, first_trainable_block: int, depth: 
   Valid only with augmentation and dropout off, since the cached prefix must be a fixed
   function of the example.
   """
-  if mode not in FEATURE_CACHE_MODES:
-    raise ValueError(f"federated.feature_cache {mode!r}; allowed: "
-                     f"{', '.join(FEATURE_CACHE_MODES)}")
+  check_feature_cache(mode)
   if mode == "off":
     return images_input(image_size), "off (federated.feature_cache='off')"
   if augment != "none":

@@ -33,11 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
 from fedpeft_jax.peft.partition import flatten, mask_from_patterns, merge, split
 
 PyTree = Any
 PERSONAL_SCHEDULES = ("none", "fedrep", "fedbabu")
+
+
+def check_schedule(schedule: str) -> str:
+  """federated.personal_schedule: one of PERSONAL_SCHEDULES."""
+  return one_of("federated.personal_schedule", schedule, PERSONAL_SCHEDULES)
 HEAD_PREFIX = "head/"  # the classifier's params (models.ViT's `head` Dense)
 
 

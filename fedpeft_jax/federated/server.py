@@ -28,8 +28,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedpeft_jax.choices import one_of
+
 PyTree = Any
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+def check_server_optimizer(name: str) -> str:
+  """federated.server_optimizer: one of SERVER_OPTIMIZERS."""
+  return one_of("federated.server_optimizer", name, SERVER_OPTIMIZERS)
 # The second-moment rules of Algorithm 2, keyed by the optimizer they come from.
 FEDOPT_KINDS = ("adagrad", "adam", "yogi")
 # Server optimizer name -> FedOpt kind.
@@ -115,6 +122,7 @@ def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float
   uncorrected form, whose v_{-1} = tau^2 start needs no correction. True gives optax's
   bias-corrected Adam/Yogi (this library's behaviour before the option existed).
   """
+  check_server_optimizer(name)
   if learning_rate <= 0:
     raise ValueError(f"federated.server_lr must be > 0, got {learning_rate}")
   if name == "fedavg":
@@ -127,5 +135,4 @@ def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float
         scale_by_fedopt(kind, b1=b1, b2=b2, tau=eps,
                         bias_correction=bias_correction and kind != "adagrad"),
         optax.scale_by_learning_rate(learning_rate))
-  raise ValueError(f"federated.server_optimizer: unknown {name!r}; allowed: "
-                   f"{', '.join(SERVER_OPTIMIZERS)}")
+  raise AssertionError(name)  # check_server_optimizer admits no other name

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.models.checkpoint_files import CheckpointError
 from fedpeft_jax.models.checkpoint_registry import load_pretrained
 from fedpeft_jax.models.vit import ViT, choose_attention
@@ -22,10 +23,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 MODEL_DTYPES = ("auto",) + tuple(DTYPES)
 
 
+def check_model_dtype(name: str) -> str:
+  """model.dtype: one of MODEL_DTYPES."""
+  return one_of("model.dtype", name, MODEL_DTYPES)
+
+
 def compute_dtype(name: str, backend: Optional[str] = None) -> Any:
   """config.model.dtype -> a JAX dtype; 'auto' is bfloat16 on GPU/TPU and float32 on the CPU
   (whose XLA bf16 kernels are slower than its f32 ones)."""
-  if name == "auto":
+  if check_model_dtype(name) == "auto":
     name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
   return DTYPES[name]
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpeft_jax.choices import one_of
 from fedpeft_jax.peft.layers import LoRA, SSF, Adapter
 from fedpeft_jax.peft.spec import PeftSpec, to_spec
 
@@ -52,6 +53,16 @@ def _bias_init():
 
 # config.model.attention: "auto" picks one of the others for the platform (choose_attention).
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
+
+
+def check_attention(requested: str) -> str:
+  """model.attention: one of ATTENTION_IMPLEMENTATIONS."""
+  return one_of("model.attention", requested, ATTENTION_IMPLEMENTATIONS)
+
+
+def check_pool(pool: str) -> str:
+  """model.pool: one of POOLS."""
+  return one_of("model.pool", pool, POOLS)
 CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention's head-dim limit before Hopper (256 on sm_90)
 CUDNN_MIN_CAPABILITY = (8, 0)  # JAX's cuDNN flash attention: Ampere or later
 
@@ -67,9 +78,7 @@ def choose_attention(requested: str, platform: str, dtype: Any, head_dim: int,
   no attention dropout; otherwise the explicit form. Asking for "cudnn" where it does not apply is an error
   naming why. The shape is checked here, but only a real GPU builds the cuDNN graph.
   """
-  if requested not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"model.attention is {requested!r}; allowed: "
-                     f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  check_attention(requested)
   if requested in ("explicit", "xla"):
     return requested, "model.attention"
   blockers = []
@@ -413,8 +422,7 @@ class ViT(nn.Module):
     missing = [k for k, v in out.items() if not v]
     if missing:
       raise ValueError(f"ViT: with variant=None set {', '.join(missing)} explicitly")
-    if self.pool not in POOLS:
-      raise ValueError(f"ViT.pool: {self.pool!r}; allowed: {', '.join(POOLS)}")
+    check_pool(self.pool)
     if self.image_size % out["patch_size"]:
       raise ValueError(f"ViT.image_size {self.image_size} is not a multiple of patch_size "
                        f"{out['patch_size']}")

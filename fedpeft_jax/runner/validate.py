@@ -13,22 +13,24 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from fedpeft_jax.data import list_datasets, parse_classes, validation_count
-from fedpeft_jax.data import METHODS as PARTITION_METHODS
 from fedpeft_jax.data.datasets import check_augment
-from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedpeft_jax.data.partitioning import check_method
 from fedpeft_jax.federated.aggregation import check_weighting
+from fedpeft_jax.federated.client import check_client_optimizer
 from fedpeft_jax.federated.comm import check_wire_dtype
 from fedpeft_jax.federated.compression import check_compression
-from fedpeft_jax.federated.features import FEATURE_CACHE_MODES
-from fedpeft_jax.federated.personal import PERSONAL_SCHEDULES, parse_patterns
+from fedpeft_jax.federated.features import check_feature_cache
 from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, check_round,
                                                     check_rule, client_ranks)
-from fedpeft_jax.models import (ATTENTION_IMPLEMENTATIONS, MODEL_DTYPES, POOLS, REGISTRY, VARIANTS,
-                                parse_variant)
+from fedpeft_jax.federated.personal import check_schedule, parse_patterns
+from fedpeft_jax.federated.server import check_server_optimizer
+from fedpeft_jax.models import REGISTRY, VARIANTS, parse_variant
+from fedpeft_jax.models.factory import check_model_dtype
+from fedpeft_jax.models.vit import check_attention, check_pool
 from fedpeft_jax.peft.config import default_config as default_peft_config
 from fedpeft_jax.peft.config import parse_methods
 from fedpeft_jax.peft.config import validate as validate_peft
@@ -95,14 +97,6 @@ def _num(config: Any, field: str, low: float, high: float = math.inf, low_open: 
   if bad:
     _fail(field, f"must be {'in ' if high != math.inf else ''}{rng}, got {v}")
   return float(v)
-
-
-def _choice(config: Any, field: str, allowed: Iterable[str]) -> str:
-  allowed = tuple(allowed)
-  v = _get(config, field)
-  if v not in allowed:
-    _fail(field, f"is {v!r}; allowed: {', '.join(map(str, allowed))}")
-  return v
 
 
 def _bool(config: Any, field: str) -> bool:
@@ -231,12 +225,12 @@ def _validate_model(config: Any) -> dict[str, int]:
   if image % sizes["patch_size"]:
     _fail("model.image_size", f"({image}) must be a multiple of the patch size "
           f"({sizes['patch_size']})")
-  _choice(config, "model.pool", POOLS)
+  as_config_error("model", lambda: check_pool(_get(config, "model.pool")))
   _int(config, "model.representation_size", 0)
   _num(config, "model.dropout", 0.0, 1.0, high_open=True)
   _num(config, "model.attention_dropout", 0.0, 1.0, high_open=True)
-  _choice(config, "model.dtype", MODEL_DTYPES)
-  _choice(config, "model.attention", ATTENTION_IMPLEMENTATIONS)
+  as_config_error("model", lambda: check_model_dtype(_get(config, "model.dtype")))
+  as_config_error("model", lambda: check_attention(_get(config, "model.attention")))
   pretrained = _get(config, "model.pretrained")
   if not isinstance(pretrained, str):
     _fail("model.pretrained", f"must be a path, URL, registry name or '', got {pretrained!r}")
@@ -302,7 +296,7 @@ def _validate_data(config: Any) -> None:
     _fail("data.dataset", f"is {name!r}; known: {', '.join(known)}. Any other TFDS "
           "image-classification dataset works once prepared under config.data.data_dir "
           "(python -m fedpeft_jax.data.prepare --dataset=NAME --data_dir=DIR)")
-  method = _choice(config, "data.partition", PARTITION_METHODS)
+  method = as_config_error("data", lambda: check_method(_get(config, "data.partition")))
   if method == "dirichlet":
     _num(config, "data.alpha", 0.0, low_open=True)
   min_size = _int(config, "data.min_size", 0)
@@ -355,14 +349,14 @@ def _validate_federated(config: Any) -> None:
   elif not _is_int(epochs) or epochs < 0:
     _fail(f + "local_epochs", f"must be an integer >= 0, got {epochs!r}")
   _int(config, f + "batch_size", 1)
-  _choice(config, f + "client_optimizer", CLIENT_OPTIMIZERS)
+  as_config_error("federated", lambda: check_client_optimizer(_get(config, f + "client_optimizer")))
   _num(config, f + "client_lr", 0.0, low_open=True)
   _num(config, f + "client_momentum", 0.0, 1.0, high_open=True)
   _bool(config, f + "client_nesterov")
   _num(config, f + "client_weight_decay", 0.0)
   _num(config, f + "label_smoothing", 0.0, 1.0, high_open=True)
   _num(config, f + "fedprox_mu", 0.0)
-  _choice(config, f + "server_optimizer", SERVER_OPTIMIZERS)
+  as_config_error("federated", lambda: check_server_optimizer(_get(config, f + "server_optimizer")))
   _num(config, f + "server_lr", 0.0, low_open=True)
   _num(config, f + "server_momentum", 0.0, 1.0, high_open=True)
   _num(config, f + "server_b1", 0.0, 1.0, high_open=True)
@@ -379,14 +373,15 @@ def _validate_federated(config: Any) -> None:
   as_config_error("federated", lambda: check_compression(
       _get(config, f + "compression"), _get(config, f + "compression_block"),
       _get(config, f + "compression_fraction")))
-  _choice(config, f + "feature_cache", FEATURE_CACHE_MODES)
+  as_config_error("federated", lambda: check_feature_cache(_get(config, f + "feature_cache")))
 
 
 def _validate_personal(config: Any) -> None:
   f = "federated."
   personal = _get(config, f + "personal")
   patterns = as_config_error("federated", lambda: parse_patterns(personal))
-  schedule = _choice(config, f + "personal_schedule", PERSONAL_SCHEDULES)
+  schedule = as_config_error("federated",
+                             lambda: check_schedule(_get(config, f + "personal_schedule")))
   if schedule != "none" and not patterns:
     _fail(f + "personal_schedule", f"is {schedule!r} but config.federated.personal is empty; "
           "name the personal leaves, e.g. federated.personal=head")
