@@ -121,7 +121,7 @@ def test_bad_inputs_name_the_parameter():
     partition(y, 11)
   with pytest.raises(ValueError, match="num_clients"):
     partition(y, 0)
-  with pytest.raises(ValueError, match="method='pathological'"):
+  with pytest.raises(ValueError, match="data.partition: 'pathological'; allowed: iid, dirichlet, shards"):
     partition(y, 2, method="pathological")
   with pytest.raises(ValueError, match="labels"):
     partition(np.zeros((3, 2), int), 2)

@@ -225,5 +225,5 @@ def test_attention_choice_rules() -> None:
   assert choose_attention("xla", "cpu", f32, 60, 0.1) == ("xla", "model.attention")
   with pytest.raises(ValueError, match="model.attention='cudnn'.*float32"):
     choose_attention("cudnn", "gpu", f32, 64, 0.0, h100)
-  with pytest.raises(ValueError, match="model.attention is 'flash'"):
+  with pytest.raises(ValueError, match="model.attention: 'flash'; allowed: auto, explicit, xla, cudnn"):
     choose_attention("flash", "gpu", bf16, 64, 0.0)
