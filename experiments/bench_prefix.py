@@ -1,7 +1,7 @@
 """What a frozen prefix saves: head tuning and `peft.last_blocks` with and without the cache.
 
   python -m experiments.bench_prefix [--rounds=3] [--variant=Ti/4] [--image_size=32]
-      [--runner_rounds=6]
+      [--runner_rounds=6] [--runner_only] [--out=runner.json]
 
 On the study code's round shape (8 clients x 320 images, batch 16, 1 local epoch, SGD with
 Nesterov momentum, FedAvg; evaluation of 500 test images), in one process, side by side:
@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Optional
@@ -51,7 +53,12 @@ _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
 _LAST = flags.DEFINE_integer("last_blocks", 2, "peft.last_blocks of the prefix rows.")
 _RUNNER_ROUNDS = flags.DEFINE_integer("runner_rounds", 0, "> 0: also head tuning through the "
                                       "runner, feature cache auto vs off, this many rounds.")
+_RUNNER_ONLY = flags.DEFINE_bool("runner_only", False, "Only the runner comparison (rounds: "
+                                 "--runner_rounds, at least 2).")
+_RUNNER_MODE = flags.DEFINE_string("runner_mode", "", "Internal: one runner mode, as JSON.")
+_OUT = flags.DEFINE_string("out", "", "Optional JSON output path of the runner comparison.")
 NUM_CLASSES = 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_EXAMPLES = 500
 
 
@@ -100,7 +107,7 @@ def _run(method: str, last_blocks: int, cache: bool) -> dict[str, Any]:
     times.append(time.perf_counter() - t)
   return {"method": method, "last_blocks": last_blocks, "cache": cache,
           "trainable": peft.count(trainable), "first_round_s": times[0],
-          "s_per_round": min(times[1:]), "cache_build_s": build_s, "accuracy": acc,
+          "s_per_round": min(times[1:] or times), "cache_build_s": build_s, "accuracy": acc,
           "final": peft.flatten(jax.device_get(state.trainable))}
 
 
@@ -126,24 +133,53 @@ def measure_runner(mode: str, rounds: int) -> dict:
           "best_accuracy": summary.get("best_accuracy")}
 
 
-def runner_table(rounds: int) -> None:
-  """Head tuning through the runner, feature cache auto vs off, side by side."""
-  rows = [measure_runner(mode, rounds) for mode in ("auto", "off")]
+def runner_table(rounds: int) -> dict:
+  """Head tuning through the runner, feature cache auto vs off, each mode in a fresh process
+  (no jit cache or warm-up carries from one to the other)."""
+  rows = []
+  for mode in ("auto", "off"):
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench_prefix",
+                           f"--runner_mode={mode}", f"--runner_rounds={rounds}"],
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    rows.append(json.loads(lines[-1]) if proc.returncode == 0 and lines else
+                {"feature_cache": mode, "error": f"exited with {proc.returncode}"})
   print("\n| feature_cache | s/round (runner's 'seconds', median after round 1) | rounds/s | "
-        "first round s | whole run wall s (setup, cache, compile, rounds) | final acc |"
-        "\n|---|---|---|---|---|---|")
+        "first round s | whole run wall s (setup, cache, compile, rounds) | final acc | "
+        "best acc |\n|---|---|---|---|---|---|---|")
   for r in rows:
+    if "error" in r:
+      print(f"| {r['feature_cache']} | {r['error']} | | | | | |")
+      continue
     print(f"| {r['feature_cache']} | {r['seconds_per_round']:.3f} | {r['rounds_per_s']:.2f} | "
           f"{r['first_round_seconds']:.1f} | {r['run_wall_seconds']:.1f} | "
-          f"{r['final_accuracy']:.4f} |")
-  print(f"\nhead tuning on digits, {rounds} rounds: feature_cache auto / off = "
-        f"{rows[0]['rounds_per_s'] / rows[1]['rounds_per_s']:.2f}x rounds/s by the runner's "
-        f"per-round 'seconds', {rows[1]['run_wall_seconds'] / rows[0]['run_wall_seconds']:.2f}x "
-        "by whole-run wall time")
+          f"{_f(r['final_accuracy'])} | {_f(r['best_accuracy'])} |")
+  out = {"rounds": rounds, "rows": rows}
+  if all("error" not in r for r in rows):
+    out["rounds_per_s_ratio_auto_over_off"] = rows[0]["rounds_per_s"] / rows[1]["rounds_per_s"]
+    out["wall_ratio_off_over_auto"] = rows[1]["run_wall_seconds"] / rows[0]["run_wall_seconds"]
+    print(f"\nhead tuning on digits, {rounds} rounds: feature_cache auto / off = "
+          f"{out['rounds_per_s_ratio_auto_over_off']:.2f}x rounds/s by the runner's per-round "
+          f"'seconds' (host time per round: device work may run asynchronously), "
+          f"{out['wall_ratio_off_over_auto']:.2f}x by whole-run wall time")
+  return out
+
+
+def _f(x: Optional[float]) -> str:
+  return "-" if x is None else f"{x:.4f}"
 
 
 def main(argv: list[str]) -> None:
   del argv
+  if _RUNNER_MODE.value:  # one mode of runner_table, in its own process
+    print(json.dumps(measure_runner(_RUNNER_MODE.value, _RUNNER_ROUNDS.value)))
+    return
+  if _RUNNER_ONLY.value:
+    result = runner_table(max(_RUNNER_ROUNDS.value, 2))
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(result, f, indent=1)
+    return
   last = _LAST.value
   rows = [_run("bias", 0, False), _run("bias", last, False), _run("bias", last, True),
           _run("head", 0, False), _run("head", 0, True)]
@@ -163,7 +199,10 @@ def main(argv: list[str]) -> None:
           f"{base['s_per_round'] / r['s_per_round']:.1f}x | {r['cache_build_s']:.2f} | "
           f"{r['accuracy']:.3f} | {diff:.1e} |")
   if _RUNNER_ROUNDS.value > 0:
-    runner_table(_RUNNER_ROUNDS.value)
+    result = runner_table(_RUNNER_ROUNDS.value)
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

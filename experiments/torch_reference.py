@@ -6,8 +6,9 @@ after another each from the global weights, FedAvg weighted by examples, then th
 evaluation; and the same local step broken into timed parts.
 
 torch and timm are dev-only references (requirements-dev.txt), never a dependency of
-fedpeft_jax: `bench_round` loads this module only in the child process that runs a PyTorch
-job, so no JAX job's peak memory counts them.
+fedpeft_jax: `bench_round` loads this module only in the child processes of the PyTorch jobs
+and of the step-breakdown job (which times both sides), so no round or FLOP job's peak memory
+counts them.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def test_step_flops_agree_with_hand_formula() -> None:
 def test_torch_simulator_round_equals_engine_round() -> None:
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
-  tr = pytest.importorskip("experiments.torch_reference")
+  from experiments import torch_reference as tr  # a broken reference fails, never skips
   # Two clients (4 and 3 examples, batch 4): one step each, FedAvg weighted 4:3.
   w = bw.Workload(name="eq", variant="Ti/4", image_size=8, native_size=8, num_classes=5,
                   batch_size=4, client_sizes=(4, 3), eval_examples=0, lr=0.5,

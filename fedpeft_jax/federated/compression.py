@@ -36,11 +36,11 @@ this.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
@@ -84,12 +84,17 @@ def _is_record(x: Any) -> bool:
 def check_compression(method: str, block: int, fraction: float) -> None:
   """Raise on settings no codec accepts: the config checks these before any tracing."""
   one_of("federated.compression", method, COMPRESSIONS)
-  if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 0:
-    raise ValueError(f"federated.compression_block must be >= 0 (0: one scale per tensor), "
-                     f"got {block}")
-  if (not isinstance(fraction, (int, float, np.floating)) or isinstance(fraction, bool)
+  if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 0:
+    raise ValueError(f"federated.compression_block must be an integer >= 0 (0: one scale per "
+                     f"tensor), got {block!r}")
+  _check_fraction(fraction)
+
+
+def _check_fraction(fraction: float) -> None:
+  if (not isinstance(fraction, numbers.Real) or isinstance(fraction, bool)
       or not 0.0 < fraction <= 1.0):
-    raise ValueError(f"federated.compression_fraction must be in (0, 1], got {fraction}")
+    raise ValueError(f"federated.compression_fraction must be a number in (0, 1], got "
+                     f"{fraction!r}")
 
 
 def _levels(bits: int) -> int:
@@ -180,9 +185,7 @@ def topk_compress(update: PyTree, residual: PyTree | None,
   """(payload, new_residual): per tensor, the k = ceil(fraction * n) largest-magnitude
   entries of update + residual (a `Sparse` per leaf), and what was not sent, which the
   client adds to its next update (error feedback). `residual` None means zeros (round 0)."""
-  if (not isinstance(fraction, (int, float, np.floating)) or isinstance(fraction, bool)
-      or not 0.0 < fraction <= 1.0):
-    raise ValueError(f"federated.compression_fraction must be in (0, 1], got {fraction}")
+  _check_fraction(fraction)
   acc = update if residual is None else optax.tree.add(update, residual)
   leaves, treedef = jax.tree_util.tree_flatten(acc)
   pairs = [_topk_leaf(a, fraction) for a in leaves]

@@ -305,9 +305,11 @@ def aggregate(rule: str, a: jax.Array, b: jax.Array, weights: jax.Array, scaling
     return ffa(a, b, weights, mask)
   if rule == "fedex":
     return fedex(a, b, weights, scaling, client_scaling, mask)
-  if key is None:
-    raise ValueError("flora re-initialises LoRA's A: pass a PRNG key")
-  return flora(a, b, weights, scaling, key, client_scaling, mask)
+  if rule == "flora":
+    if key is None:
+      raise ValueError("flora re-initialises LoRA's A: pass a PRNG key")
+    return flora(a, b, weights, scaling, key, client_scaling, mask)
+  raise NotImplementedError(f"federated.lora_aggregation {rule!r} has no aggregation here")
 
 
 # ----------------------------------------------------------------------------- pytrees
