@@ -107,12 +107,7 @@ def configure(base: ml_collections.ConfigDict, point: dict[str, Any]
   """`base` with the point's overrides (module level: run_pool's workers build it)."""
   config = copy.deepcopy(base)
   with config.unlocked():
-    for field, value in point.items():
-      node = config
-      *parents, leaf = field.split(".")
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+    config.update_from_flattened_dict(point)
   return config
 
 

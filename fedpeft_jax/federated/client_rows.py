@@ -62,13 +62,15 @@ def sharding(mesh: Mesh) -> NamedSharding:
 
 
 def place(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Host rows [num_clients, ...] padded with zero rows and split over `mesh`'s devices (a
-  view is copied once on the host where padding is needed)."""
-  num = jax.tree_util.tree_leaves(tree)[0].shape[0]
-  rows = padded_rows(num, mesh.devices.size)
-  split = sharding(mesh)
-  return jax.tree_util.tree_map(lambda x: to_global(np.asarray(x), split),
-                                pad(jax.tree_util.tree_map(np.asarray, tree), rows))
+  """Host rows (leaves [num_clients, ...]; views are copied once where padding is needed)
+  padded with zero rows and split over `mesh`'s devices. Each leaf is padded for its own
+  population, so tables of different sizes may share the tree."""
+  devices, split = mesh.devices.size, sharding(mesh)
+
+  def one(x):
+    x = np.asarray(x)
+    return to_global(pad(x, padded_rows(x.shape[0], devices)), split)
+  return jax.tree_util.tree_map(one, tree)
 
 
 def bytes_per_device(tree: PyTree) -> int:

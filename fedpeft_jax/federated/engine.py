@@ -210,10 +210,9 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
         dp_key = np.asarray(multihost_utils.broadcast_one_to_all(dp_key))
     elif dp_key is None:
       dp_key = rng_lib.stream_key_data(seed, "dp")
-    state = initial_state(trainable, seed, clip_norm, dp_key)
-    split = jax.tree_util.tree_map(lambda x: to_global(np.asarray(x), client_rows.sharding(mesh)),
-                                   state.clients)
-    return replicate(state.replace(clients=None), mesh).replace(clients=split)
+    state = initial_state(trainable, seed, clip_norm, dp_key)  # its rows are padded already
+    return replicate(state.replace(clients=None), mesh).replace(
+        clients=None if state.clients is None else client_rows.place(state.clients, mesh))
 
   def state_shapes(trainable: PyTree) -> server_lib.ServerState:
     """Round 0's state as ShapeDtypeStructs placed on the mesh like `init`'s: `trainable`
