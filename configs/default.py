@@ -7,6 +7,7 @@ Presets import this and change fields. Any field can be overridden on the comman
 
 import ml_collections
 
+from fedpeft_jax.federated import personal
 from fedpeft_jax.peft.config import default_config as peft_default
 from fedpeft_jax.privacy.config import default_privacy_config
 
@@ -83,6 +84,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.server_bias_correction = False
   c.federated.weighting = "examples"  # 'examples' (weighted by client size) or 'uniform'.
   c.federated.dropout = 0.0  # probability that a sampled client fails to report.
+  # 'uniform' (exactly clients_per_round each round) or 'poisson' (each client with
+  # probability clients_per_round / num_clients: DP-FedAvg's draw, for a matched non-DP
+  # reference). DP-FedAvg with privacy.sampling='poisson' always draws by Poisson.
+  c.federated.client_sampling = "uniform"
   c.federated.max_update_norm = 0.0  # > 0: clip each client update at the server (robustness).
   c.federated.clients_per_chunk = "auto"  # int, or 'auto' (1 on CPU; fills accelerators).
   c.federated.feature_cache = "auto"  # 'auto': cache the frozen prefix's output when valid; 'off'.
@@ -103,7 +108,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # personal leaves first, then local_epochs on the shared ones) or 'fedbabu' (personal
   # leaves frozen at init during training, fine-tuned per client before evaluation).
   c.federated.personal_schedule = "none"
-  c.federated.personal_epochs = 1  # fedrep: local epochs on the personal leaves.
+  # fedrep: local epochs on the personal leaves before local_epochs on the shared ones.
+  # FedRep as published: 9 head epochs, then 1 body epoch (set local_epochs = 1).
+  c.federated.personal_epochs = personal.FEDREP_HEAD_EPOCHS
   c.federated.personal_finetune_epochs = 1  # fedbabu: local fine-tuning epochs.
   # Also score the global model on per-client test sets (always on with `personal`).
   c.federated.eval_per_client = False

@@ -1,33 +1,35 @@
-"""The study's analyses at CPU scale, three seeds, each claim judged at its error bars.
+"""The study's analyses at CPU scale: learning rates chosen on validation, paired verdicts.
 
-  python -m experiments.cpu_study --workdir=runs/cpu_study            # ~180 cells
-  python -m experiments.cpu_study --workdir=runs/cpu_study_quick --quick  # smoke test, ~1-3 min
+  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~80 minutes
+  python -m experiments.cpu_study --workdir=runs/cpu_study_quick --quick  # smoke test, < 3 min
 
 A ViT pre-trained on Fashion-MNIST classes 0-4 (cached in WORKDIR/pretrain) is fine-tuned
 federatedly on a close target (Fashion-MNIST classes 5-9: new classes of its own domain, as
 ImageNet-21k is to CIFAR-100) and a far one (scikit-learn digits, as ImageNet-21k is to PCam);
-the same ViT from random init is the scratch baseline. Analyses (configs/cpu_study.py holds the
-scale-down and why):
-  methods      full, head, bias, adapter, prompt, lora, scratch on both targets (16 clients,
-               100%, Dirichlet 0.3: the study's 0.1 cannot be drawn over 5 classes here);
-  grid         {16, 64} clients x {100%, 12.5%} x {Dirichlet, IID}; full, bias, prompt, lora;
-  scarcity     the close target with 1%, 5% and 20% of its 30,000 training images;
-  privacy      DP-FedAvg at epsilon 5 and 10, the study's paper_gaussian at nominal epsilon 5
-               (its accounted epsilon reported); full, bias, prompt; 64 clients at 12.5%;
-  equal_comm   full fine-tuning limited to the bytes bias tuning moves in its whole run.
+the same ViT from random init is the scratch baseline. configs/cpu_study.py holds the
+scale-down and why. In three phases:
 
-Every (config, seed) is one resumable run in WORKDIR/cells/<name> (`fedpeft_jax.runner.train.run`);
-a cell shared by several analyses runs once, a finished one is skipped, an interrupted one
-resumes from its checkpoint, so re-running the command continues an interrupted study. Cells
-run in --workers processes. Outputs: results.csv (a row per analysis, cell and seed),
-results.md (mean +- std tables and the claim verdicts), accuracy_vs_mb.png, grid_heatmap.png.
+1. tuning: every (setting group, method) sweeps its learning rate (DP-FedAvg: rate x clip) on
+   seed 0, scored by the mean validation accuracy of the last 3 evaluations
+   (`experiments.sweep.score`); the test split is never read to choose. Groups: the close
+   target (16 clients, also the 16-client grid cells), the far target, 64 clients (their grid
+   cells and DP's no-DP reference), each scarcity size, DP (epsilon 5; reused at 10 and by
+   paper_gaussian);
+2. the study: each cell runs on seeds 1..6 when a pre-registered primary comparison
+   (docs/study.md, "The CPU study") uses it, else on seeds 1..3 (supplementary);
+3. results: results.csv (a row per analysis, cell and seed; the final accuracy is the mean of
+   the last 3 test evaluations), tuning.csv, results.md, accuracy_vs_mb.png,
+   grid_heatmap.png.
 
-Verdicts: a claim is an inequality on a linear combination L of group mean accuracies (e.g.
-full's drop minus bias's drop). With SE = sqrt(sum c_i^2 s_i^2 / n_i) (s_i the std over seeds,
-ddof 1; runs treated as independent), a comparison is "reproduced" when L - margin > 2 SE,
-"not reproduced" when L - margin < -2 SE, else "inconclusive" (also with fewer than two seeds).
-A claim with several comparisons takes the verdict of a strict majority of them, else
-"inconclusive".
+Verdicts (experiments/paired.py): each claim has one primary comparison, L > margin, L a
+linear combination of accuracies in percentage points. It is judged on its per-seed values
+(runs of a seed share the split, the partition and the sampling): "reproduced" when the 95%
+Student-t interval of the mean lies above the margin, "contradicted" below it, else
+"inconclusive". Supplementary comparisons are reported the same way and decide nothing.
+
+Every (config, seed) is one resumable run in WORKDIR/cells/<name>; a cell shared by several
+analyses runs once, a finished one is skipped and an interrupted one resumes, so re-running
+the command continues an interrupted study. Cells run in --workers processes.
 """
 
 from __future__ import annotations
@@ -48,69 +50,72 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 
-from experiments import run_pool
+from experiments import paired, run_pool
 from experiments.run_pool import markdown_table, write_csv
+from experiments.sweep import score as sweep_score
 from fedpeft_jax.files import atomic_write_bytes, atomic_write_text
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
 from fedpeft_jax.runner.config_files import repo_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_study", "Output directory.")
-_QUICK = flags.DEFINE_bool("quick", False, "One seed, two methods, two rounds, a tiny model: "
+_QUICK = flags.DEFINE_bool("quick", False, "A tiny model, two methods, three rounds, two seeds: "
                            "a smoke test of the whole pipeline.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Cells run in this many processes (1: in this "
                                 "process).")
-_SEEDS = flags.DEFINE_list("seeds", [], "Seeds ('' = the study's 1, 42, 3407; --quick: 1).")
+_SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds of the primary cells, 1..N (0 = the plan's: "
+                              "6; --quick: 2).")
+_SUPPLEMENTARY_SEEDS = flags.DEFINE_integer(
+    "supplementary_seeds", 0, "Seeds of the other cells, 1..N (0 = the plan's: 3; --quick: 1).")
 _FASHION_DIR = flags.DEFINE_string("fashion_mnist_dir", "", "Folder of the four Fashion-MNIST "
                                    "IDX files ('' = /usr/share/datasets/fashion-mnist).")
 
 CONFIG = "cpu_study"  # configs/cpu_study.py
+TUNING_SEED = 0  # the sweeps' seed; the study's seeds start at 1
+LAST = 3  # evaluations averaged: the final test metric, the sweep's validation score
 PEFT = ("head", "bias", "adapter", "prompt", "lora")
 FEW_POINTS = 5.0  # claim 1: "within a few points" (percentage points)
 WIDE_MARGIN = 10.0  # claim 4: "by a wide margin" (percentage points)
 MIN_RATIO = 100.0  # claim 1: at >= 100x less communication
-Z = 2.0  # standard errors a difference must clear
 
-# What each scale runs; cells repeat across analyses where their configs are equal.
-_GRID = tuple((c, p, s) for c in (16, 64) for p in (1.0, 0.125) for s in ("dirichlet", "iid"))
+# Learning-rate grids (x3 steps); a winner at a grid's edge is flagged in tuning.md.
+_LR_PEFT = (0.01, 0.03, 0.1)
+LR_GRID = {"full": (0.003, 0.01, 0.03), "scratch": (0.01, 0.03, 0.1), "head": (0.03, 0.1, 0.3),
+           "bias": _LR_PEFT, "adapter": _LR_PEFT, "prompt": _LR_PEFT, "lora": _LR_PEFT}
+CLIP_GRID = (0.05, 0.2)  # DP-FedAvg's bound C, tuned with the rate
+
+_GRID = tuple((c, p, s) for c in (16, 64) for p in (1.0, 0.125) for s in ("iid", "dirichlet"))
 PLAN = {
-    "full": {"methods": ("full", "head", "bias", "adapter", "prompt", "lora", "scratch"),
-             "grid_methods": ("full", "bias", "prompt", "lora"), "grid": _GRID,
-             "scarcity_methods": ("full", "bias", "prompt", "lora"),
-             "scarcity_fractions": (0.01, 0.05, 0.2),
-             "dp_methods": ("full", "bias", "prompt"),
-             "dp_settings": (("dp_fedavg", 5.0), ("dp_fedavg", 10.0), ("paper_gaussian", 5.0))},
-    # Every code path once: the grid's corners that claim 2 compares, one scarcity cell.
-    "quick": {"methods": ("full", "bias"), "grid_methods": ("full", "bias"),
-              "grid": ((16, 1.0, "dirichlet"), (16, 1.0, "iid"), (16, 0.125, "dirichlet")),
-              "scarcity_methods": ("bias",), "scarcity_fractions": (0.01,),
+    "full": {"seeds": 6, "supplementary_seeds": 3,
+             "methods": ("full", "head", "bias", "adapter", "prompt", "lora", "scratch"),
+             "grid_methods": ("full", "bias"), "grid": _GRID,
+             "scarcity_methods": ("full", "bias"), "scarcity_sizes": (300, 1500, 3000),
+             "dp_methods": ("full", "bias"),
+             "dp_settings": (("dp_fedavg", 5.0), ("dp_fedavg", 10.0), ("paper_gaussian", 5.0)),
+             "lr_grid": LR_GRID, "clip_grid": CLIP_GRID},
+    # Every code path once: the primary cells' methods, the grid's claim-2 corners at 16
+    # clients, one scarcity size, both DP mechanisms; two-point grids.
+    "quick": {"seeds": 2, "supplementary_seeds": 1,
+              "methods": ("full", "bias", "scratch"), "grid_methods": ("full", "bias"),
+              "grid": ((16, 1.0, "iid"), (16, 0.125, "dirichlet")),
+              "scarcity_methods": ("bias",), "scarcity_sizes": (300, 1500),
               "dp_methods": ("full", "bias"),
-              "dp_settings": (("dp_fedavg", 5.0), ("paper_gaussian", 5.0))},
+              "dp_settings": (("dp_fedavg", 5.0), ("paper_gaussian", 5.0)),
+              "lr_grid": {**{m: v[1:2] for m, v in LR_GRID.items()}, "bias": LR_GRID["bias"][1:]},
+              "clip_grid": CLIP_GRID[:1]},
 }
 DP_CLIENTS, DP_PARTICIPATION = 64, 0.125
 ALPHA = repo_config(CONFIG).DIRICHLET_ALPHA
-CSV_COLUMNS = ["analysis", "target", "method", "setting", "seed", "final_accuracy",
-               "best_accuracy", "total_MB", "rounds", "wall_seconds", "cell"]
+CSV_COLUMNS = ["analysis", "target", "method", "setting", "tier", "seed", "final_accuracy",
+               "final_val_accuracy", "val_plateau_delta", "total_MB", "rounds", "lr", "clip",
+               "wall_seconds", "cell"]
+TUNING_COLUMNS = ["group", "method", "lr", "clip", "score", "final_val_accuracy", "chosen",
+                  "cell"]
 # Summary fields (at any depth) reported as privacy columns, by their last key.
 _PRIVACY_KEYS = ("epsilon", "sigma", "noise_multiplier", "delta", "formal_guarantee")
 
 
 # ---------------------------------------------------------------------------------- the plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-  """One run as one analysis sees it: `cell` is the configs/cpu_study.py arg."""
-  analysis: str
-  target: str
-  method: str
-  setting: str
-  seed: int
-  cell: str
-
-  @property
-  def name(self) -> str:
-    return cell_name(self.cell)
 
 
 def cell_arg(scale: str, seed: int, **keys: Any) -> str:
@@ -149,67 +154,171 @@ def dp_setting(mechanism: str, epsilon: float) -> str:
   return f"DP-FedAvg, eps {epsilon:g}"
 
 
-def plan_members(scale: str, seeds: Sequence[int]) -> list[Member]:
-  """Every (analysis, cell, seed) of the study except equal_comm, which needs finished runs."""
+def scarcity_setting(images: int) -> str:
+  total = repo_config(CONFIG).CLOSE_TRAIN_EXAMPLES
+  return f"{_pct(images / total)} ({images} images)"
+
+
+BASE = grid_setting(16, 1.0, "dirichlet")
+NO_DP = dp_setting("none", 0.0)
+_PRIMARY_DP = dp_setting("dp_fedavg", 5.0)
+# The cells the pre-registered primary comparisons read (docs/study.md, "The CPU study"):
+# (analysis, target, method, setting). They run on the primary seeds.
+PRIMARY = frozenset(
+    [("methods", "close", m, BASE) for m in ("full", "bias", "scratch")]
+    + [("methods", "far", m, BASE) for m in ("full", "bias")]
+    + [("grid", "close", m, grid_setting(64, p, s)) for m in ("full", "bias")
+       for p, s in ((1.0, "iid"), (0.125, "dirichlet"))]
+    + [("privacy", "close", m, s) for m in ("full", "bias") for s in (NO_DP, _PRIMARY_DP)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+  """One analysis' view of a cell, before seeds and tuned rates: `keys` are the config keys
+  (configs/cpu_study.py) other than method, lr, clip and seed; `group` the tuning group whose
+  chosen rate (and clip) it runs with."""
+  analysis: str
+  target: str
+  method: str
+  setting: str
+  keys: tuple[tuple[str, Any], ...]
+  group: str
+
+
+def tuning_groups(scale: str) -> dict[str, dict[str, Any]]:
+  """Each tuning group's config keys: where its sweeps run."""
   p = PLAN[scale]
-  config = repo_config(CONFIG)
-  base_train = config.SCALE[scale]["close_train"]
-  base = grid_setting(16, 1.0, "dirichlet")
+  groups = {"close": {"target": "close"}, "far": {"target": "far"},
+            "64 clients": {"clients": 64}}
+  base_train = repo_config(CONFIG).SCALE[scale]["close_train"]
+  for n in p["scarcity_sizes"]:
+    if n != base_train:
+      groups[f"{n} images"] = {"train_size": n}
+  groups["DP"] = {"clients": DP_CLIENTS, "participation": DP_PARTICIPATION,
+                  "mechanism": "dp_fedavg", "epsilon": 5.0}
+  return groups
+
+
+def plan_designs(scale: str) -> list[Design]:
+  """Every (analysis, cell) of the study, in table order."""
+  p = PLAN[scale]
+  base_train = repo_config(CONFIG).SCALE[scale]["close_train"]
   out = []
-  for seed in seeds:
-    for target in ("close", "far"):
-      for method in p["methods"]:
-        out.append(Member("methods", target, method, base, seed,
-                          cell_arg(scale, seed, target=target, method=method)))
-    for method in p["grid_methods"]:
-      for clients, part, split in p["grid"]:
-        out.append(Member("grid", "close", method, grid_setting(clients, part, split), seed,
-                          cell_arg(scale, seed, method=method, clients=clients,
-                                   participation=part, split=split)))
-    sizes = sorted({round(f * config.CLOSE_TRAIN_EXAMPLES) for f in p["scarcity_fractions"]}
-                   | {base_train})
-    for method in p["scarcity_methods"]:
-      for n in sizes:
-        setting = f"{_pct(n / config.CLOSE_TRAIN_EXAMPLES)} ({n} images)"
-        out.append(Member("scarcity", "close", method, setting, seed,
-                          cell_arg(scale, seed, method=method,
-                                   train_size=0 if n == base_train else n)))
-    for method in p["dp_methods"]:
-      for mechanism, epsilon in (("none", 5.0),) + tuple(p["dp_settings"]):
-        keys = {"mechanism": mechanism, "epsilon": epsilon} if mechanism != "none" else {}
-        out.append(Member("privacy", "close", method, dp_setting(mechanism, epsilon), seed,
-                          cell_arg(scale, seed, method=method, clients=DP_CLIENTS,
-                                   participation=DP_PARTICIPATION, **keys)))
+  for target in ("close", "far"):
+    for method in p["methods"]:
+      out.append(Design("methods", target, method, BASE, (("target", target),), target))
+  for method in p["grid_methods"]:
+    for clients, part, split in p["grid"]:
+      keys = (("clients", clients), ("participation", part), ("split", split))
+      out.append(Design("grid", "close", method, grid_setting(clients, part, split), keys,
+                        "close" if clients == 16 else "64 clients"))
+  for method in p["scarcity_methods"]:
+    for n in sorted(set(p["scarcity_sizes"]) | {base_train}):
+      keys = () if n == base_train else (("train_size", n),)
+      out.append(Design("scarcity", "close", method, scarcity_setting(n), keys,
+                        "close" if n == base_train else f"{n} images"))
+  for method in p["dp_methods"]:
+    for mechanism, epsilon in (("none", 5.0),) + tuple(p["dp_settings"]):
+      keys = (("clients", DP_CLIENTS), ("participation", DP_PARTICIPATION))
+      if mechanism != "none":
+        keys += (("mechanism", mechanism), ("epsilon", epsilon))
+      out.append(Design("privacy", "close", method, dp_setting(mechanism, epsilon), keys,
+                        "DP" if mechanism != "none" else "64 clients"))
   return out
 
 
-def equal_comm_members(scale: str, seeds: Sequence[int], workdir: str) -> list[Member]:
-  """Full fine-tuning given only the bytes bias tuning moved in its whole base run (per seed,
-  from the finished runs' summaries): whole rounds with every client if that affords one,
-  else one round with as many clients as the bytes pay for (at least one)."""
+@dataclasses.dataclass(frozen=True)
+class TuningPoint:
+  group: str
+  method: str
+  lr: float
+  clip: float  # 0: the group does not tune it
+  cell: str  # the config arg
+
+
+def plan_tuning(scale: str, designs: Sequence[Design]) -> list[TuningPoint]:
+  """The sweeps: every (group, method) some design uses, over the method's rate grid (DP:
+  rate x clip), on TUNING_SEED."""
+  p = PLAN[scale]
+  groups = tuning_groups(scale)
+  needed = list(dict.fromkeys((d.group, d.method) for d in designs))
   out = []
-  config = repo_config(CONFIG)
-  for seed in seeds:
-    bias = cell_arg(scale, seed, method="bias")
-    full = cell_arg(scale, seed, method="full")
-    sb, sf = read_summary(workdir, bias), read_summary(workdir, full)
-    if sb is None or sf is None:
+  for group, method in needed:
+    clips = p["clip_grid"] if group == "DP" else (0.0,)
+    for lr in p["lr_grid"][method]:
+      for clip in clips:
+        extra = {"clip": clip} if clip else {}
+        out.append(TuningPoint(group, method, lr, clip, cell_arg(
+            scale, TUNING_SEED, method=method, lr=lr, **groups[group], **extra)))
+  return out
+
+
+def choose(points: Sequence[TuningPoint], workdir: str
+           ) -> tuple[dict[tuple[str, str], TuningPoint], list[dict[str, Any]]]:
+  """The winner of each (group, method) sweep: the highest validation score (first in grid
+  order among equals), and one row per point for tuning.csv. A sweep with no finished point
+  chooses nothing."""
+  rows, best = [], {}
+  for t in points:
+    run_dir = cell_dir(workdir, t.cell)
+    if run_pool.read_summary(run_dir) is None:
       continue
-    budget = sb["total_bytes"]
-    client_round = 2 * sf["bytes_per_transfer"]  # down + up, per participating client
-    clients = config.DEFAULTS["clients"]
-    rounds = int(budget // (client_round * clients))
-    if rounds >= 1:
-      keys = {"rounds": rounds}
-      setting = f"full, {rounds} rounds x {clients} clients"
-    else:
-      per_round = max(1, int(budget // client_round))
-      keys = {"rounds": 1, "clients_per_round": per_round}
-      setting = f"full, 1 round x {per_round} of {clients} clients (< 1 round)"
-    out.append(Member("equal_comm", "close", "bias", f"bias, {sb['rounds']} rounds x "
-                      f"{clients} clients", seed, bias))
-    out.append(Member("equal_comm", "close", "full", setting, seed,
-                      cell_arg(scale, seed, method="full", **keys)))
+    s = sweep_score(run_dir, LAST)
+    rows.append({"group": t.group, "method": t.method, "lr": t.lr, "clip": t.clip or "",
+                 "score": s["score"], "final_val_accuracy": s["final_val_accuracy"],
+                 "cell": cell_name(t.cell), "_point": t})
+    key = (t.group, t.method)
+    if key not in best or s["score"] > best[key]["score"]:
+      best[key] = rows[-1]
+  for r in rows:
+    r["chosen"] = best[(r["group"], r["method"])] is r
+  return {k: r["_point"] for k, r in best.items()}, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One run as one analysis sees it: `cell` is the configs/cpu_study.py arg."""
+  analysis: str
+  target: str
+  method: str
+  setting: str
+  seed: int
+  cell: str
+  tier: str  # 'primary' (the cell feeds a primary comparison) or 'supplementary'
+  lr: float
+  clip: float
+
+  @property
+  def name(self) -> str:
+    return cell_name(self.cell)
+
+
+def plan_members(scale: str, designs: Sequence[Design],
+                 chosen: dict[tuple[str, str], TuningPoint], seeds: int,
+                 supplementary_seeds: int) -> list[Member]:
+  """Each design on its seeds with its group's chosen rate: a cell any primary comparison
+  reads runs on seeds 1..`seeds`, the rest on 1..`supplementary_seeds`. Designs whose sweep
+  chose nothing (every point failed) are left out."""
+  primary_cells = set()
+  tuned = []
+  for d in designs:
+    t = chosen.get((d.group, d.method))
+    if t is None:
+      continue
+    keys = dict(d.keys)
+    if t.clip and keys.get("mechanism") == "dp_fedavg":
+      keys["clip"] = t.clip
+    arg = cell_arg(scale, 1, method=d.method, lr=t.lr, **keys)
+    tuned.append((d, t, keys, arg))
+    if (d.analysis, d.target, d.method, d.setting) in PRIMARY:
+      primary_cells.add(arg)
+  out = []
+  for d, t, keys, arg in tuned:
+    tier = "primary" if arg in primary_cells else "supplementary"
+    for seed in range(1, (seeds if tier == "primary" else supplementary_seeds) + 1):
+      out.append(Member(d.analysis, d.target, d.method, d.setting, seed,
+                        cell_arg(scale, seed, method=d.method, lr=t.lr, **keys), tier, t.lr,
+                        keys.get("clip", 0.0)))
   return out
 
 
@@ -238,8 +347,7 @@ def _cost(arg: str) -> float:
   """A rough relative cost, to start long cells first (fewer stragglers at the end)."""
   keys = dict(item.split("=", 1) for item in arg.split(","))
   examples = float(keys.get("train_size", 1500))
-  part = float(keys.get("participation", 1.0))
-  return examples * part * (2.0 if keys["method"] in ("full", "scratch") else 1.0)
+  return examples * (2.0 if keys["method"] in ("full", "scratch") else 1.0)
 
 
 def cell_jobs(args: Iterable[str], workdir: str, pretrained: str,
@@ -252,6 +360,21 @@ def cell_jobs(args: Iterable[str], workdir: str, pretrained: str,
 
 
 # ---------------------------------------------------------------------------------- results
+
+
+def evaluations(run_dir: str) -> list[dict[str, Any]]:
+  """The run's evaluated rows of metrics.jsonl, in round order."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if "test_accuracy" in r]
+
+
+def plateau(values: Sequence[float], last: int = LAST) -> float:
+  """Mean of the last `last` values minus the mean of the `last` before them (nan if there
+  are fewer than 2 x last): how much the curve still moved at the end."""
+  if len(values) < 2 * last:
+    return math.nan
+  return float(np.mean(values[-last:]) - np.mean(values[-2 * last:-last]))
 
 
 def _privacy_fields(summary: dict, prefix: str = "") -> dict[str, Any]:
@@ -269,20 +392,57 @@ def _privacy_fields(summary: dict, prefix: str = "") -> dict[str, Any]:
 
 def collect_rows(members: Sequence[Member], workdir: str,
                  seconds: dict[str, float]) -> list[dict[str, Any]]:
-  """One row per member with a finished run, from its summary.json."""
+  """One row per member with a finished run: the mean test (and validation) accuracy of its
+  last LAST evaluations, how much validation still moved, bytes and privacy fields."""
   rows = []
   for m in members:
-    s = read_summary(workdir, m.cell)
+    run_dir = cell_dir(workdir, m.cell)
+    s = run_pool.read_summary(run_dir)
     if s is None:
       continue
+    evals = evaluations(run_dir)
+    val = [r["val_accuracy"] for r in evals]
     total = s.get("total_bytes")  # under DP-FedAvg it may be withheld (who took part)
     row = {"analysis": m.analysis, "target": m.target, "method": m.method,
-           "setting": m.setting, "seed": m.seed, "final_accuracy": s["final_accuracy"],
-           "best_accuracy": s["best_accuracy"],
+           "setting": m.setting, "tier": m.tier, "seed": m.seed,
+           "final_accuracy": float(np.mean([r["test_accuracy"] for r in evals[-LAST:]])),
+           "final_val_accuracy": float(np.mean(val[-LAST:])),
+           "val_plateau_delta": plateau(val),
            "total_MB": None if total is None else total / outputs.MB,
-           "rounds": s["rounds"], "wall_seconds": seconds.get(m.name), "cell": m.name}
+           "rounds": s["rounds"], "lr": m.lr, "clip": m.clip or None,
+           "wall_seconds": seconds.get(m.name), "cell": m.name}
     row.update(_privacy_fields(s))
     rows.append(row)
+  return rows
+
+
+def equal_bytes_rows(members: Sequence[Member], workdir: str) -> list[dict[str, Any]]:
+  """Claim 6 along the curves, per seed: at each budget B that full fine-tuning's curve
+  reaches at an evaluation (its cumulative bytes then), full's test accuracy there against
+  bias tuning's mean test accuracy over its last LAST evaluations within B."""
+  base = {(m.method, m.seed): m for m in members
+          if m.analysis == "methods" and m.target == "close" and m.method in ("full", "bias")}
+  rows = []
+  for seed in sorted({s for _, s in base}):
+    full, bias = base.get(("full", seed)), base.get(("bias", seed))
+    if full is None or bias is None:
+      continue
+    dirs = [cell_dir(workdir, full.cell), cell_dir(workdir, bias.cell)]
+    if any(run_pool.read_summary(d) is None for d in dirs):
+      continue
+    full_curve, bias_curve = (evaluations(d) for d in dirs)
+    for r in full_curve:
+      budget = r["cumulative_bytes"]
+      within = [b["test_accuracy"] for b in bias_curve if b["cumulative_bytes"] <= budget]
+      if not within:
+        continue
+      setting = f"<= {budget / outputs.MB:.2f} MB (full: {r['round']} rounds)"
+      common = {"analysis": "equal_comm", "target": "close", "setting": setting,
+                "tier": "primary", "seed": seed, "total_MB": budget / outputs.MB}
+      rows.append({**common, "method": "full", "final_accuracy": r["test_accuracy"],
+                   "rounds": r["round"], "cell": full.name})
+      rows.append({**common, "method": "bias", "final_accuracy": float(np.mean(within[-LAST:])),
+                   "rounds": len(within), "cell": bias.name})
   return rows
 
 
@@ -321,13 +481,29 @@ class Stat:
 GroupKey = tuple[str, str, str, str]  # analysis, target, method, setting
 
 
+def _present(value: Any) -> bool:
+  return value is not None and value != "" and not (isinstance(value, float) and
+                                                     math.isnan(value))
+
+
 def group(rows: Sequence[dict[str, Any]], field: str) -> dict[GroupKey, Stat]:
   """Rows -> Stat of `field` per (analysis, target, method, setting), in first-seen order."""
   out: dict[GroupKey, Stat] = {}
   for r in rows:
     stat = out.setdefault((r["analysis"], r["target"], r["method"], r["setting"]), Stat([]))
-    if r.get(field) is not None and r[field] != "":
+    if _present(r.get(field)):
       stat.values.append(float(r[field]))
+  return out
+
+
+def per_seed(rows: Sequence[dict[str, Any]], field: str = "final_accuracy"
+             ) -> dict[GroupKey, dict[int, float]]:
+  """Rows -> {group key: {seed: value}}: what the paired comparisons read."""
+  out: dict[GroupKey, dict[int, float]] = {}
+  for r in rows:
+    key = (r["analysis"], r["target"], r["method"], r["setting"])
+    if _present(r.get(field)):
+      out.setdefault(key, {})[int(r["seed"])] = float(r[field])
   return out
 
 
@@ -335,15 +511,17 @@ ANALYSIS_TITLES = {
     "methods": f"Methods (16 clients, 100%, Dirichlet {ALPHA:g})",
     "grid": "Client stability x data distribution (close target)",
     "scarcity": f"Data scarcity (close target, 16 clients, 100%, Dirichlet {ALPHA:g})",
-    "privacy": f"Privacy (close target, 64 clients, 12.5%, Dirichlet {ALPHA:g})",
-    "equal_comm": "Equal communication (close target): full fine-tuning on bias tuning's bytes",
+    "privacy": f"Privacy (close target, 64 clients, 12.5% Poisson, Dirichlet {ALPHA:g})",
+    "equal_comm": "Equal communication (close target): accuracy within full fine-tuning's "
+                  "cumulative bytes",
 }
 
 
 def analysis_tables(rows: Sequence[dict[str, Any]]) -> str:
-  """A mean ± std table per analysis: accuracy, MB and any privacy fields."""
-  final, best, mb = group(rows, "final_accuracy"), group(rows, "best_accuracy"), group(
-      rows, "total_MB")
+  """A mean ± std table per analysis: accuracy, plateau, rate, MB and any privacy fields."""
+  final, val, delta, mb = (group(rows, f) for f in (
+      "final_accuracy", "final_val_accuracy", "val_plateau_delta", "total_MB"))
+  lr, clip = group(rows, "lr"), group(rows, "clip")
   # planned_* repeat the spent epsilon unless a run stopped early (results.csv keeps them)
   privacy_cols = sorted({k for r in rows if r["analysis"] == "privacy" for k in r
                          if k not in CSV_COLUMNS and not k.startswith("planned_")})
@@ -357,13 +535,22 @@ def analysis_tables(rows: Sequence[dict[str, Any]]) -> str:
     body = []
     for key in keys:
       _, target, method, setting = key
+      rate = "-" if not lr[key].values else f"{lr[key].values[0]:g}" + (
+          f", C {clip[key].values[0]:g}" if clip[key].values else "")
       body.append([target, setting, method, str(final[key].n), final[key].text(),
-                   best[key].text(), mb[key].text(constant_plain=True)]
+                   val[key].text(), _points(delta[key]), rate,
+                   mb[key].text(constant_plain=True)]
                   + [_number_text(eps[c][key]) for c in extra])
     parts.append(f"### {title}\n\n" + markdown_table(
-        ["target", "setting", "method", "seeds", "final accuracy", "best accuracy",
-         "total MB"] + extra, body))
+        ["target", "setting", "method", "seeds", "test accuracy (last 3)",
+         "val accuracy (last 3)", "val change (pts)", "rate (tuned)", "total MB"] + extra,
+        body))
   return "\n\n".join(parts)
+
+
+def _points(stat: Stat) -> str:
+  """The mean plateau change over seeds in percentage points ('-' without enough rows)."""
+  return "-" if not stat.values else f"{100 * stat.mean:+.1f}"
 
 
 def _number_text(stat: Stat) -> str:
@@ -375,143 +562,149 @@ def _number_text(stat: Stat) -> str:
   return f"{stat.mean:.4g} ± {stat.std:.2g}"
 
 
+def tuning_table(rows: Sequence[dict[str, Any]], scale: str) -> str:
+  """The sweeps: each point's validation score, the chosen one in bold, edge winners noted."""
+  grids = PLAN[scale]
+  body = []
+  for r in rows:
+    rate = f"{r['lr']:g}" + (f", C {r['clip']:g}" if r["clip"] else "")
+    grid = grids["lr_grid"][r["method"]]
+    edge = r["chosen"] and r["lr"] in (grid[0], grid[-1])
+    mark = f"**{rate}**" if r["chosen"] else rate
+    body.append([r["group"], r["method"], mark, f"{r['score']:.4f}",
+                 "chosen at the grid's edge" if edge else ""])
+  return ("### Tuning (seed 0, validation only)\n\n" + markdown_table(
+      ["group", "method", "rate", f"val score (mean of last {LAST})", "note"], body))
+
+
 # ---------------------------------------------------------------------------------- verdicts
 
 
 @dataclasses.dataclass
 class Comparison:
-  """L = sum_i c_i mean_i (percentage points) against `margin`: the claim says L > margin."""
+  """L = 100 x sum_i c_i accuracy_i (percentage points) against `margin`: the claim says
+  L > margin. Judged on the per-seed values of L over the seeds every term has."""
   claim: str
   label: str
-  terms: list[tuple[float, Stat]]
+  terms: list[tuple[float, GroupKey]]
   margin: float = 0.0
-  note: str = ""  # set: not counted (e.g. the method is not >= 100x cheaper)
+  primary: bool = False
+  note: str = ""
 
-  @property
-  def estimate(self) -> float:
-    return 100.0 * sum(c * s.mean for c, s in self.terms)
+  def differences(self, values: dict[GroupKey, dict[int, float]]) -> dict[int, float]:
+    """{seed: L on that seed} over the seeds all terms ran."""
+    runs = [values.get(key, {}) for _, key in self.terms]
+    seeds = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    return {s: 100.0 * sum(c * r[s] for (c, _), r in zip(self.terms, runs)) for s in seeds}
 
-  @property
-  def se(self) -> float:
-    if any(s.n < 2 for _, s in self.terms):
-      return math.nan
-    return 100.0 * math.sqrt(sum(c * c * s.std ** 2 / s.n for c, s in self.terms))
-
-  @property
-  def verdict(self) -> str:
-    if self.note:
-      return "not counted"
-    if not self.terms or any(not s.values for _, s in self.terms):
-      return "inconclusive (not run)"
-    if math.isnan(self.se):
-      return "inconclusive"
-    effect = self.estimate - self.margin
-    if effect > Z * self.se:
-      return "reproduced"
-    if effect < -Z * self.se:
-      return "not reproduced"
-    return "inconclusive"
-
-
-def overall(comparisons: Sequence[Comparison]) -> str:
-  """The strict-majority verdict of the counted comparisons, else inconclusive."""
-  counted = [c.verdict.split(" (")[0] for c in comparisons if not c.note]
-  for label in ("reproduced", "not reproduced"):
-    if counted and sum(v == label for v in counted) * 2 > len(counted):
-      return label
-  return "inconclusive"
+  def judge(self, values: dict[GroupKey, dict[int, float]]) -> dict[str, Any]:
+    d = list(self.differences(values).values())
+    interval = paired.t_interval(d)
+    return {"interval": interval, "p": paired.sign_flip_p(d, self.margin) if d else math.nan,
+            "verdict": paired.verdict(interval, self.margin) if d else "not run"}
 
 
 CLAIMS = {
-    "1": "PEFT is within a few (5) points of full fine-tuning at >= 100x less communication "
-         "(close target)",
+    "1": "PEFT is within a few (5) points of full fine-tuning at >= 100x less communication",
     "2": "PEFT holds up better than full fine-tuning when few clients take part and data are "
-         "non-IID (drop from 100%/IID to 12.5%/Dirichlet)",
-    "3": "Under DP, full fine-tuning loses the most (drop from no DP)",
-    "4": "Pre-training beats scratch by a wide (10-point) margin",
+         "non-IID",
+    "3": "Under DP, full fine-tuning loses the most accuracy",
+    "4": "Pre-training beats training from scratch by a wide (10-point) margin",
     "5": "The domain gap widens the distance between PEFT and full fine-tuning",
-    "6": "(supplementary) At equal communication, bias tuning beats full fine-tuning",
+    "6": "At equal communication, bias tuning beats full fine-tuning",
 }
 
 
+def _drop(analysis: str, method: str, easy: str, hard: str, sign: float
+          ) -> list[tuple[float, GroupKey]]:
+  """sign x (accuracy at `easy` - accuracy at `hard`) of one method, as terms."""
+  return [(sign, (analysis, "close", method, easy)), (-sign, (analysis, "close", method, hard))]
+
+
 def comparisons(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
-  """The claims as comparisons of final accuracy (CLAIMS; module docstring for the rule)."""
-  acc, mb = group(rows, "final_accuracy"), group(rows, "total_MB")
-  empty = Stat([])
-
-  def g(analysis: str, target: str, method: str, setting: str) -> Stat:
-    return acc.get((analysis, target, method, setting), empty)
-
-  base = grid_setting(16, 1.0, "dirichlet")
+  """Each claim's primary comparison (pre-registered in docs/study.md) and the supplementary
+  ones the rows allow."""
+  mb = group(rows, "total_MB")
+  keys = list(group(rows, "final_accuracy"))
+  methods = [m for m in PLAN["full"]["methods"] if ("methods", "close", m, BASE) in keys]
   out = []
-  methods = {k[2] for k in acc if k[0] == "methods"}
-  peft = [m for m in PEFT if m in methods]
-  for m in peft:
-    full_mb = mb.get(("methods", "close", "full", base), empty).mean
-    m_mb = mb.get(("methods", "close", m, base), empty).mean
+  full_mb = mb.get(("methods", "close", "full", BASE), Stat([])).mean
+  for m in [m for m in PEFT if m in methods]:
+    m_mb = mb.get(("methods", "close", m, BASE), Stat([])).mean
     ratio = full_mb / m_mb if m_mb else math.nan
-    note = "" if ratio >= MIN_RATIO else f"only {ratio:.0f}x less communication"
-    out.append(Comparison("1", f"{m} - full ({ratio:.0f}x fewer bytes)",
-                          [(1.0, g("methods", "close", m, base)),
-                           (-1.0, g("methods", "close", "full", base))], -FEW_POINTS, note))
-  grid_methods = [m for m in sorted({k[2] for k in acc if k[0] == "grid"}, key=_order)
-                  if m != "full"]
-  grid_clients = sorted({int(k[3].split()[0]) for k in acc if k[0] == "grid"})
-  for clients in grid_clients:
+    note = "" if ratio >= MIN_RATIO else f"only {ratio:.0f}x fewer bytes"
+    out.append(Comparison("1", f"{m} - full, close target ({ratio:.0f}x fewer bytes)",
+                          [(1.0, ("methods", "close", m, BASE)),
+                           (-1.0, ("methods", "close", "full", BASE))], -FEW_POINTS,
+                          primary=m == "bias", note=note))
+  for clients in (64, 16):
     easy, hard = grid_setting(clients, 1.0, "iid"), grid_setting(clients, 0.125, "dirichlet")
-    for m in grid_methods:
-      out.append(Comparison("2", f"{clients} clients: drop(full) - drop({m})",
-                            [(1.0, g("grid", "close", "full", easy)),
-                             (-1.0, g("grid", "close", "full", hard)),
-                             (-1.0, g("grid", "close", m, easy)),
-                             (1.0, g("grid", "close", m, hard))]))
-  no_dp = dp_setting("none", 0.0)
-  dp_settings = [k[3] for k in acc if k[0] == "privacy" and k[2] == "full" and k[3] != no_dp]
-  dp_methods = [m for m in sorted({k[2] for k in acc if k[0] == "privacy"}, key=_order)
-                if m != "full"]
-  for setting in dp_settings:
-    for m in dp_methods:
-      out.append(Comparison("3", f"{setting}: loss(full) - loss({m})",
-                            [(1.0, g("privacy", "close", "full", no_dp)),
-                             (-1.0, g("privacy", "close", "full", setting)),
-                             (-1.0, g("privacy", "close", m, no_dp)),
-                             (1.0, g("privacy", "close", m, setting))]))
+    if ("grid", "close", "full", easy) in keys:
+      out.append(Comparison(
+          "2", f"{clients} clients, 100% IID -> 12.5% Dir: drop(full) - drop(bias)",
+          _drop("grid", "full", easy, hard, 1.0) + _drop("grid", "bias", easy, hard, -1.0),
+          primary=clients == 64))
+  for setting in [k[3] for k in keys if k[0] == "privacy" and k[2] == "full"
+                  and k[3] != NO_DP]:
+    paper = setting.startswith("paper_gaussian")
+    out.append(Comparison(
+        "3", f"{setting}: loss(full) - loss(bias)",
+        _drop("privacy", "full", NO_DP, setting, 1.0)
+        + _drop("privacy", "bias", NO_DP, setting, -1.0), primary=setting == _PRIMARY_DP,
+        note="its accounted epsilon is not comparable (privacy table)" if paper else ""))
   for target in ("close", "far"):
     out.append(Comparison("4", f"{target}: full (pre-trained) - scratch",
-                          [(1.0, g("methods", target, "full", base)),
-                           (-1.0, g("methods", target, "scratch", base))], WIDE_MARGIN))
-  for m in peft:
+                          [(1.0, ("methods", target, "full", BASE)),
+                           (-1.0, ("methods", target, "scratch", BASE))], WIDE_MARGIN,
+                          primary=target == "close"))
+  for m in [m for m in PEFT if m in methods]:
     out.append(Comparison("5", f"(full - {m}) on far - (full - {m}) on close",
-                          [(1.0, g("methods", "far", "full", base)),
-                           (-1.0, g("methods", "far", m, base)),
-                           (-1.0, g("methods", "close", "full", base)),
-                           (1.0, g("methods", "close", m, base))]))
-  eq = {k[2]: v for k, v in acc.items() if k[0] == "equal_comm"}
-  out.append(Comparison("6", "bias - full at bias's bytes",
-                        [(1.0, eq.get("bias", empty)), (-1.0, eq.get("full", empty))]))
-  return out
+                          [(1.0, ("methods", "far", "full", BASE)),
+                           (-1.0, ("methods", "far", m, BASE)),
+                           (-1.0, ("methods", "close", "full", BASE)),
+                           (1.0, ("methods", "close", m, BASE))], primary=m == "bias"))
+  budgets = [k[3] for k in keys if k[0] == "equal_comm" and k[2] == "full"]
+  for i, setting in enumerate(budgets):  # in curve order: the first is full's first point
+    out.append(Comparison("6", f"bias - full, {setting}",
+                          [(1.0, ("equal_comm", "close", "bias", setting)),
+                           (-1.0, ("equal_comm", "close", "full", setting))], primary=i == 0))
+  return [c for c in out if all(k in keys for _, k in c.terms)]
+
+
+def _comparison_row(c: Comparison, values: dict[GroupKey, dict[int, float]]) -> list[str]:
+  j = c.judge(values)
+  iv = j["interval"]
+  ci = ("-" if math.isnan(iv.half_width)
+        else f"[{iv.low:+.1f}, {iv.high:+.1f}]")
+  return [c.claim, c.label, str(iv.n), f"{iv.mean:+.1f}", ci, f"> {c.margin:+g}",
+          "-" if math.isnan(j["p"]) else f"{j['p']:.3f}",
+          j["verdict"] + (f" ({c.note})" if c.note else "")]
+
+
+def verdict_section(comps: Sequence[Comparison], rows: Sequence[dict[str, Any]]) -> str:
+  """The claims' verdicts (their primary comparisons) and the supplementary comparisons."""
+  values = per_seed(rows)
+  header = ["claim", "comparison", "seeds", "mean (pts)", "95% CI (Student t)", "claimed",
+            "sign-flip p", "CI vs claim"]
+  summary, primary, supplementary = [], [], []
+  for claim, text in CLAIMS.items():
+    mains = [c for c in comps if c.claim == claim and c.primary]
+    verdict = mains[0].judge(values)["verdict"] if mains else "not run"
+    summary.append([claim, text, mains[0].label if mains else "-", f"**{verdict}**"])
+    for c in comps:
+      if c.claim == claim:
+        (primary if c.primary else supplementary).append(_comparison_row(c, values))
+  return ("### Verdicts\n\n" + markdown_table(
+      ["claim", "statement", "primary comparison (docs/study.md)", "verdict"], summary)
+      + "\n\n### Primary comparisons (final test accuracy, percentage points, paired by seed)"
+      "\n\n" + markdown_table(header, primary)
+      + "\n\n### Supplementary comparisons (reported, no votes)\n\n"
+      + markdown_table(header, supplementary))
 
 
 def _order(method: str) -> int:
   order = PLAN["full"]["methods"]
   return order.index(method) if method in order else len(order)
-
-
-def verdict_section(comps: Sequence[Comparison]) -> str:
-  body = []
-  summary = []
-  for claim, text in CLAIMS.items():
-    cs = [c for c in comps if c.claim == claim]
-    verdict = overall(cs)
-    summary.append([claim, text, f"**{verdict}**"])
-    for c in cs:
-      se = "-" if math.isnan(c.se) else f"{Z * c.se:.1f}"
-      body.append([claim, c.label, f"{c.estimate:+.1f}", se, f"> {c.margin:+g}",
-                   c.note and f"not counted: {c.note}" or c.verdict])
-  return ("### Verdicts\n\n" + markdown_table(["claim", "statement", "verdict"], summary)
-          + "\n\n### Comparisons (final accuracy, percentage points)\n\n"
-          + markdown_table(["claim", "comparison", "estimate", "2 SE", "claimed", "verdict"],
-                           body))
 
 
 # ---------------------------------------------------------------------------------- figures
@@ -581,10 +774,13 @@ def plot_grid_heatmap(rows: Sequence[dict[str, Any]], path: str) -> None:
 # ------------------------------------------------------------------------------------- main
 
 
-def write_results(rows: Sequence[dict[str, Any]], workdir: str, header: str) -> str:
-  """results.csv, results.md and the figures; returns the markdown."""
+def write_results(rows: Sequence[dict[str, Any]], tuning_rows: Sequence[dict[str, Any]],
+                  workdir: str, header: str, scale: str) -> str:
+  """results.csv, tuning.csv, results.md and the figures; returns the markdown."""
   write_csv(rows, csv_columns(rows), os.path.join(workdir, "results.csv"))
-  md = "\n\n".join([header, analysis_tables(rows), verdict_section(comparisons(rows))]) + "\n"
+  write_csv(tuning_rows, TUNING_COLUMNS, os.path.join(workdir, "tuning.csv"))
+  md = "\n\n".join([header, verdict_section(comparisons(rows), rows),
+                    analysis_tables(rows), tuning_table(tuning_rows, scale)]) + "\n"
   atomic_write_text(os.path.join(workdir, "results.md"), md)
   plot_accuracy_vs_mb(rows, os.path.join(workdir, "accuracy_vs_mb.png"))
   plot_grid_heatmap(rows, os.path.join(workdir, "grid_heatmap.png"))
@@ -604,13 +800,18 @@ def check_backbone(path: str, classes: str) -> None:
         f"config.data.classes to load_dataset). Delete {os.path.dirname(path)} and re-run.")
 
 
+def _phase_seconds(names: Iterable[str], seconds: dict[str, float]) -> float:
+  return sum(seconds.get(n, 0.0) for n in set(names))
+
+
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.ERROR)
   t0 = time.time()
   scale = "quick" if _QUICK.value else "full"
-  seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
-           else [1] if _QUICK.value else list(repo_config(CONFIG).STUDY_SEEDS))
+  plan = PLAN[scale]
+  seeds = _SEEDS.value or plan["seeds"]
+  supplementary_seeds = min(seeds, _SUPPLEMENTARY_SEEDS.value or plan["supplementary_seeds"])
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   config = repo_config(CONFIG)
@@ -622,29 +823,39 @@ def main(argv: list[str]) -> None:
   with open(os.path.join(pt_dir, "pretrain_summary.json")) as f:
     pt_summary = json.load(f)
   runner = run_pool.RunPool(workdir, _WORKERS.value, noun="cell")
-  members = plan_members(scale, seeds)
-  runner.run(cell_jobs((m.cell for m in members), workdir, ckpt, _FASHION_DIR.value))
-  extra = equal_comm_members(scale, seeds, workdir)
-  runner.run(cell_jobs((m.cell for m in extra), workdir, ckpt, _FASHION_DIR.value))
-  members += extra
-  rows = collect_rows(members, workdir, runner.seconds)
 
-  cells = {m.name for m in members}
-  cell_seconds = sum(runner.seconds.get(c, 0.0) for c in cells)
+  designs = plan_designs(scale)
+  points = plan_tuning(scale, designs)
+  runner.run(cell_jobs((t.cell for t in points), workdir, ckpt, _FASHION_DIR.value))
+  chosen, tuning_rows = choose(points, workdir)
+  members = plan_members(scale, designs, chosen, seeds, supplementary_seeds)
+  runner.run(cell_jobs((m.cell for m in members), workdir, ckpt, _FASHION_DIR.value))
+  rows = collect_rows(members, workdir, runner.seconds)
+  rows += equal_bytes_rows(members, workdir)
+
+  tuning_s = _phase_seconds((cell_name(t.cell) for t in points), runner.seconds)
+  study_s = _phase_seconds((m.name for m in members), runner.seconds)
   s = config.SCALE[scale]
+  n_primary = len({m.name for m in members if m.tier == "primary"})
+  n_runs = len({m.name for m in members})
   header = (
-      f"## Results ({scale} scale, seeds {', '.join(map(str, seeds))})\n\n"
-      f"Generated by `python -m experiments.cpu_study{' --quick' if _QUICK.value else ''}` "
-      f"from {len(rows)} rows of results.csv ({len(cells)} distinct runs). Backbone: ViT "
-      f"hidden {s['hidden']}, depth {s['depth']}, patch {config.PATCH_SIZE} at "
-      f"{config.IMAGE_SIZE}x{config.IMAGE_SIZE}, pre-trained on Fashion-MNIST classes "
-      f"{config.SOURCE_CLASSES} ({pt_summary['test_accuracy']:.3f} test accuracy, "
-      f"{pt_summary['seconds']:.0f} s). {s['rounds']} rounds of 1 local epoch; close target "
-      f"{s['close_train']} training images. Accuracy: mean ± std over seeds (ddof 1); MB = "
-      f"10^6 bytes, up + down. Wall time: {cell_seconds:.0f} s summed over the runs' "
-      f"processes ({_WORKERS.value} in parallel); this invocation ran {runner.runs_done} of "
-      f"them in {time.time() - t0:.0f} s.")
-  md = write_results(rows, workdir, header)
+      f"## Results ({scale} scale)\n\n"
+      f"Generated by `python -m experiments.cpu_study{' --quick' if _QUICK.value else ''}`. "
+      f"Backbone: ViT hidden {s['hidden']}, depth {s['depth']}, MLP {s['mlp']}, patch "
+      f"{config.PATCH_SIZE} at {config.IMAGE_SIZE}x{config.IMAGE_SIZE}, pre-trained on "
+      f"Fashion-MNIST classes {config.SOURCE_CLASSES} ({pt_summary['test_accuracy']:.3f} test "
+      f"accuracy, {pt_summary['seconds']:.0f} s). {s['rounds']} rounds of "
+      f"{config.LOCAL_EPOCHS} local epochs at full participation (x 1/p rounds at "
+      f"participation p); close target {s['close_train']} training images. Accuracy: the mean "
+      f"of the last {LAST} test evaluations per run, then mean ± std over seeds (ddof 1); MB "
+      f"= 10^6 bytes, up + down.\n\n"
+      f"How the budget was spent: {len(points)} tuning runs (seed {TUNING_SEED}, "
+      f"{tuning_s:.0f} s); {n_runs} study runs ({study_s:.0f} s): the {n_primary} runs of "
+      f"cells a primary comparison reads on seeds 1-{seeds}, the others on seeds "
+      f"1-{supplementary_seeds}. Seconds are summed over the runs' processes "
+      f"({_WORKERS.value} in parallel; DP-FedAvg runs keep their time private and are not "
+      f"counted); this invocation ran {runner.runs_done} runs in {time.time() - t0:.0f} s.")
+  md = write_results(rows, tuning_rows, workdir, header, scale)
   print(md)
   runner.exit_if_failed()
 

@@ -49,6 +49,7 @@ from matplotlib.ticker import FuncFormatter
 
 from experiments import run_pool
 from experiments.run_pool import markdown_table, write_csv
+from fedpeft_jax.federated import personal
 from fedpeft_jax.files import atomic_write_text
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
@@ -80,7 +81,10 @@ BASELINE_SCHEME = "global"
 SCHEMES: dict[str, dict[str, Any]] = {  # scheme -> config overrides
     BASELINE_SCHEME: {"federated.eval_per_client": True},
     "FedPer": {"federated.personal": "head"},
-    "FedRep": {"federated.personal": "head", "federated.personal_schedule": "fedrep"},
+    # As published (fedpeft_jax.federated.personal): 9 head epochs, then 1 body epoch.
+    "FedRep": {"federated.personal": "head", "federated.personal_schedule": "fedrep",
+               "federated.personal_epochs": personal.FEDREP_HEAD_EPOCHS,
+               "federated.local_epochs": personal.FEDREP_BODY_EPOCHS},
     "FedBABU": {"federated.personal": "head", "federated.personal_schedule": "fedbabu"},
     "FedSA-LoRA": {"federated.personal": "lora_b"},
 }

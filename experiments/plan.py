@@ -257,7 +257,7 @@ def plan(config: Any, target: targets.Target, num_devices: int = 1,
   sampling_seed = rng_lib.stream_seed(config.seed, "sampling")
   for r in range(fed.rounds):
     reporting = plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
-                           poisson=privacy.poisson_clients).reporting
+                           poisson=runner.poisson_clients(config, privacy)).reporting
     ids, valid = layout_clients(reporting, num_devices, chunk, min_slots, steps[reporting])
     slot_steps = np.where(valid, steps[ids], 0)
     executed += int(slot_steps.max(axis=2).sum()) * chunk

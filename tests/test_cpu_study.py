@@ -1,17 +1,18 @@
 """experiments/cpu_study.py: the --quick study end to end, checked against its own runs.
 
-The quick study (one seed, two methods, two rounds, a tiny ViT; 1-5 minutes on two busy CPU
-cores) runs once per module in a subprocess, as a user would run it. Its tables must be the
-runs' own numbers: every results.csv row equals its run's summary.json, and every mean in
-results.md is NumPy's over those rows. Re-running the command must skip every finished cell.
-The verdict rule and the cell naming are checked on constructed numbers, without runs.
+The quick study (a tiny ViT, three methods, three rounds, two seeds for the primary cells;
+2-4 minutes on two CPU cores) runs once per module in a subprocess, as a user would run it.
+Its tables must be the runs' own numbers: every results.csv row is recomputed from its run's
+metrics.jsonl, every mean in results.md is NumPy's over those rows, every rate a cell ran
+with is the one its sweep scored best on validation, and every interval in the verdict tables
+is scipy's over the per-seed differences. Re-running the command must skip every finished
+cell. The plan and the cell naming are checked without runs.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from experiments import cpu_study, run_pool
 from fedpeft_jax.runner.config_files import repo_config
@@ -68,27 +70,61 @@ def _md_tables(workdir: str) -> dict[str, list[dict[str, str]]]:
   return tables
 
 
-def test_every_planned_run_has_a_row(study):
-  rows = _csv(study)
-  planned = cpu_study.plan_members("quick", [1])
-  keys = {(r["analysis"], r["target"], r["method"], r["setting"], r["cell"]) for r in rows}
-  for m in planned:
-    assert (m.analysis, m.target, m.method, m.setting, m.name) in keys
-  assert {r["analysis"] for r in rows} == set(cpu_study.ANALYSIS_TITLES)
-  assert {r["seed"] for r in rows} == {"1"}
+def _evals(workdir: str, cell: str) -> list[dict]:
+  with open(os.path.join(workdir, "cells", cell, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if "test_accuracy" in r]
 
 
-def test_csv_rows_are_the_runs_own_summaries(study):
-  rows = _csv(study)
-  for r in rows:
+def _plan(scale: str = "quick", seeds: int = 0, supplementary: int = 0):
+  designs = cpu_study.plan_designs(scale)
+  points = cpu_study.plan_tuning(scale, designs)
+  chosen = {(t.group, t.method): t for t in points}  # any point: the plan's shape only
+  plan = cpu_study.PLAN[scale]
+  return designs, points, cpu_study.plan_members(
+      scale, designs, chosen, seeds or plan["seeds"],
+      supplementary or plan["supplementary_seeds"])
+
+
+def test_every_planned_run_has_a_row_on_its_tiers_seeds(study):
+  rows = [r for r in _csv(study) if r["analysis"] != "equal_comm"]
+  keys = {(r["analysis"], r["target"], r["method"], r["setting"], r["seed"], r["tier"])
+          for r in rows}
+  designs = cpu_study.plan_designs("quick")
+  assert len(rows) == len(keys)
+  for d in designs:
+    key = (d.analysis, d.target, d.method, d.setting)
+    seeds = {r["seed"] for r in rows if (r["analysis"], r["target"], r["method"],
+                                        r["setting"]) == key}
+    primary = any(r["tier"] == "primary" for r in rows
+                  if (r["analysis"], r["target"], r["method"], r["setting"]) == key)
+    assert seeds == ({"1", "2"} if primary else {"1"}), key
+    if key in cpu_study.PRIMARY:
+      assert primary
+  assert {r["analysis"] for r in _csv(study)} == set(cpu_study.ANALYSIS_TITLES)
+
+
+def test_csv_rows_are_the_runs_own_numbers(study):
+  for r in _csv(study):
+    evals = _evals(study, r["cell"])
     s = _summary(study, r["cell"])
-    assert float(r["final_accuracy"]) == pytest.approx(s["final_accuracy"], abs=1e-12)
-    assert float(r["best_accuracy"]) == pytest.approx(s["best_accuracy"], abs=1e-12)
+    if r["analysis"] == "equal_comm":
+      continue
+    test = [e["test_accuracy"] for e in evals]
+    val = [e["val_accuracy"] for e in evals]
+    assert float(r["final_accuracy"]) == pytest.approx(np.mean(test[-3:]), abs=1e-12)
+    assert float(r["final_val_accuracy"]) == pytest.approx(np.mean(val[-3:]), abs=1e-12)
+    if len(val) >= 6:
+      assert float(r["val_plateau_delta"]) == pytest.approx(
+          np.mean(val[-3:]) - np.mean(val[-6:-3]), abs=1e-12)
     assert int(r["rounds"]) == s["rounds"]
     if "total_bytes" in s:  # withheld under DP-FedAvg (it reveals who took part)
       assert float(r["total_MB"]) * 1e6 == pytest.approx(s["total_bytes"], rel=1e-12)
     else:
       assert r["total_MB"] == ""
+    with open(os.path.join(study, "cells", r["cell"], "config.json")) as f:
+      config = json.load(f)
+    assert float(r["lr"]) == config["federated"]["client_lr"]
     for key in ("epsilon", "noise_multiplier", "paper_sigma"):
       if key in s:
         assert float(r[key]) == pytest.approx(s[key], rel=1e-12)
@@ -98,17 +134,49 @@ def test_csv_rows_are_the_runs_own_summaries(study):
       assert float(r["wall_seconds"]) > 0
 
 
+def test_rates_are_chosen_on_validation_only(study):
+  """Each sweep's winner is the best mean validation accuracy of the last 3 evaluations,
+  recomputed here from the runs; the study's cells of that group run with it; and no sweep
+  run's test accuracy could have changed the choice (a test label permutation leaves it)."""
+  with open(os.path.join(study, "tuning.csv")) as f:
+    tuning = list(csv.DictReader(f))
+  best = {}
+  for t in tuning:
+    score = np.mean([e["val_accuracy"] for e in _evals(study, t["cell"])][-3:])
+    assert float(t["score"]) == pytest.approx(score, abs=1e-12)
+    key = (t["group"], t["method"])
+    if key not in best or score > best[key][0]:
+      best[key] = (score, t)
+    assert t["cell"].endswith("_seed0_scalequick")  # tuning never uses a study seed
+  for key, (_, t) in best.items():
+    assert t["chosen"] == "True"
+  assert sum(t["chosen"] == "True" for t in tuning) == len(best)
+  groups = {(d.analysis, d.target, d.method, d.setting): d.group
+            for d in cpu_study.plan_designs("quick")}
+  for r in _csv(study):
+    if r["analysis"] == "equal_comm":
+      continue
+    winner = best[(groups[(r["analysis"], r["target"], r["method"], r["setting"])],
+                   r["method"])][1]
+    assert float(r["lr"]) == float(winner["lr"])
+    if "mechanismdp_fedavg" in r["cell"]:
+      assert float(r["clip"]) == float(winner["clip"])
+
+
 def test_shared_cells_run_once(study):
-  """A cell in several analyses (the base setting is in methods, grid and scarcity) is one run."""
+  """A cell in several analyses (the base setting is in methods and scarcity) is one run."""
   rows = _csv(study)
   base = [r for r in rows if r["method"] == "bias" and r["target"] == "close"
-          and r["setting"] == cpu_study.grid_setting(16, 1.0, "dirichlet")]
-  assert {r["analysis"] for r in base} >= {"methods", "grid"}
-  assert len({r["cell"] for r in base}) == 1
-  scarcity_base = [r for r in rows if r["analysis"] == "scarcity" and r["method"] == "bias"
-                   and r["setting"].startswith("5%")]
-  assert scarcity_base[0]["cell"] == base[0]["cell"]
-  assert len(os.listdir(os.path.join(study, "cells"))) == len({r["cell"] for r in rows})
+          and r["analysis"] in ("methods", "scarcity") and r["setting"] in (
+              cpu_study.BASE, cpu_study.scarcity_setting(1500))]
+  assert {r["analysis"] for r in base} == {"methods", "scarcity"}
+  assert len({r["cell"] for r in base if r["seed"] == "1"}) == 1
+  designs = cpu_study.plan_designs("quick")
+  points = cpu_study.plan_tuning("quick", designs)
+  chosen, _ = cpu_study.choose(points, study)
+  members = cpu_study.plan_members("quick", designs, chosen, 2, 1)
+  cells = {cpu_study.cell_name(t.cell) for t in points} | {m.name for m in members}
+  assert sorted(os.listdir(os.path.join(study, "cells"))) == sorted(cells)
 
 
 def test_md_tables_are_numpy_over_the_csv(study):
@@ -122,21 +190,66 @@ def test_md_tables_are_numpy_over_the_csv(study):
       runs = [r for r in group if (r["target"], r["method"], r["setting"])
               == (line["target"], line["method"], line["setting"])]
       assert int(line["seeds"]) == len(runs)
-      for column, field in (("final accuracy", "final_accuracy"),
-                            ("best accuracy", "best_accuracy")):
-        values = np.array([float(r[field]) for r in runs])
-        mean, *std = (float(x) for x in line[column].split("±"))
-        assert mean == pytest.approx(np.mean(values), abs=5e-4)
-        if len(values) > 1:
-          assert std[0] == pytest.approx(np.std(values, ddof=1), abs=5e-4)
-        else:
-          assert not std
-      megabytes = [float(r["total_MB"]) for r in runs if r["total_MB"]]
-      if megabytes:  # constant over seeds unless clients are Poisson-sampled
-        assert float(line["total MB"].split("±")[0]) == pytest.approx(np.mean(megabytes),
-                                                                      abs=5e-4)
+      values = np.array([float(r["final_accuracy"]) for r in runs])
+      mean, *std = (float(x) for x in line["test accuracy (last 3)"].split("±"))
+      assert mean == pytest.approx(np.mean(values), abs=5e-4)
+      if len(values) > 1:
+        assert std[0] == pytest.approx(np.std(values, ddof=1), abs=5e-4)
       else:
-        assert line["total MB"] == "-"
+        assert not std
+
+
+def _differences(rows, terms):
+  """{seed: 100 x sum c x accuracy} over the seeds every term has, from the csv."""
+  by = {}
+  for r in rows:
+    by.setdefault((r["analysis"], r["target"], r["method"], r["setting"]), {})[
+        r["seed"]] = float(r["final_accuracy"])
+  seeds = set.intersection(*(set(by[k]) for _, k in terms))
+  return [100 * sum(c * by[k][s] for c, k in terms) for s in sorted(seeds)]
+
+
+def test_verdict_tables_are_scipy_over_the_csv(study):
+  """Every comparison's mean and 95% interval is scipy's one-sample t over the per-seed
+  differences, rebuilt here from the csv; a claim's verdict is its primary comparison's."""
+  rows = _csv(study)
+  comps = cpu_study.comparisons(rows)
+  tables = _md_tables(study)
+  lines = tables["Primary comparisons (final test accuracy, percentage points, paired by "
+                 "seed)"] + tables["Supplementary comparisons (reported, no votes)"]
+  by_label = {(l["claim"], l["comparison"]): l for l in lines}
+  assert len(by_label) == len(comps)
+  for c in comps:
+    line = by_label[(c.claim, c.label)]
+    d = _differences(rows, c.terms)
+    assert int(line["seeds"]) == len(d)
+    assert float(line["mean (pts)"]) == pytest.approx(np.mean(d), abs=0.051)
+    if len(d) > 1 and np.std(d) > 0:
+      ci = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+      low, high = (float(x) for x in line["95% CI (Student t)"].strip("[]").split(","))
+      assert (low, high) == pytest.approx((ci.low, ci.high), abs=0.051)
+  verdicts = {row["claim"]: row["verdict"].strip("*") for row in tables["Verdicts"]}
+  assert set(verdicts) == set(cpu_study.CLAIMS)
+  primaries = {c.claim: c for c in comps if c.primary}
+  for claim, verdict in verdicts.items():
+    line = by_label[(claim, primaries[claim].label)]
+    assert line["CI vs claim"].startswith(verdict)
+
+
+def test_equal_bytes_compares_within_fulls_budget(study):
+  rows = [r for r in _csv(study) if r["analysis"] == "equal_comm"]
+  assert rows
+  for r in rows:
+    evals = _evals(study, r["cell"])
+    budget = float(r["total_MB"]) * 1e6
+    if r["method"] == "full":
+      at = [e for e in evals if e["round"] == int(r["rounds"])][0]
+      assert at["cumulative_bytes"] == pytest.approx(budget)
+      assert float(r["final_accuracy"]) == at["test_accuracy"]
+    else:
+      within = [e["test_accuracy"] for e in evals if e["cumulative_bytes"] <= budget]
+      assert float(r["final_accuracy"]) == pytest.approx(np.mean(within[-3:]), abs=1e-12)
+      assert evals[-1]["cumulative_bytes"] <= budget  # bias's whole run fits 1 full round
 
 
 def test_privacy_rows_carry_the_accounted_epsilon(study):
@@ -151,22 +264,13 @@ def test_privacy_rows_carry_the_accounted_epsilon(study):
     assert float(r["epsilon"]) > 5.0
   for r in rows:  # the noise comes from the OS, never from the seed
     with open(os.path.join(study, "cells", r["cell"], "config.json")) as f:
-      assert json.load(f)["privacy"]["reproducible_noise"] is False
+      config = json.load(f)
+    assert config["privacy"]["reproducible_noise"] is False
+    # the no-DP reference and the DP cells draw clients alike (Poisson)
+    assert config["federated"]["client_sampling"] == "poisson"
 
 
-def test_equal_communication_stays_within_bias_bytes(study):
-  rows = [r for r in _csv(study) if r["analysis"] == "equal_comm"]
-  by = {r["method"]: r for r in rows}
-  assert float(by["full"]["total_MB"]) <= float(by["bias"]["total_MB"])
-  assert float(by["full"]["total_MB"]) > 0
-
-
-def test_verdicts_and_figures_written(study):
-  tables = _md_tables(study)
-  verdicts = {row["claim"]: row["verdict"].strip("*") for row in tables["Verdicts"]}
-  assert set(verdicts) == set(cpu_study.CLAIMS)
-  # One seed: no error bar, so nothing can be decided.
-  assert set(verdicts.values()) == {"inconclusive"}
+def test_figures_written(study):
   for name in ("accuracy_vs_mb.png", "grid_heatmap.png"):
     with open(os.path.join(study, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -185,58 +289,56 @@ def test_rerun_skips_finished_cells(study):
 # ------------------------------------------------------------------- without runs (fast)
 
 
-def _stat(values):
-  return cpu_study.Stat(list(values))
-
-
-def test_verdict_rule_two_standard_errors():
-  a, b = _stat([0.80, 0.82, 0.81]), _stat([0.70, 0.71, 0.69])
-  c = cpu_study.Comparison("x", "a - b", [(1.0, a), (-1.0, b)])
-  se = 100 * math.sqrt(np.var([0.80, 0.82, 0.81], ddof=1) / 3
-                       + np.var([0.70, 0.71, 0.69], ddof=1) / 3)
-  assert c.estimate == pytest.approx(11.0)
-  assert c.se == pytest.approx(se)
-  assert c.verdict == "reproduced"
-  assert cpu_study.Comparison("x", "b - a", [(1.0, b), (-1.0, a)]).verdict == "not reproduced"
-  # A margin moves the bar: 11 points is not "more than 10 by 2 SE" here.
-  assert cpu_study.Comparison("x", "", [(1.0, a), (-1.0, b)], 10.0).verdict == "inconclusive"
-  noisy = _stat([0.5, 0.9, 0.7])
-  assert cpu_study.Comparison("x", "", [(1.0, noisy), (-1.0, b)]).verdict == "inconclusive"
-  one_seed = _stat([0.9])
-  assert cpu_study.Comparison("x", "", [(1.0, one_seed), (-1.0, b)]).verdict == "inconclusive"
-  assert cpu_study.Comparison("x", "", [(1.0, _stat([])), (-1.0, b)]).verdict.startswith(
-      "inconclusive")
-
-
-def test_overall_is_a_strict_majority():
-  up, down = _stat([0.9, 0.91, 0.9]), _stat([0.5, 0.51, 0.5])
-  yes = cpu_study.Comparison("x", "", [(1.0, up), (-1.0, down)])
-  no = cpu_study.Comparison("x", "", [(1.0, down), (-1.0, up)])
-  skipped = cpu_study.Comparison("x", "", [(1.0, down), (-1.0, up)], note="not >= 100x")
-  assert cpu_study.overall([yes, yes, no]) == "reproduced"
-  assert cpu_study.overall([yes, no]) == "inconclusive"
-  assert cpu_study.overall([no, no, yes, skipped, skipped]) == "not reproduced"
-  assert cpu_study.overall([skipped]) == "inconclusive"
-
-
 def test_stat_text_is_mean_and_sample_std():
-  s = _stat([0.5, 0.6, 0.7])
+  s = cpu_study.Stat([0.5, 0.6, 0.7])
   assert s.text() == f"{0.6:.3f} ± {np.std([0.5, 0.6, 0.7], ddof=1):.3f}"
-  assert _stat([0.25]).text() == "0.250"
-  assert _stat([]).text() == "-"
-  assert _stat([3.5, 3.5]).text(constant_plain=True) == "3.500"
-  assert _stat([3.5, 3.5]).text() == "3.500 ± 0.000"
+  assert cpu_study.Stat([0.25]).text() == "0.250"
+  assert cpu_study.Stat([]).text() == "-"
+  assert cpu_study.Stat([3.5, 3.5]).text(constant_plain=True) == "3.500"
 
 
-def test_equal_configs_share_a_cell():
+def test_comparison_pairs_by_seed():
+  """A seed missing from one term drops out of the difference; the others pair up."""
+  a, b = ("methods", "close", "bias", "s"), ("methods", "close", "full", "s")
+  values = {a: {1: 0.80, 2: 0.70, 3: 0.90}, b: {1: 0.75, 2: 0.71}}
+  c = cpu_study.Comparison("1", "", [(1.0, a), (-1.0, b)], margin=-5.0)
+  assert c.differences(values) == pytest.approx({1: 5.0, 2: -1.0})
+  j = c.judge(values)
+  assert j["interval"].n == 2 and j["interval"].mean == pytest.approx(2.0)
+
+
+def test_plateau_is_last_three_minus_the_three_before():
+  assert cpu_study.plateau([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]) == pytest.approx(0.3)
+  assert np.isnan(cpu_study.plateau([0.1, 0.2, 0.3, 0.4, 0.5]))
+
+
+def test_equal_configs_share_a_cell_and_the_plan_counts():
   config = repo_config("cpu_study")
-  base = cpu_study.cell_arg("full", 42, method="bias")
-  # Defaults spelled out, and the base training size, name the same cell.
-  assert cpu_study.cell_arg("full", 42, method="bias", clients=16, participation=1.0,
-                            split="dirichlet", mechanism="none") == base
-  assert cpu_study.cell_name(base) == "close_bias_seed42"
+  base = cpu_study.cell_arg("full", 4, method="bias", lr=0.03)
+  # Defaults spelled out name the same cell.
+  assert cpu_study.cell_arg("full", 4, method="bias", clients=16, participation=1.0,
+                            split="dirichlet", mechanism="none", lr=0.03) == base
+  assert cpu_study.cell_name(base) == "close_bias_lr0.03_seed4"
   assert config.get_config(base).to_json() == config.get_config(
-      "close,bias,train_size=1500,seed=42").to_json()
-  members = cpu_study.plan_members("full", [1, 42, 3407])
-  assert len({m.name for m in members}) == 177  # 42 + 84 + 24 + 27 distinct runs
-  assert len(members) == 42 + 96 + 36 + 36
+      "close,bias,train_size=1500,lr=0.03,seed=4").to_json()
+  designs, points, members = _plan("full")
+  # 7 + 7 methods, 2 x 8 grid, 2 x 3 scarcity, 2 x 4 privacy
+  assert len(designs) == 14 + 16 + 6 + 8
+  # sweeps: 14 (target, method) pairs, 2 x (64 clients, 300 and 3000 images) x 3 rates,
+  # DP 2 x 3 rates x 2 clips
+  assert len({t.cell for t in points}) == 14 * 3 + 2 * 3 * 3 + 2 * 6
+  primary = {m.name for m in members if m.tier == "primary"}
+  assert len(primary) == 11 * 6  # 11 primary cells on seeds 1-6
+  assert all(m.seed <= 3 for m in members if m.tier == "supplementary")
+
+
+def test_partial_participation_stretches_rounds_and_samples_by_poisson():
+  config = repo_config("cpu_study")
+  c = config.get_config("close,bias,clients=64,participation=0.125")
+  base = config.get_config("close,bias")
+  assert c.federated.rounds == 8 * base.federated.rounds
+  assert c.federated.eval_every == 8 * base.federated.eval_every
+  assert c.federated.client_sampling == "poisson"
+  assert base.federated.client_sampling == "uniform"
+  # Validation is held out on top of the training count.
+  assert base.data.train_size - base.data.val_size == config.SCALE["full"]["close_train"]

@@ -10,6 +10,18 @@ import dataclasses
 
 import numpy as np
 
+from fedpeft_jax.choices import one_of
+
+# federated.client_sampling: 'uniform' draws exactly clients_per_round without replacement;
+# 'poisson' takes each client with probability clients_per_round / num_clients (a random
+# count), the draw DP-FedAvg's accounting assumes, so a non-DP reference can sample alike.
+CLIENT_SAMPLINGS = ("uniform", "poisson")
+
+
+def check_client_sampling(sampling: str) -> str:
+  """`sampling` if it is one of CLIENT_SAMPLINGS (ValueError naming the field)."""
+  return one_of("client_sampling", sampling, CLIENT_SAMPLINGS)
+
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:

@@ -177,13 +177,19 @@ def client_spec(config: ml_collections.ConfigDict, local_epochs: int, max_exampl
                     dp=privacy.client)
 
 
+def poisson_clients(config: ml_collections.ConfigDict, privacy: PrivacyPlan) -> bool:
+  """Whether rounds draw clients by Poisson sampling: DP-FedAvg's accounting needs it, and
+  federated.client_sampling='poisson' asks for it (a non-DP reference sampled alike)."""
+  return privacy.poisson_clients or config.federated.client_sampling == "poisson"
+
+
 def round_slots(config: ml_collections.ConfigDict, per_round: int, privacy: PrivacyPlan) -> int:
   """The fewest client slots a round compiles for. DP-FedAvg is accounted for Poisson
   client sampling, so with privacy.sampling='poisson' that is how clients are drawn; rounds
   pad to a capacity the count exceeds with probability 1e-6 (a rarer, larger round just
   compiles once more)."""
   num_clients = config.federated.num_clients
-  if privacy.poisson_clients and per_round < num_clients:
+  if poisson_clients(config, privacy) and per_round < num_clients:
     return poisson_capacity(per_round, 1e-6, client_size=num_clients)
   return per_round
 
@@ -267,7 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     raise ConfigError(f"config.privacy: {e}", field="config.privacy") from e
   inputs, cache_note = input_spec(config, model, mask, augment)
   cspec = client_spec(config, local_epochs, max_n, augment, inputs, privacy)
-  poisson_clients = privacy.poisson_clients
+  poisson_draws = poisson_clients(config, privacy)
   min_slots = round_slots(config, per_round, privacy)
   client_tx, server_tx = optimizers(config)
   mesh = make_mesh()
@@ -503,10 +509,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   reported = np.zeros(fed.num_clients, bool)
   for r in range(int(state.round)):
     reported[plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
-                        poisson=poisson_clients).reporting] = True
+                        poisson=poisson_draws).reporting] = True
   for r in range(int(state.round), fed.rounds):
     plan = plan_round(sampling_seed, r, fed.num_clients, per_round, fed.dropout,
-                      poisson=poisson_clients)
+                      poisson=poisson_draws)
     reported[plan.reporting] = True
     if privacy.would_exceed(plan.reporting):
       print(f"Stopping before round {r + 1}: it would exceed privacy.max_epsilon "

@@ -27,6 +27,7 @@ from fedpeft_jax.federated.features import check_feature_cache
 from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, check_round,
                                                     check_rule, client_ranks)
 from fedpeft_jax.federated.personal import check_schedule, parse_patterns
+from fedpeft_jax.federated.sampling import check_client_sampling
 from fedpeft_jax.federated.server import check_server_optimizer
 from fedpeft_jax.models import REGISTRY, VARIANTS, parse_variant
 from fedpeft_jax.models.factory import check_model_dtype
@@ -365,6 +366,8 @@ def _validate_federated(config: Any) -> None:
   _bool(config, f + "server_bias_correction")
   as_config_error("federated", lambda: check_weighting(_get(config, f + "weighting")))
   _num(config, f + "dropout", 0.0, 1.0, high_open=True)
+  as_config_error("federated",
+                  lambda: check_client_sampling(_get(config, f + "client_sampling")))
   _num(config, f + "max_update_norm", 0.0)
   parse_clients_per_chunk(_get(config, f + "clients_per_chunk"))
   _int(config, f + "eval_every", 1)
