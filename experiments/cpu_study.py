@@ -67,6 +67,10 @@ _SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds of the primary cells, 1..N (0 =
                               "6; --quick: 2).")
 _SUPPLEMENTARY_SEEDS = flags.DEFINE_integer(
     "supplementary_seeds", 0, "Seeds of the other cells, 1..N (0 = the plan's: 3; --quick: 1).")
+_PUBLISH = flags.DEFINE_bool(
+    "publish", False, "Also copy the results into the repository: docs/cpu_study/ (results.md, "
+    "results.csv, tuning.csv, the figures) and README.md's block between the cpu_study "
+    "markers (results.md up to its first table of runs, unedited).")
 _FASHION_DIR = flags.DEFINE_string("fashion_mnist_dir", "", "Folder of the four Fashion-MNIST "
                                    "IDX files ('' = /usr/share/datasets/fashion-mnist).")
 
@@ -787,6 +791,40 @@ def write_results(rows: Sequence[dict[str, Any]], tuning_rows: Sequence[dict[str
   return md
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS_DIR = os.path.join(REPO, "docs", "cpu_study")
+PUBLISHED = ("results.md", "results.csv", "tuning.csv", "accuracy_vs_mb.png",
+             "grid_heatmap.png")
+README_BEGIN = "<!-- cpu_study results: begin (python -m experiments.cpu_study --publish) -->"
+README_END = "<!-- cpu_study results: end -->"
+FIRST_RUN_TABLE = "### " + ANALYSIS_TITLES["methods"]
+
+
+def readme_block(results_md: str) -> str:
+  """The part of results.md the README carries: the header and the verdicts, up to the first
+  table of runs (the rest stays in docs/cpu_study/results.md)."""
+  return results_md.split(FIRST_RUN_TABLE, 1)[0].rstrip() + "\n"
+
+
+def publish(workdir: str, readme: str = os.path.join(REPO, "README.md"),
+            docs_dir: str = DOCS_DIR) -> None:
+  """Copies the results into docs_dir and replaces README's marked block with
+  `readme_block` of results.md, unedited."""
+  os.makedirs(docs_dir, exist_ok=True)
+  for name in PUBLISHED:
+    with open(os.path.join(workdir, name), "rb") as f:
+      atomic_write_bytes(os.path.join(docs_dir, name), f.read())
+  with open(os.path.join(workdir, "results.md")) as f:
+    block = readme_block(f.read())
+  with open(readme) as f:
+    text = f.read()
+  if README_BEGIN not in text or README_END not in text:
+    raise RuntimeError(f"{readme}: no block between {README_BEGIN!r} and {README_END!r}")
+  before, rest = text.split(README_BEGIN, 1)
+  after = rest.split(README_END, 1)[1]
+  atomic_write_text(readme, f"{before}{README_BEGIN}\n{block}{README_END}{after}")
+
+
 def check_backbone(path: str, classes: str) -> None:
   """The backbone must have learnt only the source classes: its head has one output per
   class. A head over all ten means pre-training ignored config.data.classes."""
@@ -858,6 +896,8 @@ def main(argv: list[str]) -> None:
   md = write_results(rows, tuning_rows, workdir, header, scale)
   print(md)
   runner.exit_if_failed()
+  if _PUBLISH.value:
+    publish(workdir)
 
 
 if __name__ == "__main__":
