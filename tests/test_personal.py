@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import frontier
 from fedpeft_jax import peft
 from fedpeft_jax import rng as rng_lib
 import fedpeft_jax.data as fdata
@@ -121,6 +122,23 @@ def test_fedrep_trains_the_personal_part_first_then_the_shared_part():
   assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], new_state.clients["rule"]),
                      new_personal)
   assert int(metrics["local_steps"]) == 3  # two personal steps, then one shared step
+
+
+def test_fedrep_default_is_the_published_schedule():
+  """FedRep's authors' code runs local_ep = 10 epochs per round, of which the last
+  local_rep_ep = 1 trains the representation: 10 - 1 = 9 head epochs, then 1 body epoch. The
+  default personal_epochs and the frontier's FedRep row give exactly that: on a 4-example
+  client at batch 4, 9 head steps then 1 body step."""
+  local_ep, local_rep_ep = 10, 1  # github.com/lgcollins/FedRep defaults
+  default = repo_config("default").get_config()
+  assert default.federated.personal_epochs == local_ep - local_rep_ep
+  fedrep = frontier.SCHEMES["FedRep"]
+  assert fedrep["federated.personal_epochs"] == local_ep - local_rep_ep
+  assert fedrep["federated.local_epochs"] == local_rep_ep
+  _, shared, _, frozen, data, algo, *_ = personal_round(
+      "bias", "head", (4,), schedule="fedrep", personal_epochs=default.federated.personal_epochs)
+  _, metrics = algo.apply(algo.init(shared, seed=0), frozen, data, plan_round(0, 0, 1, 1))
+  assert int(metrics["local_steps"]) == local_ep
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
