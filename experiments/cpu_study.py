@@ -97,11 +97,11 @@ PLAN = {
              "dp_methods": ("full", "bias"),
              "dp_settings": (("dp_fedavg", 5.0), ("dp_fedavg", 10.0), ("paper_gaussian", 5.0)),
              "lr_grid": LR_GRID, "clip_grid": CLIP_GRID},
-    # Every code path once: the primary cells' methods, the grid's claim-2 corners at 16
-    # clients, one scarcity size, both DP mechanisms; two-point grids.
+    # Every code path once: the primary cells (claim 2's corners at 64 clients), one more
+    # scarcity size, both DP mechanisms; one- or two-point sweeps.
     "quick": {"seeds": 2, "supplementary_seeds": 1,
               "methods": ("full", "bias", "scratch"), "grid_methods": ("full", "bias"),
-              "grid": ((16, 1.0, "iid"), (16, 0.125, "dirichlet")),
+              "grid": ((64, 1.0, "iid"), (64, 0.125, "dirichlet")),
               "scarcity_methods": ("bias",), "scarcity_sizes": (300, 1500),
               "dp_methods": ("full", "bias"),
               "dp_settings": (("dp_fedavg", 5.0), ("paper_gaussian", 5.0)),
@@ -437,7 +437,7 @@ def equal_bytes_rows(members: Sequence[Member], workdir: str) -> list[dict[str, 
     full_curve, bias_curve = (evaluations(d) for d in dirs)
     for r in full_curve:
       budget = r["cumulative_bytes"]
-      within = [b["test_accuracy"] for b in bias_curve if b["cumulative_bytes"] <= budget]
+      within = [b for b in bias_curve if b["cumulative_bytes"] <= budget]
       if not within:
         continue
       setting = f"<= {budget / outputs.MB:.2f} MB (full: {r['round']} rounds)"
@@ -445,8 +445,9 @@ def equal_bytes_rows(members: Sequence[Member], workdir: str) -> list[dict[str, 
                 "tier": "primary", "seed": seed, "total_MB": budget / outputs.MB}
       rows.append({**common, "method": "full", "final_accuracy": r["test_accuracy"],
                    "rounds": r["round"], "cell": full.name})
-      rows.append({**common, "method": "bias", "final_accuracy": float(np.mean(within[-LAST:])),
-                   "rounds": len(within), "cell": bias.name})
+      rows.append({**common, "method": "bias", "final_accuracy": float(np.mean(
+          [b["test_accuracy"] for b in within[-LAST:]])), "rounds": within[-1]["round"],
+                   "cell": bias.name})
   return rows
 
 

@@ -25,7 +25,6 @@ from scipy import stats
 from experiments import cpu_study, run_pool
 from fedpeft_jax.runner.config_files import repo_config
 
-pytestmark = pytest.mark.slow  # the slow tier: the quick CPU study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900
@@ -86,6 +85,7 @@ def _plan(scale: str = "quick", seeds: int = 0, supplementary: int = 0):
       supplementary or plan["supplementary_seeds"])
 
 
+@pytest.mark.slow  # runs the quick study
 def test_every_planned_run_has_a_row_on_its_tiers_seeds(study):
   rows = [r for r in _csv(study) if r["analysis"] != "equal_comm"]
   keys = {(r["analysis"], r["target"], r["method"], r["setting"], r["seed"], r["tier"])
@@ -104,6 +104,7 @@ def test_every_planned_run_has_a_row_on_its_tiers_seeds(study):
   assert {r["analysis"] for r in _csv(study)} == set(cpu_study.ANALYSIS_TITLES)
 
 
+@pytest.mark.slow  # runs the quick study
 def test_csv_rows_are_the_runs_own_numbers(study):
   for r in _csv(study):
     evals = _evals(study, r["cell"])
@@ -134,6 +135,7 @@ def test_csv_rows_are_the_runs_own_numbers(study):
       assert float(r["wall_seconds"]) > 0
 
 
+@pytest.mark.slow  # runs the quick study
 def test_rates_are_chosen_on_validation_only(study):
   """Each sweep's winner is the best mean validation accuracy of the last 3 evaluations,
   recomputed here from the runs; the study's cells of that group run with it; and no sweep
@@ -163,6 +165,7 @@ def test_rates_are_chosen_on_validation_only(study):
       assert float(r["clip"]) == float(winner["clip"])
 
 
+@pytest.mark.slow  # runs the quick study
 def test_shared_cells_run_once(study):
   """A cell in several analyses (the base setting is in methods and scarcity) is one run."""
   rows = _csv(study)
@@ -179,6 +182,7 @@ def test_shared_cells_run_once(study):
   assert sorted(os.listdir(os.path.join(study, "cells"))) == sorted(cells)
 
 
+@pytest.mark.slow  # runs the quick study
 def test_md_tables_are_numpy_over_the_csv(study):
   rows = _csv(study)
   tables = _md_tables(study)
@@ -209,6 +213,7 @@ def _differences(rows, terms):
   return [100 * sum(c * by[k][s] for c, k in terms) for s in sorted(seeds)]
 
 
+@pytest.mark.slow  # runs the quick study
 def test_verdict_tables_are_scipy_over_the_csv(study):
   """Every comparison's mean and 95% interval is scipy's one-sample t over the per-seed
   differences, rebuilt here from the csv; a claim's verdict is its primary comparison's."""
@@ -236,6 +241,7 @@ def test_verdict_tables_are_scipy_over_the_csv(study):
     assert line["CI vs claim"].startswith(verdict)
 
 
+@pytest.mark.slow  # runs the quick study
 def test_equal_bytes_compares_within_fulls_budget(study):
   rows = [r for r in _csv(study) if r["analysis"] == "equal_comm"]
   assert rows
@@ -247,11 +253,14 @@ def test_equal_bytes_compares_within_fulls_budget(study):
       assert at["cumulative_bytes"] == pytest.approx(budget)
       assert float(r["final_accuracy"]) == at["test_accuracy"]
     else:
-      within = [e["test_accuracy"] for e in evals if e["cumulative_bytes"] <= budget]
-      assert float(r["final_accuracy"]) == pytest.approx(np.mean(within[-3:]), abs=1e-12)
+      within = [e for e in evals if e["cumulative_bytes"] <= budget]
+      assert float(r["final_accuracy"]) == pytest.approx(
+          np.mean([e["test_accuracy"] for e in within[-3:]]), abs=1e-12)
+      assert int(r["rounds"]) == within[-1]["round"]
       assert evals[-1]["cumulative_bytes"] <= budget  # bias's whole run fits 1 full round
 
 
+@pytest.mark.slow  # runs the quick study
 def test_privacy_rows_carry_the_accounted_epsilon(study):
   rows = [r for r in _csv(study) if r["analysis"] == "privacy"]
   fedavg = [r for r in rows if r["setting"].startswith("DP-FedAvg")]
@@ -270,12 +279,14 @@ def test_privacy_rows_carry_the_accounted_epsilon(study):
     assert config["federated"]["client_sampling"] == "poisson"
 
 
+@pytest.mark.slow  # runs the quick study
 def test_figures_written(study):
   for name in ("accuracy_vs_mb.png", "grid_heatmap.png"):
     with open(os.path.join(study, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # runs the quick study
 def test_rerun_skips_finished_cells(study):
   stamps = {c: os.path.getmtime(os.path.join(study, "cells", c, "summary.json"))
             for c in os.listdir(os.path.join(study, "cells"))}
