@@ -848,6 +848,10 @@ def check_backbone(path: str, classes: str) -> None:
         f"config.data.classes to load_dataset). Delete {os.path.dirname(path)} and re-run.")
 
 
+def _seeds_text(n: int) -> str:
+  return "seed 1" if n == 1 else f"seeds 1-{n}"
+
+
 def _phase_seconds(names: Iterable[str], seconds: dict[str, float]) -> float:
   return sum(seconds.get(n, 0.0) for n in set(names))
 
@@ -899,8 +903,8 @@ def main(argv: list[str]) -> None:
       f"= 10^6 bytes, up + down.\n\n"
       f"How the budget was spent: {len(points)} tuning runs (seed {TUNING_SEED}, "
       f"{tuning_s:.0f} s); {n_runs} study runs ({study_s:.0f} s): the {n_primary} runs of "
-      f"cells a primary comparison reads on seeds 1-{seeds}, the others on seeds "
-      f"1-{supplementary_seeds}. Seconds are summed over the runs' processes "
+      f"cells a primary comparison reads on {_seeds_text(seeds)}, the others on "
+      f"{_seeds_text(supplementary_seeds)}. Seconds are summed over the runs' processes "
       f"({_WORKERS.value} in parallel; DP-FedAvg runs keep their time private and are not "
       f"counted); this invocation ran {runner.runs_done} runs in {time.time() - t0:.0f} s.")
   md = write_results(rows, tuning_rows, workdir, header, scale)
