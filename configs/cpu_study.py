@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from fedpeft_jax.runner.config_files import sibling
+from fedpeft_jax.config_files import sibling
 
 study = sibling(__file__, "study")
 study_dp = sibling(__file__, "study_dp")

@@ -5,7 +5,7 @@
 
 import ml_collections
 
-from fedpeft_jax.runner.config_files import sibling
+from fedpeft_jax.config_files import sibling
 
 quickstart = sibling(__file__, "quickstart")
 

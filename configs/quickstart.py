@@ -11,7 +11,7 @@ arg: the PEFT method ('full', 'head', 'bias', 'adapter', 'prompt', 'lora', 'ssf'
 
 import ml_collections
 
-from fedpeft_jax.runner.config_files import sibling
+from fedpeft_jax.config_files import sibling
 
 default = sibling(__file__, "default")
 

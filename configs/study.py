@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 import ml_collections
 
-from fedpeft_jax.runner.config_files import sibling
+from fedpeft_jax.config_files import sibling
 
 DATASETS = ("cifar100", "resisc45", "patch_camelyon")
 METHODS = ("full", "head", "bias", "adapter", "adapter_paper", "prompt", "lora", "ssf",

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from fedpeft_jax.runner.config_files import sibling
+from fedpeft_jax.config_files import sibling
 
 DP_DATASETS = ("cifar100", "patch_camelyon", "resisc45")
 DP_METHODS = ("full", "head", "bias", "adapter", "adapter_paper", "prompt", "lora", "ssf")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from fedpeft_jax.runner.config_files import sibling
+from fedpeft_jax.config_files import sibling
 
 _KEYS = ("method", "partition", "rounds", "seed")
 

@@ -42,7 +42,7 @@ from fedpeft_jax.federated import (ClientSpec, InputSpec, RoundSpec, build_algor
                                    make_server_optimizer, plan_round)
 from fedpeft_jax.models import ViT
 from fedpeft_jax.runner import train as runner_train
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per configuration (after a warm-up).")
 _VARIANT = flags.DEFINE_string("variant", "Ti/4", "ViT variant.")

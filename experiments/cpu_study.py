@@ -56,7 +56,7 @@ from experiments.sweep import score as sweep_score
 from fedpeft_jax.files import atomic_write_bytes, atomic_write_text
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_study", "Output directory.")
 _QUICK = flags.DEFINE_bool("quick", False, "A tiny model, two methods, three rounds, two seeds: "

@@ -53,7 +53,7 @@ from fedpeft_jax.federated import personal
 from fedpeft_jax.files import atomic_write_text
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import load_data
 
 CONFIG = "quickstart"  # configs/quickstart.py: every run is its get_config(method) + overrides

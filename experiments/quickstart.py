@@ -16,7 +16,7 @@ from absl import app, flags, logging
 
 from fedpeft_jax.pretrain import pretrain
 from fedpeft_jax.runner import outputs
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import run
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output directory.")

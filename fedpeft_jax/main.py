@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from fedpeft_jax.data import DatasetNotPreparedError
 from fedpeft_jax.models import CheckpointError
 from fedpeft_jax.privacy import PrivacyBudgetError
-from fedpeft_jax.runner.config_files import load_config_file
+from fedpeft_jax.config_files import load_config_file
 from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError
 

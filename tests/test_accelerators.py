@@ -22,7 +22,7 @@ from fedpeft_jax.accelerators import aot, targets
 from fedpeft_jax.federated import MEMORY_FRACTION
 from fedpeft_jax.federated.mesh import make_mesh
 from fedpeft_jax.models.vit import padded_attention
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 
 MISSING = targets.cuda_compiler_missing()
 pytestmark = [pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),

@@ -14,7 +14,7 @@ from fedpeft_jax import peft
 from fedpeft_jax.federated import RoundSpec, ServerDP, build_algorithm, comm_cost, plan_round
 from fedpeft_jax.federated.compression import encoded_bytes
 from fedpeft_jax.models import build_model
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import run
 from tests.test_federated import affine_client, flat, setup
 

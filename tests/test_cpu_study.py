@@ -23,7 +23,7 @@ import pytest
 from scipy import stats
 
 from experiments import cpu_study, run_pool
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fedpeft_jax import rng as rng_lib
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError
 from tests.test_runner import _final_params

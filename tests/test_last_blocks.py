@@ -17,7 +17,7 @@ import pytest
 
 from fedpeft_jax import peft
 from fedpeft_jax.models import ViT
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from tests.test_peft import _block_inputs
 from fedpeft_jax.runner.validate import ConfigError, validate_config
 

@@ -32,7 +32,7 @@ from fedpeft_jax.federated import (
 )
 from fedpeft_jax.federated import lora_aggregation as la
 from fedpeft_jax.models import ViT, build_model, load_pretrained
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import load_data, lora_client_ranks, run, training_peft
 from fedpeft_jax.runner.validate import ConfigError, validate_config
 from tests.test_federated import IMAGE, NUM_CLASSES, make_data

@@ -24,7 +24,7 @@ from fedpeft_jax.federated import (ClientSpec, ClientStateSpec, RoundPlan, Round
                                    plan_round, split_personal)
 from fedpeft_jax.federated.personal import fedbabu_init
 from fedpeft_jax.privacy.plan import NON_PRIVATE_METRICS
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError, validate_config
 from tests.test_federated import (IMAGE, NUM_CLASSES, flat, make_data, run_on_cpu_devices,

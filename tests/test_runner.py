@@ -28,7 +28,7 @@ from fedpeft_jax.models import CheckpointError, ViT, build_model, load_pretraine
 from fedpeft_jax.peft import flatten, unflatten
 from fedpeft_jax.pretrain import pretrain, save_npz
 from fedpeft_jax.privacy import PrivacyBudgetError, dp_fedavg_epsilon
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.train import load_data, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

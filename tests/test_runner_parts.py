@@ -18,7 +18,7 @@ from fedpeft_jax.data import AUGMENTS, METHODS
 from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
 from fedpeft_jax.models import MODEL_DTYPES, POOLS
 from fedpeft_jax.runner import outputs
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.validate import ConfigError, parse_clients_per_chunk, validate_config
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import fedpeft_jax.data as fdata
 from experiments import sweep
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

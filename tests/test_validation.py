@@ -13,7 +13,7 @@ import pytest
 import fedpeft_jax.data as fdata
 from fedpeft_jax.runner import train as runner
 from fedpeft_jax.runner.validate import ConfigError
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 
 
 def test_hold_out_is_disjoint_stratified_and_counted():

@@ -1,7 +1,9 @@
 """Loading config files by path, the way `--config=configs/X.py` does.
 
 Presets build on each other (`study.py` on `default.py`); loading siblings by path keeps
-them working from any working directory, and gives tests and scripts one way in.
+them working from any working directory, and gives tests and scripts one way in. It sits
+below every layer (configs, the runner, experiments and tests all load through it), so a
+config file never imports the runner.
 """
 
 from __future__ import annotations
@@ -31,5 +33,5 @@ def sibling(config_file: str, name: str) -> ModuleType:
 
 def repo_config(name: str) -> ModuleType:
   """configs/`name`.py of this checkout (for scripts and tests)."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fedpeft_jax/..
   return load_config_file(os.path.join(root, "configs", f"{name}.py"))
