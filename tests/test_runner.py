@@ -169,20 +169,21 @@ def test_poisson_client_sampling_without_dp(tmp_path):
   """federated.client_sampling='poisson' draws each client with probability k / n every round
   without any DP mechanism (a no-DP reference sampled like DP-FedAvg): the counts vary, an
   empty round trains no one, and the draws come from the seed's sampling stream."""
-  c = repo_config("tiny").get_config("bias,rounds=12")
+  c = repo_config("tiny").get_config("bias,rounds=8")
   c.federated.num_clients, c.federated.clients_per_round = 4, 2
   c.federated.client_sampling = "poisson"
-  c.federated.eval_every = 12
+  c.federated.eval_every, c.checkpoint_every = 8, 8
   run(c, str(tmp_path / "poisson"), progress=False)
   counts = [r["clients_sampled"] for r in _rows(str(tmp_path / "poisson"))]
   # Each client drawn with probability 1/2, independently: Binomial(4, 1/2) per round, from
   # a generator seeded by (the sampling stream's seed, round) as sampling.plan_round states.
   seed = rng_lib.stream_seed(c.seed, "sampling")
   expected = [int((np.random.default_rng([seed, r, 0x5A3]).random(4) < 0.5).sum())
-              for r in range(12)]
+              for r in range(8)]
   assert counts == expected
   assert len(set(counts)) > 1
   c.federated.client_sampling = "uniform"
+  c.federated.rounds = c.federated.eval_every = c.checkpoint_every = 3
   run(c, str(tmp_path / "uniform"), progress=False)
   assert {r["clients_sampled"] for r in _rows(str(tmp_path / "uniform"))} == {2}
 
