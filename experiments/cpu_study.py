@@ -16,7 +16,7 @@ scale-down and why. In three phases:
    cells and DP's no-DP reference), each scarcity size, DP (epsilon 5; reused at 10 and by
    paper_gaussian);
 2. the study: each cell runs on seeds 1..6 when a pre-registered primary comparison
-   (docs/study.md, "The CPU study") uses it, else on seeds 1..3 (supplementary);
+   (docs/study.md, "The CPU study") uses it, else on seeds 1..2 (supplementary);
 3. results: results.csv (a row per analysis, cell and seed; the final accuracy is the mean of
    the last 3 test evaluations), tuning.csv, results.md, accuracy_vs_mb.png,
    grid_heatmap.png.
@@ -66,7 +66,7 @@ _WORKERS = flags.DEFINE_integer("workers", 2, "Cells run in this many processes 
 _SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds of the primary cells, 1..N (0 = the plan's: "
                               "6; --quick: 2).")
 _SUPPLEMENTARY_SEEDS = flags.DEFINE_integer(
-    "supplementary_seeds", 0, "Seeds of the other cells, 1..N (0 = the plan's: 3; --quick: 1).")
+    "supplementary_seeds", 0, "Seeds of the other cells, 1..N (0 = the plan's: 2; --quick: 1).")
 _PUBLISH = flags.DEFINE_bool(
     "publish", False, "Also copy the results into the repository: docs/cpu_study/ (results.md, "
     "results.csv, tuning.csv, the figures) and README.md's block between the cpu_study "
@@ -90,7 +90,7 @@ CLIP_GRID = (0.05, 0.2)  # DP-FedAvg's bound C, tuned with the rate
 
 _GRID = tuple((c, p, s) for c in (16, 64) for p in (1.0, 0.125) for s in ("iid", "dirichlet"))
 PLAN = {
-    "full": {"seeds": 6, "supplementary_seeds": 3,
+    "full": {"seeds": 6, "supplementary_seeds": 2,
              "methods": ("full", "head", "bias", "adapter", "prompt", "lora", "scratch"),
              "grid_methods": ("full", "bias"), "grid": _GRID,
              "scarcity_methods": ("full", "bias"), "scarcity_sizes": (300, 1500, 3000),
