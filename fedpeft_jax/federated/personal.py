@@ -24,21 +24,31 @@ and sends only the *shared* rest, so the byte counts exclude the personal leaves
 
 Personalised accuracy is computed by `evaluation.make_client_evaluate` on per-client test
 sets (`data.partition_test`).
+
+A run sets personalisation up from its config in this order: `split_for_schedule` (which
+leaves are personal), `initial_personal` (where every client's copy starts),
+`personal_client_rule` (what the round trains and keeps per client), and for evaluation
+`evaluation_finetune` and `fixed_personal_rows` (FedBABU's per-client fine-tuning of its
+frozen head).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import Mesh
+
 from fedpeft_jax.choices import one_of
+from fedpeft_jax.federated import client_rows
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
+from fedpeft_jax.federated.engine import ClientStateSpec
 from fedpeft_jax.peft.partition import flatten, mask_from_patterns, merge, split
 
 PyTree = Any
@@ -189,3 +199,75 @@ def fedbabu_init(personal: PyTree, key: jax.Array) -> PyTree:
          if x.ndim >= 2 and not np.any(np.asarray(x)) else x
          for i, x in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def freezes_personal(schedule: str) -> bool:
+  """Whether the personal leaves stay frozen at their init during the rounds (FedBABU): they
+  are then part of the fixed weights every client trains against, no client keeps a row of
+  its own, and they are only adapted (`make_finetune`) before personalised evaluation."""
+  return schedule == "fedbabu"
+
+
+def split_for_schedule(trainable: PyTree, personal: str, schedule: str
+                       ) -> tuple[PyTree, Optional[PyTree]]:
+  """(shared, personal) parts of the trainable leaves as a run of `federated.personal` and
+  `federated.personal_schedule` federates them: the server holds and sends only the shared
+  part. With `personal` empty every trainable leaf is shared (personal is None). Under
+  FedBABU the personal part must be head leaves only (`check_fedbabu`). Errors are
+  ValueErrors whose message starts with the config field (`split_personal`)."""
+  if not personal:
+    return trainable, None
+  shared, personal_part = split_personal(trainable, personal)
+  if freezes_personal(schedule):
+    check_fedbabu(personal_part)
+  return shared, personal_part
+
+
+def initial_personal(personal_part: Optional[PyTree], schedule: str, init_key: jax.Array
+                     ) -> Optional[PyTree]:
+  """Every client's personal leaves before its first round (None without personal leaves).
+  They start at the model's init, except FedBABU's frozen head, which must be a random draw
+  (`fedbabu_init`); it is drawn from `init_key` (the key of the model's own init) folded
+  with 1, so the draw is independent of the model's init and fixed by the seed."""
+  if personal_part is None or not freezes_personal(schedule):
+    return personal_part
+  return fedbabu_init(personal_part, jax.random.fold_in(init_key, 1))
+
+
+def personal_client_rule(model: Any, client_tx: optax.GradientTransformation, spec: ClientSpec,
+                         num_classes: int, personal_init: Optional[PyTree], schedule: str,
+                         personal_epochs: int, num_clients: int
+                         ) -> tuple[Optional[Callable[..., dict]], Optional[ClientStateSpec]]:
+  """(client rule, per-client state) of the round. FedPer, FedSA-LoRA and FedRep train the
+  personal leaves and keep them on each client: the stateful rule (`make_personal_update`)
+  and one row per client, every row starting at `personal_init`. Without personal leaves, or
+  under FedBABU (its personal leaves are frozen: nothing per client to keep), (None, None):
+  the engine's default rule and no client state."""
+  if personal_init is None or freezes_personal(schedule):
+    return None, None
+  rule = make_personal_update(model, client_tx, spec, num_classes, schedule, personal_epochs)
+  return rule, ClientStateSpec(init=lambda _: personal_init, num_clients=num_clients)
+
+
+def evaluation_finetune(model: Any, client_tx: optax.GradientTransformation, spec: ClientSpec,
+                        num_classes: int, schedule: str, epochs: int
+                        ) -> Optional[Callable[..., PyTree]]:
+  """What each client does to its personal leaves before personalised evaluation: FedBABU
+  fine-tunes its frozen head for `epochs` (`make_finetune`); under the other schedules None,
+  as each client is scored with the rows it trained in the rounds."""
+  if not freezes_personal(schedule):
+    return None
+  return make_finetune(model, client_tx, spec, num_classes, epochs)
+
+
+def fixed_personal_rows(personal_init: Optional[PyTree], schedule: str, num_clients: int,
+                        mesh: Mesh) -> Optional[PyTree]:
+  """FedBABU's rows for personalised evaluation: every client's copy of the initial personal
+  leaves (which `evaluation_finetune` adapts before scoring), one row per client placed
+  over `mesh` by client id (`client_rows.place`). None under the other schedules, whose
+  rows are the round's per-client state."""
+  if personal_init is None or not freezes_personal(schedule):
+    return None
+  return client_rows.place(jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (num_clients,) + np.shape(x)), personal_init),
+      mesh)
