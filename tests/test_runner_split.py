@@ -31,7 +31,7 @@ from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, clien
 from fedpeft_jax.federated import personal as personal_lib
 from fedpeft_jax.models.factory import build_model, init_params
 from fedpeft_jax.privacy.accounting import dp_fedavg_epsilon
-from fedpeft_jax.runner.config_files import repo_config
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.experiment import build_experiment, load_data
 from fedpeft_jax.runner.train import run
 from fedpeft_jax.runner.validate import ConfigError
