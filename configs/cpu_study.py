@@ -22,11 +22,11 @@ The argument is comma-separated `key=value` pairs; the first two items may be ba
   epsilon            dp_fedavg: the calibration target; paper_gaussian: the nominal
                      epsilon of the study's sigma formula                          [5]
   clip               dp_fedavg: the bound C on a client's update norm (0 = DP_CLIP_NORM)  [0]
-  seed               seed 0 tunes (the sweeps), the study's runs use 1..8           [1]
+  seed               seed 0 tunes (the sweeps), the study's runs use 1..6           [1]
   scale              full | quick (a smoke-test model, for --quick and the tests)  [full]
 
-What is scaled down from the study (docs/study.md), and why: two CPU cores must run ~250 runs
-(sweeps included) in about 90 minutes, so a run gets seconds.
+What is scaled down from the study (docs/study.md), and why: two CPU cores must run 192 runs
+(72 of them sweeps) in about 90 minutes, so a run gets seconds.
   * backbone: ViT hidden 128, depth 2, 4 heads, MLP 512, patch 4 at 16x16 (16 tokens),
     pre-trained 3 epochs on Fashion-MNIST classes 0-4 instead of ViT-B/16 on ImageNet-21k.
     Width sets the byte ratio (weights grow as width^2, biases as width): at 128 wide, bias
@@ -39,7 +39,7 @@ What is scaled down from the study (docs/study.md), and why: two CPU cores must 
   * validation: a quarter of the training count is held out on top (stratified, seeded:
     data.val_size); every learning rate and the DP clip are chosen on it, never on test.
   * data: the close target trains on 1,500 of its 30,000 training images (5%), so the
-    data-scarcity cells at 1% and 20% bracket it; digits trains on 1,150 of 1,437.
+    data-scarcity cells at 1% and 10% bracket it; digits trains on 1,150 of 1,437.
   * sampling: participation < 1 draws clients by Poisson sampling (expected 8 of 64), with
     or without DP, so the DP cells and their no-DP reference sample alike.
   * DP: 64 clients, expected 8 per round. dp_fedavg: delta = 1 / clients^2, the clip C and

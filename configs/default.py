@@ -109,7 +109,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # leaves frozen at init during training, fine-tuned per client before evaluation).
   c.federated.personal_schedule = "none"
   # fedrep: local epochs on the personal leaves before local_epochs on the shared ones.
-  # FedRep as published: 9 head epochs, then 1 body epoch (set local_epochs = 1).
+  # FedRep as published: 10 head epochs, then 1 body epoch (set local_epochs = 1).
   c.federated.personal_epochs = personal.FEDREP_HEAD_EPOCHS
   c.federated.personal_finetune_epochs = 1  # fedbabu: local fine-tuning epochs.
   # Also score the global model on per-client test sets (always on with `personal`).

@@ -81,7 +81,7 @@ BASELINE_SCHEME = "global"
 SCHEMES: dict[str, dict[str, Any]] = {  # scheme -> config overrides
     BASELINE_SCHEME: {"federated.eval_per_client": True},
     "FedPer": {"federated.personal": "head"},
-    # As published (fedpeft_jax.federated.personal): 9 head epochs, then 1 body epoch.
+    # As published (fedpeft_jax.federated.personal): 10 head epochs, then 1 body epoch.
     "FedRep": {"federated.personal": "head", "federated.personal_schedule": "fedrep",
                "federated.personal_epochs": personal.FEDREP_HEAD_EPOCHS,
                "federated.local_epochs": personal.FEDREP_BODY_EPOCHS},

@@ -63,6 +63,8 @@ def _md_tables(workdir: str) -> dict[str, list[dict[str, str]]]:
   for section in re.split(r"^### ", text, flags=re.M)[1:]:
     title, _, body = section.partition("\n")
     lines = [l for l in body.splitlines() if l.startswith("|")]
+    if not lines:
+      continue
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     tables[title.strip()] = [dict(zip(header, (c.strip() for c in l.strip("|").split("|"))))
                              for l in lines[2:]]
@@ -138,8 +140,8 @@ def test_csv_rows_are_the_runs_own_numbers(study):
 @pytest.mark.slow  # runs the quick study
 def test_rates_are_chosen_on_validation_only(study):
   """Each sweep's winner is the best mean validation accuracy of the last 3 evaluations,
-  recomputed here from the runs; the study's cells of that group run with it; and no sweep
-  run's test accuracy could have changed the choice (a test label permutation leaves it)."""
+  recomputed here from the runs, and the study's cells of that group run with it.
+  (tests/test_sweep.py shows that permuting the test labels leaves a sweep's choice.)"""
   with open(os.path.join(study, "tuning.csv")) as f:
     tuning = list(csv.DictReader(f))
   best = {}
@@ -306,6 +308,47 @@ def test_stat_text_is_mean_and_sample_std():
   assert cpu_study.Stat([0.25]).text() == "0.250"
   assert cpu_study.Stat([]).text() == "-"
   assert cpu_study.Stat([3.5, 3.5]).text(constant_plain=True) == "3.500"
+
+
+def test_primary_comparisons_are_the_preregistered_ones():
+  """The six primaries of docs/study.md ("The CPU study"), written out by hand: terms (sign,
+  cell) and margins. A flipped sign or a wrong primary in comparisons() fails here."""
+  rows = []
+  for d in cpu_study.plan_designs("full"):
+    rows.append({"analysis": d.analysis, "target": d.target, "method": d.method,
+                 "setting": d.setting, "seed": 1, "final_accuracy": 0.5,
+                 "total_MB": 100.0 if d.method in ("full", "scratch") else 0.5})
+  budgets = ["<= 13.00 MB (full: 2 rounds)", "<= 26.00 MB (full: 4 rounds)"]
+  for b in budgets:
+    for m in ("full", "bias"):
+      rows.append({"analysis": "equal_comm", "target": "close", "method": m, "setting": b,
+                   "seed": 1, "final_accuracy": 0.5, "total_MB": 13.0})
+  base = "16 clients, 100%, Dir 0.3"
+  iid64, dir64 = "64 clients, 100%, IID", "64 clients, 12.5%, Dir 0.3"
+  eps5 = "DP-FedAvg, eps 5"
+  want = {
+      "1": ([(1, ("methods", "close", "bias", base)), (-1, ("methods", "close", "full", base))],
+            -5.0),
+      "2": ([(1, ("grid", "close", "full", iid64)), (-1, ("grid", "close", "full", dir64)),
+             (-1, ("grid", "close", "bias", iid64)), (1, ("grid", "close", "bias", dir64))],
+            0.0),
+      "3": ([(1, ("privacy", "close", "full", "no DP")), (-1, ("privacy", "close", "full", eps5)),
+             (-1, ("privacy", "close", "bias", "no DP")), (1, ("privacy", "close", "bias", eps5))],
+            0.0),
+      "4": ([(1, ("methods", "close", "full", base)), (-1, ("methods", "close", "scratch", base))],
+            10.0),
+      "5": ([(1, ("methods", "far", "full", base)), (-1, ("methods", "far", "bias", base)),
+             (-1, ("methods", "close", "full", base)), (1, ("methods", "close", "bias", base))],
+            0.0),
+      "6": ([(1, ("equal_comm", "close", "bias", budgets[0])),
+             (-1, ("equal_comm", "close", "full", budgets[0]))], 0.0),
+  }
+  primaries = [c for c in cpu_study.comparisons(rows) if c.primary]
+  assert sorted(c.claim for c in primaries) == sorted(want)
+  for c in primaries:
+    terms, margin = want[c.claim]
+    assert sorted(c.terms) == sorted((float(k), key) for k, key in terms), c.claim
+    assert c.margin == margin
 
 
 def test_comparison_pairs_by_seed():

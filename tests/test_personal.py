@@ -125,11 +125,11 @@ def test_fedrep_trains_the_personal_part_first_then_the_shared_part():
 
 
 def test_fedrep_default_is_the_published_schedule():
-  """FedRep's authors' code runs local_ep = 10 epochs per round, of which the last
-  local_rep_ep = 1 trains the representation: 10 - 1 = 9 head epochs, then 1 body epoch. The
-  default personal_epochs and the frontier's FedRep row give exactly that: on a 4-example
-  client at batch 4, 9 head steps then 1 body step."""
-  local_ep, local_rep_ep = 10, 1  # github.com/lgcollins/FedRep defaults
+  """FedRep (Collins et al. 2021) trains the head for 10 local epochs, then the representation
+  for 1; its code takes local_ep - local_rep_ep head epochs, run with local_ep 11 and
+  local_rep_ep 1. The default personal_epochs and the frontier's FedRep row give exactly that:
+  on a 4-example client at batch 4, 10 head steps then 1 body step."""
+  local_ep, local_rep_ep = 11, 1  # the authors' run command (github.com/lgcollins/FedRep)
   default = repo_config("default").get_config()
   assert default.federated.personal_epochs == local_ep - local_rep_ep
   fedrep = frontier.SCHEMES["FedRep"]

@@ -12,10 +12,11 @@ and sends only the *shared* rest, so the byte counts exclude the personal leaves
 * schedule "fedrep" is FedRep (Collins et al., ICML 2021): each round a client first trains
   its personal part for `personal_epochs` epochs with the shared part fixed, then the
   shared part for `local_epochs` with its new personal part fixed. As published, many head
-  epochs precede one body epoch: the authors' code (github.com/lgcollins/FedRep) runs
-  `local_ep` = 10 epochs of which the last `local_rep_ep` = 1 trains the representation, so 9
-  head epochs then 1 body epoch (FEDREP_HEAD_EPOCHS, FEDREP_BODY_EPOCHS; the default
-  `personal_epochs` is the former, and `local_epochs = FEDREP_BODY_EPOCHS` completes it).
+  epochs precede the body: the paper trains the head for 10 local epochs, then the
+  representation for 1, and the authors' code (github.com/lgcollins/FedRep) computes the head
+  epochs as local_ep - local_rep_ep, run with local_ep 11 and local_rep_ep 1
+  (FEDREP_HEAD_EPOCHS, FEDREP_BODY_EPOCHS: the default `personal_epochs` is the former, and
+  `local_epochs = FEDREP_BODY_EPOCHS` completes it).
 * schedule "fedbabu" is FedBABU (Oh et al., ICLR 2022): the personal part (the head only)
   stays frozen at its initial value during federated training, so only the body learns;
   before personalised evaluation each client fine-tunes its own copy of the head for
@@ -54,7 +55,7 @@ from fedpeft_jax.peft.partition import flatten, mask_from_patterns, merge, split
 PyTree = Any
 
 # FedRep's published schedule per round (module docstring): head epochs, then body epochs.
-FEDREP_HEAD_EPOCHS = 9
+FEDREP_HEAD_EPOCHS = 10
 FEDREP_BODY_EPOCHS = 1
 PERSONAL_SCHEDULES = ("none", "fedrep", "fedbabu")
 
