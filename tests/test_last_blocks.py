@@ -310,7 +310,7 @@ def test_first_trainable_block_top_only_and_custom(images):
 @pytest.mark.parametrize("method, overrides, k", [
     ("prompt", dict(kind="deep", dropout=0.0), 2),
     ("prompt", dict(kind="shallow", dropout=0.0), 1), ("head", {}, 0),
-], ids=["deep", "shallow", "head"])  # bias and LoRA: tests/test_features.py, through the engine
+], ids=["deep", "shallow", "head"])  # bias and LoRA: tests/test_feature_cache.py, through the engine
 def test_cached_prefix_gives_the_same_gradients(method, overrides, k, images):
   """What the engine will do: cache the frozen prefix once, train on the rest."""
   cfg = _cfg(method, k, **overrides)

@@ -13,9 +13,9 @@ from fedpeft_jax.federated.engine import (ClientStateSpec, FederatedAlgorithm, R
                                           build_algorithm, client_state_bytes,
                                           default_aggregator)
 from fedpeft_jax.federated.evaluation import make_client_evaluate, make_evaluate, place_eval_set
-from fedpeft_jax.federated.features import (FEATURE_CACHE_MODES, InputSpec, build_cache,
+from fedpeft_jax.federated.feature_cache import (FEATURE_CACHE_MODES, InputSpec, build_cache,
                                             cache_builder, choose_input)
-from fedpeft_jax.federated.layout import (MEMORY_FRACTION, auto_clients_per_chunk,
+from fedpeft_jax.federated.client_slots import (MEMORY_FRACTION, auto_clients_per_chunk,
                                           compiled_round_bytes, device_bytes_limit, layout_clients,
                                           layout_shape)
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, split_rows, to_global

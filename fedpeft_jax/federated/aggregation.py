@@ -21,7 +21,7 @@ import optax
 
 from fedpeft_jax.choices import one_of
 from fedpeft_jax.privacy import mechanisms
-from fedpeft_jax.privacy.settings import ServerDP
+from fedpeft_jax.privacy.dp_specs import ServerDP
 
 PyTree = Any
 WEIGHTINGS = ("examples", "uniform")

@@ -17,10 +17,10 @@ import optax
 
 import fedpeft_jax.data as fdata
 from fedpeft_jax.choices import one_of
-from fedpeft_jax.federated import features
+from fedpeft_jax.federated import feature_cache
 from fedpeft_jax.peft.partition import merge
 from fedpeft_jax.privacy import mechanisms
-from fedpeft_jax.privacy.settings import ClientDP
+from fedpeft_jax.privacy.dp_specs import ClientDP
 
 PyTree = Any
 
@@ -38,11 +38,11 @@ class ClientSpec:
   fedprox_mu: float = 0.0
   dp: ClientDP = ClientDP()
   # What ClientData.images holds: raw images (None) or a cached frozen prefix.
-  inputs: Optional[features.InputSpec] = None
+  inputs: Optional[feature_cache.InputSpec] = None
 
   @property
-  def input_spec(self) -> features.InputSpec:
-    return self.inputs or features.images_input(self.image_size)
+  def input_spec(self) -> feature_cache.InputSpec:
+    return self.inputs or feature_cache.images_input(self.image_size)
 
   def real_steps(self, size: Any) -> Any:
     """Local steps a client of `size` examples really runs (NumPy or JAX, any shape)."""

@@ -29,9 +29,9 @@ from jax.sharding import PartitionSpec as P
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.accelerators import aot
 from fedpeft_jax.federated import aggregation, client_rows, comm, compression, lora_aggregation
-from fedpeft_jax.federated import state as server_lib
+from fedpeft_jax.federated import state as state_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
-from fedpeft_jax.federated.layout import layout_clients, layout_shape
+from fedpeft_jax.federated.client_slots import layout_clients, layout_shape
 from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, to_global
 from fedpeft_jax.federated.sampling import RoundPlan
 from fedpeft_jax.peft.spec import to_spec
@@ -89,7 +89,7 @@ class ClientStateSpec:
   num_clients: int
 
 
-def client_state_bytes(state: server_lib.ServerState) -> int:
+def client_state_bytes(state: state_lib.ServerState) -> int:
   """Bytes the per-client state holds on one device (0 without one): its block of the
   table split over the devices (`client_rows`)."""
   return client_rows.bytes_per_device(state.clients)
@@ -100,10 +100,10 @@ class FederatedAlgorithm(NamedTuple):
   `lower(state, frozen, data, slots)` gives the round's `jax.stages.Lowered` (for XLA's
   cost and memory analyses) without running it, from arrays or shapes alike, and
   `state_shapes(trainable)` the abstract round-0 state to lower with."""
-  init: Callable[..., server_lib.ServerState]
-  apply: Callable[..., tuple[server_lib.ServerState, dict]]
+  init: Callable[..., state_lib.ServerState]
+  apply: Callable[..., tuple[state_lib.ServerState, dict]]
   lower: Callable[..., Any] | None = None
-  state_shapes: Callable[..., server_lib.ServerState] | None = None
+  state_shapes: Callable[..., state_lib.ServerState] | None = None
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -172,7 +172,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
                   active, *state)
 
   def initial_state(trainable: PyTree, seed: int, clip_norm: float, dp_key: np.ndarray,
-                    xp: Any = np) -> server_lib.ServerState:
+                    xp: Any = np) -> state_lib.ServerState:
     """Round 0's state, not yet placed. The per-client rows are NumPy broadcast views (no
     num_clients copies before placement), as many as `client_rows.padded_rows` (padding
     rows last); `state_shapes` traces it with `xp=jnp`."""
@@ -194,12 +194,12 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
       raise ValueError("federated.lora_aggregation='ffa' (FFA-LoRA) keeps A frozen: build the "
                        "trainable mask with peft.lora.freeze_a=True")
     folded = None if folding is None else lora_aggregation.folded_zeros(trainable)
-    return server_lib.init_server_state(trainable, server_tx,
+    return state_lib.init_server_state(trainable, server_tx,
                                         rng_lib.stream_key_data(seed, "train"), dp_key,
                                         clip_norm, clients, folded)
 
   def init(trainable: PyTree, seed: int, clip_norm: float = 0.0,
-           dp_key: np.ndarray | None = None) -> server_lib.ServerState:
+           dp_key: np.ndarray | None = None) -> state_lib.ServerState:
     """Round 0's state. `dp_key`: raw key data of the dp stream; by default drawn from
     the OS when a privacy mechanism is on (and the seed's otherwise unused dp stream when
     not). Placed like every later state (replicated, the per-client rows split over the
@@ -214,7 +214,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     return replicate(state.replace(clients=None), mesh).replace(
         clients=None if state.clients is None else client_rows.place(state.clients, mesh))
 
-  def state_shapes(trainable: PyTree) -> server_lib.ServerState:
+  def state_shapes(trainable: PyTree) -> state_lib.ServerState:
     """Round 0's state as ShapeDtypeStructs placed on the mesh like `init`'s: `trainable`
     may be shapes only (nothing is drawn, allocated or placed)."""
     shapes = jax.eval_shape(
@@ -347,7 +347,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
   # The server state is donated: its buffers become the next state's, so a round holds
   # one copy of the trainable params and optimizer state (the caller must not reuse it).
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def round_step(state: server_lib.ServerState, frozen: PyTree, data: Any, ids: jax.Array,
+  def round_step(state: state_lib.ServerState, frozen: PyTree, data: Any, ids: jax.Array,
                  valid: jax.Array):
     train_round = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
     dp_round = jax.random.fold_in(rng_lib.dp_key(state.dp_rng), state.round)
@@ -366,7 +366,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     mean_update, clip_norm, apply_update, agg_metrics = aggregator.finalize(
         sums["update"], sums["weight"], norms.reshape(-1), ok.reshape(-1), state.clip_norm,
         jax.random.fold_in(dp_round, 1))
-    new_trainable, new_opt = server_lib.apply_server_update(state, mean_update, server_tx)
+    new_trainable, new_opt = state_lib.apply_server_update(state, mean_update, server_tx)
     folded = state.folded
     if folding is not None:
       # FLoRA's restart key: the train stream's LORA_INIT_STREAM sub-stream at this round.
@@ -403,7 +403,7 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
     sharding = NamedSharding(mesh, P(AXIS))
     return state, frozen, data, to_global(ids, sharding), to_global(valid, sharding)
 
-  def lower(state: server_lib.ServerState, frozen: PyTree, data: Any, slots: int) -> Any:
+  def lower(state: state_lib.ServerState, frozen: PyTree, data: Any, slots: int) -> Any:
     """The round's `jax.stages.Lowered` for `slots` reporting clients. Every argument may
     be abstract (ShapeDtypeStructs with shardings, see `accelerators.aot`): the layout's
     shape depends only on the counts, so a round lowers from shapes alone, for this mesh's
@@ -415,8 +415,8 @@ def build_algorithm(model: nn.Module, client_tx: optax.GradientTransformation,
                             jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
                             jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding))
 
-  def apply(state: server_lib.ServerState, frozen: PyTree, data: Any,
-            plan: RoundPlan) -> tuple[server_lib.ServerState, dict]:
+  def apply(state: state_lib.ServerState, frozen: PyTree, data: Any,
+            plan: RoundPlan) -> tuple[state_lib.ServerState, dict]:
     new_state, metrics = round_step(*round_args(state, frozen, data, plan))
     metrics = dict(metrics)
     metrics["clients_sampled"] = plan.num_sampled

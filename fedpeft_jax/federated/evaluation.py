@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 import fedpeft_jax.data as fdata
-from fedpeft_jax.federated import client_rows, features
+from fedpeft_jax.federated import client_rows, feature_cache
 from fedpeft_jax.federated.mesh import AXIS, make_mesh, split_rows
 from fedpeft_jax.peft.partition import merge
 
@@ -32,7 +32,7 @@ def place_eval_set(images: np.ndarray, labels: np.ndarray, mesh: Mesh
   return split_rows(images, mesh), split_rows(labels, mesh)
 
 
-def _scored_sums(model: nn.Module, inputs: features.InputSpec, params: PyTree,
+def _scored_sums(model: nn.Module, inputs: feature_cache.InputSpec, params: PyTree,
                  examples: jax.Array, labels: jax.Array, rows: jax.Array, batch_size: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(correct, summed cross-entropy, count) of `params` over the examples at `rows` (an int
@@ -59,17 +59,17 @@ def _scored_sums(model: nn.Module, inputs: features.InputSpec, params: PyTree,
 
 def make_evaluate(model: nn.Module, batch_size: int, image_size: int,
                   mesh: Optional[Mesh] = None,
-                  inputs: Optional[features.InputSpec] = None) -> Callable[..., dict]:
+                  inputs: Optional[feature_cache.InputSpec] = None) -> Callable[..., dict]:
   """evaluate(params, examples, labels) -> {'accuracy', 'loss'}, batched inside one jit.
 
   The examples are split over `mesh`'s devices (default: all devices); each device runs
   its share and the correct counts and losses are summed with `psum`. Rows labelled -1
   are padding (see `place_eval_set`). `inputs` says what the examples are (default: uint8
-  images; or a cached frozen prefix, see `features`).
+  images; or a cached frozen prefix, see `feature_cache`).
   """
   mesh = mesh if mesh is not None else make_mesh()
   num_devices = mesh.devices.size
-  inputs = inputs or features.images_input(image_size)
+  inputs = inputs or feature_cache.images_input(image_size)
 
   def local(params, examples, labels):
     # Padding rows (label -1) are not scored.
@@ -94,7 +94,7 @@ def make_evaluate(model: nn.Module, batch_size: int, image_size: int,
 
 def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
                          mesh: Optional[Mesh] = None,
-                         inputs: Optional[features.InputSpec] = None,
+                         inputs: Optional[feature_cache.InputSpec] = None,
                          adapt: Optional[Callable[..., PyTree]] = None,
                          clients_per_chunk: int = 1) -> Callable[..., dict]:
   """Every client's accuracy on its own local test set, in one jit:
@@ -118,7 +118,7 @@ def make_client_evaluate(model: nn.Module, batch_size: int, image_size: int,
   """
   mesh = mesh if mesh is not None else make_mesh()
   num_devices = mesh.devices.size
-  inputs = inputs or features.images_input(image_size)
+  inputs = inputs or feature_cache.images_input(image_size)
 
   def one_client(shared, frozen, personal, test, train, key, client, position):
     row_k = None

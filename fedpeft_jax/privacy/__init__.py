@@ -23,7 +23,7 @@ from fedpeft_jax.privacy.mechanisms import (SECURE_DRAWS, adaptive_clip_update, 
                                             poisson_capacity, poisson_schedule,
                                             value_noise_multiplier)
 from fedpeft_jax.privacy.plan import NON_PRIVATE_METRICS, PrivacyPlan
-from fedpeft_jax.privacy.settings import ClientDP, ServerDP
+from fedpeft_jax.privacy.dp_specs import ClientDP, ServerDP
 
 __all__ = [
     "ACCOUNTANTS", "MECHANISMS", "SAMPLINGS", "PrivacyBudgetError", "PrivacyLedger",

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from fedpeft_jax.privacy.settings import ClientDP, ServerDP
+from fedpeft_jax.privacy.dp_specs import ClientDP, ServerDP
 from fedpeft_jax.privacy.accounting import (CALIBRATION_TOL, OVERFLOW_DELTA_FRACTION,
                                             PrivacyBudgetError, PrivacyLedger,
                                             calibrate_noise_multiplier,

@@ -23,7 +23,7 @@ from fedpeft_jax.federated.aggregation import check_weighting
 from fedpeft_jax.federated.client import check_client_optimizer
 from fedpeft_jax.federated.comm import check_wire_dtype
 from fedpeft_jax.federated.compression import check_compression
-from fedpeft_jax.federated.features import check_feature_cache
+from fedpeft_jax.federated.feature_cache import check_feature_cache
 from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, check_round,
                                                     check_rule, client_ranks)
 from fedpeft_jax.federated.personal import check_schedule, parse_patterns

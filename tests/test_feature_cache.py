@@ -113,7 +113,7 @@ def test_sharded_evaluation_on_four_devices_equals_numpy():
   script = f"""
 import sys; sys.path.insert(0, {ROOT!r})
 import jax, jax.numpy as jnp, numpy as np
-from tests.test_features import _model, _data, IMAGE
+from tests.test_feature_cache import _model, _data, IMAGE
 import fedpeft_jax.data as fdata
 from fedpeft_jax.federated import make_evaluate, make_mesh, place_eval_set
 model, cfg, params = _model("bias")
