@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from experiments import cpu_study
+from tests.test_cpu_study import _differences, _md_tables
 
 DOCS = cpu_study.DOCS_DIR
 
@@ -28,28 +28,6 @@ def _rows() -> list[dict[str, str]]:
     return list(csv.DictReader(f))
 
 
-def _tables(text: str) -> dict[str, list[dict[str, str]]]:
-  out = {}
-  for section in re.split(r"^### ", text, flags=re.M)[1:]:
-    title, _, body = section.partition("\n")
-    lines = [l for l in body.splitlines() if l.startswith("|")]
-    if not lines:
-      continue
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    out[title.strip()] = [dict(zip(header, (c.strip() for c in l.strip("|").split("|"))))
-                          for l in lines[2:]]
-  return out
-
-
-def _differences(rows, terms) -> list[float]:
-  by: dict = {}
-  for r in rows:
-    by.setdefault((r["analysis"], r["target"], r["method"], r["setting"]), {})[
-        r["seed"]] = float(r["final_accuracy"])
-  seeds = set.intersection(*(set(by[k]) for _, k in terms))
-  return [100 * sum(c * by[k][s] for c, k in terms) for s in sorted(seeds)]
-
-
 def test_readme_carries_results_md_unedited():
   with open(os.path.join(cpu_study.REPO, "README.md")) as f:
     readme = f.read()
@@ -59,7 +37,7 @@ def test_readme_carries_results_md_unedited():
 
 def test_every_published_interval_and_verdict_is_scipys():
   rows = _rows()
-  tables = _tables(_read("results.md"))
+  tables = _md_tables(DOCS)
   lines = tables["Primary comparisons (final test accuracy, percentage points, paired by "
                  "seed)"] + tables["Supplementary comparisons (reported, no votes)"]
   by_label = {(l["claim"], l["comparison"]): l for l in lines}
@@ -92,6 +70,8 @@ def test_every_published_interval_and_verdict_is_scipys():
 
 
 def test_published_rates_were_chosen_on_validation():
+  """Each published row ran with its tuning group's winner (the best validation score of its
+  sweep, recomputed here), the clip too under DP-FedAvg."""
   with open(os.path.join(DOCS, "tuning.csv")) as f:
     tuning = list(csv.DictReader(f))
   best: dict = {}
@@ -99,9 +79,15 @@ def test_published_rates_were_chosen_on_validation():
     key = (t["group"], t["method"])
     if key not in best or float(t["score"]) > float(best[key]["score"]):
       best[key] = t
-  assert {k for k, t in best.items()} == {(t["group"], t["method"]) for t in tuning
-                                          if t["chosen"] == "True"}
-  chosen_rates = {float(t["lr"]) for t in best.values()}
+  assert {k for k in best} == {(t["group"], t["method"]) for t in tuning
+                               if t["chosen"] == "True"}
+  groups = {(d.analysis, d.target, d.method, d.setting): d.group
+            for d in cpu_study.plan_designs("full")}
   for r in _rows():
-    if r["analysis"] != "equal_comm":
-      assert float(r["lr"]) in chosen_rates
+    if r["analysis"] == "equal_comm":
+      continue
+    winner = best[(groups[(r["analysis"], r["target"], r["method"], r["setting"])],
+                   r["method"])]
+    assert float(r["lr"]) == float(winner["lr"]), r["cell"]
+    if "mechanismdp_fedavg" in r["cell"]:
+      assert float(r["clip"]) == float(winner["clip"])
