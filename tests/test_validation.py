@@ -89,6 +89,19 @@ def test_bad_val_size_is_one_config_error():
     runner.validate_config(config)
 
 
+def test_poisson_client_sampling_must_match_the_dp_accounting():
+  config = _config()
+  config.federated.client_sampling = "poisson"
+  runner.validate_config(config)  # without DP: a Poisson-sampled reference
+  config.privacy.mechanism = "dp_fedavg"
+  config.privacy.sampling = "shuffle"
+  with pytest.raises(ConfigError, match=r"config.privacy.sampling is 'shuffle' but "
+                                        r"config.federated.client_sampling is 'poisson'"):
+    runner.validate_config(config)
+  config.privacy.sampling = "poisson"
+  runner.validate_config(config)
+
+
 def test_best_round_by_hand_where_validation_and_test_disagree():
   rows = [{"round": 1, "test_accuracy": 0.9, "val_accuracy": 0.5},
           {"round": 2, "test_accuracy": 0.6, "val_accuracy": 0.8},

@@ -445,6 +445,11 @@ def _validate_privacy(config: Any) -> None:
   privacy = _get(config, "privacy")
   _check_fields(privacy, default_privacy_config(), "privacy")
   as_config_error("privacy", lambda: validate_privacy(privacy))
+  if (_get(config, "federated.client_sampling") == "poisson"
+      and privacy.mechanism == "dp_fedavg" and privacy.sampling != "poisson"):
+    _fail("privacy.sampling", f"is {privacy.sampling!r} but config.federated.client_sampling "
+          "is 'poisson': clients would be drawn by Poisson sampling and accounted as "
+          "another draw; set privacy.sampling=poisson")
 
 
 def validate_config(config: Any) -> None:
