@@ -17,7 +17,9 @@ import fedpeft_jax.data as fdata
 from fedpeft_jax import peft
 from fedpeft_jax.federated import (ClientSpec, RoundSpec, build_algorithm, build_cache,
                                    choose_input, make_evaluate, make_server_optimizer, plan_round)
+from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.models import ViT
+from fedpeft_jax.runner.train import run
 
 NUM_CLASSES = 5
 IMAGE = 8
@@ -158,3 +160,22 @@ def test_runner_reports_the_cache(tmp_path):
     with open(os.path.join(str(tmp_path / mode), "metrics.jsonl")) as f:
       accs.append([json.loads(line)["test_accuracy"] for line in f])
   np.testing.assert_allclose(accs[0], accs[1], atol=1e-6)
+
+
+def test_per_client_evaluation_reads_the_cached_test_features(tmp_path):
+  """Head tuning caches the frozen prefix's features of the test split too; per-client
+  evaluation must score those features (it once rebuilt a Dataset from them and failed its
+  uint8 check). Equal to the uncached run's per-client accuracies."""
+  rows = {}
+  for mode in ("auto", "off"):
+    c = repo_config("tiny").get_config("head,rounds=2")
+    c.federated.eval_per_client = True
+    c.federated.feature_cache = mode
+    run(c, str(tmp_path / mode), progress=False)
+    with open(tmp_path / mode / "summary.json") as f:
+      assert ("on" in json.load(f)["feature_cache"]) == (mode == "auto")
+    with open(tmp_path / mode / "metrics.jsonl") as f:
+      rows[mode] = [json.loads(line) for line in f]
+  for cached, plain in zip(rows["auto"], rows["off"]):
+    for key in ("personalized_accuracy", "personalized_accuracy_min", "test_accuracy"):
+      assert cached[key] == pytest.approx(plain[key], abs=1e-6), key

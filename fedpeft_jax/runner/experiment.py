@@ -366,8 +366,11 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     test_part = as_config_error("federated", lambda: local_test_partition(
         dataset.test_labels, partition, federated.local_test_size,
         rng_lib.stream_seed(config.seed, "personal")))
-    client_test_data = replicate(fdata.client_data(fdata.as_test_source(
-        dataclasses.replace(dataset, test_images=test_examples)), test_part), mesh)
+    client_test_data = fdata.client_data(fdata.as_test_source(dataset), test_part,
+                                         device=jax.local_devices(backend="cpu")[0])
+    if inputs.kind != "images":  # the cached prefix features, as for training (above)
+      client_test_data = dataclasses.replace(client_test_data, images=test_examples)
+    client_test_data = replicate(client_test_data, mesh)
     evaluate_clients = make_client_evaluate(
         model, federated.eval_batch_size, config.model.image_size, mesh=mesh, inputs=inputs,
         adapt=personal_lib.evaluation_finetune(model, client_tx, local_training,
