@@ -36,7 +36,7 @@ CONFIG = "configs/tiny.py:bias,rounds=4"
 HELD_CLI = textwrap.dedent("""
     import os, runpy, sys, time
     sys.path.insert(0, {root!r})
-    from fedpeft_jax.runner import checkpointing, train
+    from fedpeft_jax.runner import checkpointing, loop
 
     class Held(checkpointing.RunCheckpointer):
       def __init__(self, directory, keep=3, **kwargs):
@@ -48,7 +48,7 @@ HELD_CLI = textwrap.dedent("""
             time.sleep(3600)
         super().__init__(directory, keep, post_finalization_callback=hook, **kwargs)
 
-    checkpointing.RunCheckpointer = train.RunCheckpointer = Held
+    checkpointing.RunCheckpointer = loop.RunCheckpointer = Held
     sys.argv = ["fedpeft_jax.main", *{args!r}]
     runpy.run_module("fedpeft_jax.main", run_name="__main__")
 """)
