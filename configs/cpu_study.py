@@ -73,7 +73,7 @@ CLOSE_TRAIN_EXAMPLES = 30000  # Fashion-MNIST's training images of classes 5-9
 SCALE = {
     "full": {"hidden": 128, "depth": 2, "heads": 4, "mlp": 512, "rounds": 20, "eval_every": 2,
              "close_train": 1500, "pretrain_epochs": 3, "pretrain_train": 0},
-    "quick": {"hidden": 32, "depth": 2, "heads": 4, "mlp": 64, "rounds": 3, "eval_every": 1,
+    "quick": {"hidden": 32, "depth": 2, "heads": 4, "mlp": 64, "rounds": 2, "eval_every": 1,
               "close_train": 1500, "pretrain_epochs": 1, "pretrain_train": 3000},
 }
 # Local epochs per round: a plateau within 20 rounds (1 epoch was still rising at round 20).

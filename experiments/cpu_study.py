@@ -60,7 +60,7 @@ from fedpeft_jax.runner import outputs
 from fedpeft_jax.config_files import repo_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cpu_study", "Output directory.")
-_QUICK = flags.DEFINE_bool("quick", False, "A tiny model, two methods, three rounds, two seeds: "
+_QUICK = flags.DEFINE_bool("quick", False, "A tiny model, three methods, two rounds, two seeds: "
                            "a smoke test of the whole pipeline.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Cells run in this many processes (1: in this "
                                 "process).")

@@ -1,6 +1,6 @@
 """experiments/cpu_study.py: the --quick study end to end, checked against its own runs.
 
-The quick study (a tiny ViT, three methods, three rounds, two seeds for the primary cells;
+The quick study (a tiny ViT, three methods, two rounds, two seeds for the primary cells;
 2-4 minutes on two CPU cores) runs once per module in a subprocess, as a user would run it.
 Its tables must be the runs' own numbers: every results.csv row is recomputed from its run's
 metrics.jsonl, every mean in results.md is NumPy's over those rows, every rate a cell ran
