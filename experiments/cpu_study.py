@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import ml_collections
 import numpy as np
@@ -334,10 +334,6 @@ def plan_members(scale: str, designs: Sequence[Design],
 
 def cell_dir(workdir: str, arg: str) -> str:
   return os.path.join(workdir, "cells", cell_name(arg))
-
-
-def read_summary(workdir: str, arg: str) -> Optional[dict]:
-  return run_pool.read_summary(cell_dir(workdir, arg))
 
 
 def cell_config(arg: str, pretrained: str, fashion_dir: str) -> ml_collections.ConfigDict:

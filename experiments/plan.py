@@ -59,7 +59,7 @@ from fedpeft_jax import peft
 from fedpeft_jax import rng as rng_lib
 from fedpeft_jax.accelerators import aot, targets
 from fedpeft_jax.data.datasets import TFDS_DATASETS
-from fedpeft_jax.federated import (MEMORY_FRACTION, ClientStateSpec, auto_clients_per_chunk,
+from fedpeft_jax.federated import (MEMORY_FRACTION, auto_clients_per_chunk,
                                    build_algorithm, cache_builder, layout_clients,
                                    make_evaluate)
 from fedpeft_jax.federated import personal as personal_lib
@@ -162,10 +162,9 @@ def plan(config: Any, target: targets.Target, num_devices: int = 1,
                           jax.random.PRNGKey(0))["params"]
   mask = peft.trainable_mask(params, runner.training_peft(config))
   trainable, frozen = peft.split(params, mask)
-  personal_init = None
-  if fed.personal:
-    trainable, personal_init = personal_lib.split_personal(trainable, fed.personal)
-  babu = fed.personal_schedule == "fedbabu"
+  trainable, personal_init = personal_lib.split_for_schedule(trainable, fed.personal,
+                                                            fed.personal_schedule)
+  babu = personal_lib.freezes_personal(fed.personal_schedule)
   per_round = resolve_clients_per_round(fed.num_clients, fed.clients_per_round, fed.participation)
   local_epochs = runner.resolve_local_epochs(config, sizes)
   steps_of = lambda n: int(fdata.num_local_steps(n, fed.batch_size, local_epochs,
@@ -184,12 +183,12 @@ def plan(config: Any, target: targets.Target, num_devices: int = 1,
   # leaves (merged in) stay float32.
   frozen_in = cast(frozen) if personal_init is None or not babu else peft.merge(
       cast(frozen), personal_init)
-  client_rule = client_state = None
-  if personal_init is not None and not babu:
-    client_rule = personal_lib.make_personal_update(model, client_tx, cspec, data.num_classes,
-                                                    fed.personal_schedule, fed.personal_epochs)
-    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), personal_init)
-    client_state = ClientStateSpec(init=lambda _: zeros, num_clients=fed.num_clients)
+  # The round's personal rule and rows, as the runner builds them (zeros: shapes only).
+  zeros = (None if personal_init is None else
+           jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), personal_init))
+  client_rule, client_state = personal_lib.personal_client_rule(
+      model, client_tx, cspec, data.num_classes, zeros, fed.personal_schedule,
+      fed.personal_epochs, fed.num_clients)
   stored = jax.ShapeDtypeStruct((len(data.train_labels),) + data.image_shape, jnp.uint8)
   test_rows = math.ceil(data.num_test / num_devices) * num_devices
   test_stored = jax.ShapeDtypeStruct((test_rows,) + data.image_shape, jnp.uint8)
