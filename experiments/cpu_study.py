@@ -1,6 +1,6 @@
 """The study's analyses at CPU scale: learning rates chosen on validation, paired verdicts.
 
-  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~80 minutes
+  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~90 minutes
   python -m experiments.cpu_study --workdir=runs/cpu_study_quick --quick  # smoke test, < 3 min
 
 A ViT pre-trained on Fashion-MNIST classes 0-4 (cached in WORKDIR/pretrain) is fine-tuned
@@ -11,7 +11,8 @@ scale-down and why. In three phases:
 
 1. tuning: every (setting group, method) sweeps its learning rate (DP-FedAvg: rate x clip) on
    seed 0, scored by the mean validation accuracy of the last 3 evaluations
-   (`experiments.sweep.score`); the test split is never read to choose. Groups: the close
+   (`experiments.sweep.score`), walking past its grid while the best point is at an edge
+   (`extend_tuning`); the test split is never read to choose. Groups: the close
    target (16 clients, also the 16-client grid cells), the far target, 64 clients (their grid
    cells and DP's no-DP reference), each scarcity size, DP (epsilon 5; reused at 10 and by
    paper_gaussian);
@@ -83,11 +84,17 @@ FEW_POINTS = 5.0  # claim 1: "within a few points" (percentage points)
 WIDE_MARGIN = 10.0  # claim 4: "by a wide margin" (percentage points)
 MIN_RATIO = 100.0  # claim 1: at >= 100x less communication
 
-# Learning-rate grids (x3 steps); a winner at a grid's edge is flagged in tuning.md.
+# Every sweep starts on its method's grid and walks outwards: while the best point so far has
+# an untried neighbour on a ladder (learning rate: x3 half-decades; DP's clip: 1-2-5), that
+# neighbour runs, up to MAX_EXTENSIONS points beyond the grid. A winner left at the edge of
+# what was tried is flagged in the tuning table.
+LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+CLIP_LADDER = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _LR_PEFT = (0.01, 0.03, 0.1)
 LR_GRID = {"full": (0.003, 0.01, 0.03), "scratch": (0.01, 0.03, 0.1), "head": (0.03, 0.1, 0.3),
            "bias": _LR_PEFT, "adapter": _LR_PEFT, "prompt": _LR_PEFT, "lora": _LR_PEFT}
-CLIP_GRID = (0.05, 0.2)  # DP-FedAvg's bound C, tuned with the rate
+CLIP_GRID = (0.02, 0.05, 0.1)  # DP-FedAvg's bound C, tuned with the rate
+MAX_EXTENSIONS = 3
 
 _GRID = tuple((c, p, s) for c in (16, 64) for p in (1.0, 0.125) for s in ("iid", "dirichlet"))
 PLAN = {
@@ -97,7 +104,7 @@ PLAN = {
              "scarcity_methods": ("full", "bias"), "scarcity_sizes": (300, 1500, 3000),
              "dp_methods": ("full", "bias"),
              "dp_settings": (("dp_fedavg", 5.0), ("dp_fedavg", 10.0), ("paper_gaussian", 5.0)),
-             "lr_grid": LR_GRID, "clip_grid": CLIP_GRID},
+             "lr_grid": LR_GRID, "clip_grid": CLIP_GRID, "max_extensions": MAX_EXTENSIONS},
     # Every code path once: the primary cells (claim 2's corners at 64 clients), one more
     # scarcity size, both DP mechanisms; one- or two-point sweeps.
     "quick": {"seeds": 2, "supplementary_seeds": 1,
@@ -107,7 +114,7 @@ PLAN = {
               "dp_methods": ("full", "bias"),
               "dp_settings": (("dp_fedavg", 5.0), ("paper_gaussian", 5.0)),
               "lr_grid": {**{m: v[1:2] for m, v in LR_GRID.items()}, "bias": LR_GRID["bias"][1:]},
-              "clip_grid": CLIP_GRID[:1]},
+              "clip_grid": CLIP_GRID[1:2], "max_extensions": 0},
 }
 DP_CLIENTS, DP_PARTICIPATION = 64, 0.125
 ALPHA = repo_config(CONFIG).DIRICHLET_ALPHA
@@ -115,7 +122,7 @@ CSV_COLUMNS = ["analysis", "target", "method", "setting", "tier", "seed", "final
                "final_val_accuracy", "val_plateau_delta", "total_MB", "rounds", "lr", "clip",
                "wall_seconds", "cell"]
 TUNING_COLUMNS = ["group", "method", "lr", "clip", "score", "final_val_accuracy", "chosen",
-                  "cell"]
+                  "beyond_grid", "edge", "cell"]
 # Summary fields (at any depth) reported as privacy columns, by their last key.
 _PRIVACY_KEYS = ("epsilon", "sigma", "noise_multiplier", "delta", "formal_guarantee")
 
@@ -241,45 +248,116 @@ class TuningPoint:
   cell: str  # the config arg
 
 
+def tuning_point(scale: str, group: str, method: str, lr: float, clip: float = 0.0
+                 ) -> TuningPoint:
+  """The sweep run of (group, method) at this rate (and clip: DP only), on TUNING_SEED."""
+  extra = {"clip": clip} if clip else {}
+  return TuningPoint(group, method, lr, clip, cell_arg(
+      scale, TUNING_SEED, method=method, lr=lr, **tuning_groups(scale)[group], **extra))
+
+
 def plan_tuning(scale: str, designs: Sequence[Design]) -> list[TuningPoint]:
-  """The sweeps: every (group, method) some design uses, over the method's rate grid (DP:
-  rate x clip), on TUNING_SEED."""
+  """The sweeps' starting grids: every (group, method) some design uses, over the method's
+  rate grid (DP: rate x clip), on TUNING_SEED. `extend_tuning` walks on from them."""
   p = PLAN[scale]
-  groups = tuning_groups(scale)
   needed = list(dict.fromkeys((d.group, d.method) for d in designs))
-  out = []
-  for group, method in needed:
-    clips = p["clip_grid"] if group == "DP" else (0.0,)
-    for lr in p["lr_grid"][method]:
-      for clip in clips:
-        extra = {"clip": clip} if clip else {}
-        out.append(TuningPoint(group, method, lr, clip, cell_arg(
-            scale, TUNING_SEED, method=method, lr=lr, **groups[group], **extra)))
+  return [tuning_point(scale, group, method, lr, clip)
+          for group, method in needed for lr in p["lr_grid"][method]
+          for clip in (p["clip_grid"] if group == "DP" else (0.0,))]
+
+
+def _ladder_neighbours(value: float, ladder: Sequence[float]) -> list[float]:
+  """The values beside `value` on `ladder` (one or two)."""
+  index = [i for i, v in enumerate(ladder) if math.isclose(v, value, rel_tol=1e-9)]
+  if not index:
+    raise ValueError(f"{value:g} is not on the ladder {tuple(ladder)}")
+  i = index[0]
+  return [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+
+
+def untried_neighbours(best: tuple[float, float], tried: Iterable[tuple[float, float]]
+                       ) -> list[tuple[float, float]]:
+  """The (lr, clip) points next to `best` on the ladders that no run has tried: along the
+  rate, and along the clip when the sweep tunes it (clip > 0). Empty: `best` is interior."""
+  lr, clip = best
+  around = [(n, clip) for n in _ladder_neighbours(lr, LR_LADDER)]
+  if clip:
+    around += [(lr, n) for n in _ladder_neighbours(clip, CLIP_LADDER)]
+  tried = list(tried)
+  return [(a, c) for a, c in around
+          if not any(math.isclose(a, x, rel_tol=1e-9) and math.isclose(c, y, rel_tol=1e-9)
+                     for x, y in tried)]
+
+
+def _best(points: Sequence[TuningPoint], scores: dict[str, float]) -> TuningPoint | None:
+  """The highest score among the scored points (first in order among equals; NaN never)."""
+  best, best_score = None, -math.inf
+  for t in points:
+    score = scores.get(t.cell, math.nan)
+    if not math.isnan(score) and (best is None or score > best_score):
+      best, best_score = t, score
+  return best
+
+
+def _sweeps(points: Sequence[TuningPoint]) -> dict[tuple[str, str], list[TuningPoint]]:
+  out: dict[tuple[str, str], list[TuningPoint]] = {}
+  for t in points:
+    out.setdefault((t.group, t.method), []).append(t)
   return out
 
 
-def choose(points: Sequence[TuningPoint], workdir: str
-           ) -> tuple[dict[tuple[str, str], TuningPoint], list[dict[str, Any]]]:
-  """The winner of each (group, method) sweep: the highest validation score (first in grid
-  order among equals), and one row per point for tuning.csv. A sweep with no finished point
-  chooses nothing."""
-  rows, best = [], {}
+def extend_tuning(scale: str, points: Sequence[TuningPoint], scores: dict[str, float]
+                  ) -> list[TuningPoint]:
+  """The sweeps' next points: the untried ladder neighbours of each sweep's best point so
+  far, while the sweep has run fewer than its grid plus `max_extensions` points. Empty when
+  every best point is interior (or out of budget): the tuning phase is done."""
+  p = PLAN[scale]
+  out = []
+  for (group, method), tried in _sweeps(points).items():
+    grid = len(p["lr_grid"][method]) * (len(p["clip_grid"]) if group == "DP" else 1)
+    budget = grid + p["max_extensions"] - len(tried)
+    best = _best(tried, scores)
+    if best is None or budget <= 0:
+      continue
+    new = untried_neighbours((best.lr, best.clip), ((t.lr, t.clip) for t in tried))
+    out += [tuning_point(scale, group, method, lr, clip) for lr, clip in new[:budget]]
+  return out
+
+
+def tuning_scores(points: Sequence[TuningPoint], workdir: str) -> dict[str, float]:
+  """Each finished point's validation score (`experiments.sweep.score`), by its cell arg."""
+  out = {}
   for t in points:
     run_dir = cell_dir(workdir, t.cell)
-    if run_pool.read_summary(run_dir) is None:
+    if run_pool.read_summary(run_dir) is not None:
+      out[t.cell] = sweep_score(run_dir, LAST)["score"]
+  return out
+
+
+def choose(points: Sequence[TuningPoint], workdir: str, scale: str
+           ) -> tuple[dict[tuple[str, str], TuningPoint], list[dict[str, Any]]]:
+  """The winner of each (group, method) sweep: the highest validation score (first in run
+  order among equals; a diverged run never wins), and one row per finished point for
+  tuning.csv. A sweep with no finished, finite point chooses nothing."""
+  p = PLAN[scale]
+  scores = tuning_scores(points, workdir)
+  chosen = {key: best for key, tried in _sweeps(points).items()
+            if (best := _best(tried, scores)) is not None}
+  rows = []
+  for t in points:
+    if t.cell not in scores:
       continue
-    s = sweep_score(run_dir, LAST)
+    winner = chosen.get((t.group, t.method)) is t
+    tried = [(u.lr, u.clip) for u in _sweeps(points)[(t.group, t.method)]]
+    on_grid = t.lr in p["lr_grid"][t.method] and (not t.clip or t.clip in p["clip_grid"])
     rows.append({"group": t.group, "method": t.method, "lr": t.lr, "clip": t.clip or "",
-                 "score": s["score"], "final_val_accuracy": s["final_val_accuracy"],
-                 "cell": cell_name(t.cell), "_point": t})
-    key = (t.group, t.method)
-    score = -math.inf if math.isnan(s["score"]) else s["score"]  # a diverged run never wins
-    if key not in best or score > best[key]["_score"]:
-      best[key] = rows[-1]
-    rows[-1]["_score"] = score
-  for r in rows:
-    r["chosen"] = best[(r["group"], r["method"])] is r
-  return {k: r["_point"] for k, r in best.items()}, rows
+                 "score": scores[t.cell],
+                 "final_val_accuracy": sweep_score(cell_dir(workdir, t.cell),
+                                                   LAST)["final_val_accuracy"],
+                 "chosen": winner, "beyond_grid": not on_grid,
+                 "edge": winner and bool(untried_neighbours((t.lr, t.clip), tried)),
+                 "cell": cell_name(t.cell)})
+  return chosen, rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,18 +656,16 @@ def _number_text(stat: Stat) -> str:
   return f"{stat.mean:.4g} ± {stat.std:.2g}"
 
 
-def tuning_table(rows: Sequence[dict[str, Any]], scale: str) -> str:
-  """The sweeps: each point's validation score, the chosen one in bold, edge winners noted."""
-  grids = PLAN[scale]
+def tuning_table(rows: Sequence[dict[str, Any]]) -> str:
+  """The sweeps: each point's validation score, the chosen one in bold, the points the walk
+  added beyond the starting grid and the winners it left at an edge noted."""
   body = []
   for r in rows:
     rate = f"{r['lr']:g}" + (f", C {r['clip']:g}" if r["clip"] else "")
-    grid, clips = grids["lr_grid"][r["method"]], grids["clip_grid"]
-    edge = r["chosen"] and (r["lr"] in (grid[0], grid[-1])
-                            or bool(r["clip"]) and r["clip"] in (clips[0], clips[-1]))
-    mark = f"**{rate}**" if r["chosen"] else rate
-    body.append([r["group"], r["method"], mark, f"{r['score']:.4f}",
-                 "chosen at the grid's edge" if edge else ""])
+    notes = (["beyond the starting grid"] if r["beyond_grid"] else []) + (
+        ["chosen at the edge of what was tried"] if r["edge"] else [])
+    body.append([r["group"], r["method"], f"**{rate}**" if r["chosen"] else rate,
+                 f"{r['score']:.4f}", "; ".join(notes)])
   return ("### Tuning (seed 0, validation only)\n\n" + markdown_table(
       ["group", "method", "rate", f"val score (mean of last {LAST})", "note"], body))
 
@@ -797,7 +873,7 @@ def write_results(rows: Sequence[dict[str, Any]], tuning_rows: Sequence[dict[str
   write_csv(rows, csv_columns(rows), os.path.join(workdir, "results.csv"))
   write_csv(tuning_rows, TUNING_COLUMNS, os.path.join(workdir, "tuning.csv"))
   md = "\n\n".join([header, verdict_section(comparisons(rows), rows),
-                    analysis_tables(rows), tuning_table(tuning_rows, scale)]) + "\n"
+                    analysis_tables(rows), tuning_table(tuning_rows)]) + "\n"
   atomic_write_text(os.path.join(workdir, "results.md"), md)
   plot_accuracy_vs_mb(rows, os.path.join(workdir, "accuracy_vs_mb.png"))
   plot_grid_heatmap(rows, os.path.join(workdir, "grid_heatmap.png"))
@@ -885,8 +961,12 @@ def main(argv: list[str]) -> None:
 
   designs = plan_designs(scale)
   points = plan_tuning(scale, designs)
-  runner.run(cell_jobs((t.cell for t in points), workdir, ckpt, _FASHION_DIR.value))
-  chosen, tuning_rows = choose(points, workdir)
+  new = points
+  while new:  # the starting grids, then each walk outwards from the best point so far
+    runner.run(cell_jobs((t.cell for t in new), workdir, ckpt, _FASHION_DIR.value))
+    new = extend_tuning(scale, points, tuning_scores(points, workdir))
+    points += new
+  chosen, tuning_rows = choose(points, workdir, scale)
   members = plan_members(scale, designs, chosen, seeds, supplementary_seeds)
   runner.run(cell_jobs((m.cell for m in members), workdir, ckpt, _FASHION_DIR.value))
   rows = collect_rows(members, workdir, runner.seconds)

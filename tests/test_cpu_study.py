@@ -178,7 +178,7 @@ def test_shared_cells_run_once(study):
   assert len({r["cell"] for r in base if r["seed"] == "1"}) == 1
   designs = cpu_study.plan_designs("quick")
   points = cpu_study.plan_tuning("quick", designs)
-  chosen, _ = cpu_study.choose(points, study)
+  chosen, _ = cpu_study.choose(points, study, "quick")
   members = cpu_study.plan_members("quick", designs, chosen, 2, 1)
   cells = {cpu_study.cell_name(t.cell) for t in points} | {m.name for m in members}
   assert sorted(os.listdir(os.path.join(study, "cells"))) == sorted(cells)
@@ -378,12 +378,53 @@ def test_equal_configs_share_a_cell_and_the_plan_counts():
   designs, points, members = _plan("full")
   # 7 + 7 methods, 2 x 8 grid, 2 x 3 scarcity, 2 x 4 privacy
   assert len(designs) == 14 + 16 + 6 + 8
-  # sweeps: 14 (target, method) pairs, 2 x (64 clients, 300 and 3000 images) x 3 rates,
-  # DP 2 x 3 rates x 2 clips
-  assert len({t.cell for t in points}) == 14 * 3 + 2 * 3 * 3 + 2 * 6
+  # starting grids: 14 (target, method) pairs, 2 x (64 clients, 300 and 3000 images) x 3
+  # rates, DP 2 x 3 rates x 3 clips
+  assert len({t.cell for t in points}) == 14 * 3 + 2 * 3 * 3 + 2 * 9
   primary = {m.name for m in members if m.tier == "primary"}
   assert len(primary) == 11 * 6  # 11 primary cells on seeds 1-6
   assert all(m.seed <= 2 for m in members if m.tier == "supplementary")
+
+
+def _walk(surface):
+  """The tuning phase on a made-up score surface {(group, method): f(lr, clip)}."""
+  designs = [d for d in cpu_study.plan_designs("full") if (d.group, d.method) in surface]
+  points = cpu_study.plan_tuning("full", designs)
+  while True:
+    scores = {t.cell: surface[(t.group, t.method)](t.lr, t.clip) for t in points}
+    new = cpu_study.extend_tuning("full", points, scores)
+    if not new:
+      return points, scores
+    points += new
+
+
+def test_sweeps_walk_outwards_from_an_edge_winner():
+  peak = lambda best: (lambda lr, clip: -abs(np.log(lr / best)))
+  points, scores = _walk({
+      ("close", "bias"): peak(0.3),  # above the grid (0.01, 0.03, 0.1): walks up
+      ("close", "full"): peak(0.01),  # interior: nothing added
+      ("far", "head"): peak(3.0),  # beyond the ladder's top (1.0): stops there
+      ("64 clients", "full"): lambda lr, clip: np.nan if lr > 0.02 else -lr,  # NaN never wins
+      # DP: best at (0.1, 0.01); the grid's clips are 0.02, 0.05, 0.1
+      ("DP", "bias"): lambda lr, clip: -abs(np.log(lr / 0.1)) - abs(np.log(clip / 0.01)),
+  })
+  tried = lambda g, m: sorted((t.lr, t.clip) for t in points if (t.group, t.method) == (g, m))
+  assert [lr for lr, _ in tried("close", "bias")] == [0.01, 0.03, 0.1, 0.3, 1.0]
+  assert [lr for lr, _ in tried("close", "full")] == [0.003, 0.01, 0.03]
+  assert [lr for lr, _ in tried("far", "head")] == [0.03, 0.1, 0.3, 1.0]
+  # 0.003 wins (0.03 is NaN; -0.01 < -0.003), then each lower rate wins: 3 steps down.
+  assert [lr for lr, _ in tried("64 clients", "full")] == [1e-4, 3e-4, 0.001, 0.003, 0.01,
+                                                           0.03]
+  # DP: the 3 x 3 grid's best (0.1, 0.02) adds (0.3, 0.02) and (0.1, 0.01); then the best
+  # (0.1, 0.01) adds its first untried neighbour, (0.03, 0.01): 3 extensions, the cap.
+  grid = {(lr, c) for lr in (0.01, 0.03, 0.1) for c in (0.02, 0.05, 0.1)}
+  assert set(tried("DP", "bias")) - grid == {(0.3, 0.02), (0.1, 0.01), (0.03, 0.01)}
+  assert cpu_study.MAX_EXTENSIONS == 3
+  assert cpu_study.untried_neighbours((0.1, 0.01), tried("DP", "bias")) == [
+      (0.3, 0.01), (0.1, 0.005)]  # left at an edge: the tuning table flags it
+  assert cpu_study.untried_neighbours((1.0, 0.0), [(0.3, 0.0)]) == []
+  with pytest.raises(ValueError, match="not on the ladder"):
+    cpu_study.untried_neighbours((0.02, 0.0), [])
 
 
 def test_partial_participation_stretches_rounds_and_samples_by_poisson():
