@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from scipy import stats
@@ -190,8 +191,10 @@ def test_bytes_by_hand():
   }
   assert expected[("int4", 0)] == 33 and expected[("int8", 4)] == 84
   for (method, block), want in expected.items():
-    _, _, got = C.compress(tree, key, method, block, 0.3)
-    assert got == want, (method, block)
+    codec = C.upload_codec("float32", method, block, 0.3)
+    payload, _, _ = codec.encode(tree, codec.init(tree), key)
+    assert C.compressed_bytes(payload) == want, (method, block)
+    assert C.encoded_bytes(tree, method, block, 0.3) == want, (method, block)
   # The count is the size of the arrays really encoded, and needs only shapes.
   for bits, block in [(8, 0), (4, 0), (8, 4), (4, 4)]:
     payload = C.quantize(tree, key, bits, block)
@@ -205,8 +208,9 @@ def test_bytes_by_hand():
 
 @pytest.mark.parametrize("method", C.COMPRESSIONS)
 def test_jit_and_vmap_over_clients(method):
-  """vmap(jit(compress)) over a leading client axis equals a Python loop over the clients
-  with the same keys and residuals; the byte count is one client's inside vmap."""
+  """The upload codec vmapped (and jitted) over a leading client axis equals a Python loop
+  over the clients with the same keys and residuals; a payload inside vmap counts one
+  client's bytes."""
   rng = np.random.default_rng(9)
   clients = 3
   trees = [_odd_tree(rng) for _ in range(clients)]
@@ -214,19 +218,25 @@ def test_jit_and_vmap_over_clients(method):
                for _ in range(clients)]
   keys = jax.random.split(jax.random.key(10), clients)
   stack = lambda ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts)
-  fn = jax.jit(lambda t, k, r: C.compress(t, k, method, 4, 0.3, r)[:2])
-  dec_v, res_v = jax.vmap(fn)(stack(trees), keys, stack(residuals))
+  codec = C.upload_codec("float32", method, 4, 0.3)
+  state = lambda r: r if codec.stateful else None
+
+  def round_trip(t, r, k):
+    payload, new_state, _ = codec.encode(t, state(r), k)
+    return codec.decode(payload), new_state
+  dec_v, res_v = jax.jit(jax.vmap(round_trip))(stack(trees), stack(residuals), keys)
   seen_bytes = []
-  def counted(t, k, r):
-    out = C.compress(t, k, method, 4, 0.3, r)
-    seen_bytes.append(out[2])
-    return out[:2]
-  jax.vmap(counted)(stack(trees), keys, stack(residuals))
+  def counted(t, r, k):
+    payload, _, _ = codec.encode(t, state(r), k)
+    seen_bytes.append(C.compressed_bytes(payload))
+    return codec.decode(payload)
+  jax.vmap(counted)(stack(trees), stack(residuals), keys)
   for i in range(clients):
-    dec, res, nbytes = C.compress(trees[i], keys[i], method, 4, 0.3, residuals[i])
+    payload, res, _ = codec.encode(trees[i], state(residuals[i]), keys[i])
+    dec = codec.decode(payload)
     for a, b in zip(jax.tree.leaves((dec, res)), jax.tree.leaves((dec_v, res_v))):
       np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a))
-    assert seen_bytes == [nbytes]
+    assert seen_bytes == [C.compressed_bytes(payload)]
   if method != "none":  # compression changed the values (the test compares something)
     assert any(not np.array_equal(np.asarray(a), b)
                for a, b in zip(jax.tree.leaves(dec_v), jax.tree.leaves(stack(trees))))
@@ -248,10 +258,29 @@ def test_jit_and_vmap_over_clients(method):
         assert (np.abs(got - x) <= step * (1 + 1e-5)).all()
 
 
+def test_compress_is_one_upload_through_the_codec():
+  """The public one-call `compress` is the codec's encode then decode (top-k's residual
+  starting at zeros when none is given)."""
+  tree = _odd_tree(np.random.default_rng(12))
+  key = jax.random.key(3)
+  for method in C.COMPRESSIONS:
+    codec = C.upload_codec("float32", method, 4, 0.3)
+    payload, state, _ = codec.encode(tree, codec.init(tree), key)
+    dec, res, nbytes = C.compress(tree, key, method, 4, 0.3)
+    for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(codec.decode(payload))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert nbytes == C.compressed_bytes(payload)
+    assert (res is None) == (method != "topk")
+
+
 def test_none_is_identity():
   tree = _odd_tree(np.random.default_rng(11))
-  dec, res, nbytes = C.compress(tree, jax.random.key(0), "none", 0, 1.0, None)
-  assert dec is tree and res is None and nbytes == 4 * 40
+  codec = C.upload_codec("float32", "none")
+  payload, state, norm = codec.encode(tree, codec.init(tree), jax.random.key(0))
+  assert state is None and norm is None and not codec.stateful
+  for a, b in zip(jax.tree.leaves(codec.decode(payload)), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert C.compressed_bytes(payload) == 4 * 40
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -263,6 +292,38 @@ def test_none_is_identity():
 def test_invalid_settings(kwargs, name):
   args = {"method": "int8", "block": 0, "fraction": 0.5, **kwargs}
   with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-    C.compress({"x": jnp.ones(3)}, jax.random.key(0), **args)
+    C.upload_codec("float32", **args)
   with pytest.raises(ValueError, match=name.replace(".", r"\.")):
     C.check_compression(**args)
+
+
+def test_codec_clips_the_message_before_topk_for_a_server_bound():
+  """With error feedback and a server clip C (DP-FedAvg, max_update_norm), the codec clips
+  update + residual to C, sends top-k of the clipped message, keeps the rest, and reports
+  the norm before its clip. NumPy re-derivation, float64; the update travels in bfloat16
+  first (ml_dtypes' round-to-nearest-even)."""
+  rng = np.random.default_rng(13)
+  update, residual = _odd_tree(rng), jax.tree.map(lambda x: 0.5 * x, _odd_tree(rng))
+  codec = C.upload_codec("bfloat16", "topk", 0, 0.3)
+  assert codec.stateful
+  bound = 1.5
+  payload, new_residual, norm = codec.encode(update, residual, jax.random.key(0),
+                                             jnp.float32(bound))
+  received = codec.decode(payload)
+  sent = jax.tree.map(lambda u: np.asarray(u).astype(ml_dtypes.bfloat16).astype(np.float64),
+                      update)
+  combined = jax.tree.map(lambda u, r: u + np.asarray(r, np.float64), sent, residual)
+  total = np.sqrt(sum(np.sum(x ** 2) for x in jax.tree.leaves(combined)))
+  assert total > bound  # the clip acts
+  np.testing.assert_allclose(float(norm), total, rtol=1e-5)
+  clipped = jax.tree.map(lambda x: x * bound / total, combined)
+  for path, x in jax.tree_util.tree_leaves_with_path(clipped):
+    flat = x.reshape(-1)
+    keep = np.zeros(flat.size, bool)
+    keep[np.argsort(-np.abs(flat))[:math.ceil(0.3 * flat.size)]] = True
+    want = np.where(keep, flat, 0.0).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(_at(received, path)), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_at(new_residual, path)), x - want, atol=1e-6)
+  # Without a bound nothing is clipped and no norm is reported.
+  _, _, none = codec.encode(update, residual, jax.random.key(0))
+  assert none is None

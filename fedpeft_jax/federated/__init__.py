@@ -8,7 +8,8 @@ from fedpeft_jax.federated.client import (CLIENT_OPTIMIZERS, ClientDP, ClientSpe
 from fedpeft_jax.federated import client_rows
 from fedpeft_jax.federated.comm import (WIRE_DTYPES, CommCost, comm_cost, on_wire, payload_bytes,
                                         to_wire)
-from fedpeft_jax.federated.compression import COMPRESSIONS, compress, compressed_bytes
+from fedpeft_jax.federated.compression import (COMPRESSIONS, UploadCodec, compress,
+                                               compressed_bytes, upload_codec)
 from fedpeft_jax.federated.engine import (ClientStateSpec, FederatedAlgorithm, RoundSpec,
                                           build_algorithm, client_state_bytes,
                                           default_aggregator)
@@ -30,7 +31,7 @@ __all__ = [
     "WEIGHTINGS", "Aggregator", "Contribution", "ServerDP", "dp_fedavg", "weighted_mean",
     "CLIENT_OPTIMIZERS", "ClientDP", "ClientSpec", "make_client_optimizer", "make_client_update",
     "masked_cross_entropy", "WIRE_DTYPES", "CommCost", "comm_cost", "on_wire", "payload_bytes",
-    "to_wire", "COMPRESSIONS", "compress", "compressed_bytes", "ClientStateSpec", "client_state_bytes", "FederatedAlgorithm", "RoundSpec", "build_algorithm", "default_aggregator",
+    "to_wire", "COMPRESSIONS", "UploadCodec", "compress", "compressed_bytes", "upload_codec", "ClientStateSpec", "client_state_bytes", "FederatedAlgorithm", "RoundSpec", "build_algorithm", "default_aggregator",
     "make_client_evaluate", "make_evaluate", "place_eval_set", "PERSONAL_SCHEDULES",
     "make_finetune", "make_personal_update", "split_personal", "FEATURE_CACHE_MODES", "InputSpec", "build_cache",
     "cache_builder",

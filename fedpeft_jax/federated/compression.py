@@ -37,15 +37,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
 from fedpeft_jax.choices import one_of
+from fedpeft_jax.federated import comm
 from fedpeft_jax.peft.partition import nbytes
+from fedpeft_jax.privacy import mechanisms
 
 PyTree = Any
 # config.federated.compression: how client updates are encoded for upload.
@@ -210,32 +213,90 @@ def compressed_bytes(payload: PyTree) -> int:
   return nbytes(payload)
 
 
+class UploadCodec(NamedTuple):
+  """One client's upload path as a pure, vmappable triple (in the manner of an optax
+  `GradientTransformation`), so the round holds no branch per compression:
+
+  * `init(trainable) -> state`: one client's state, kept across rounds in the round's
+    per-client table: top-k's error-feedback residual (float32 zeros like `trainable`,
+    NumPy, so a table of them is a broadcast view until placed); None for stateless codecs.
+  * `encode(update, state, key, bound=None) -> (payload, new_state, norm)`: the update
+    rounded to the wire dtype, then compressed. With error feedback and a server clip
+    (`bound`, the aggregator's), update + residual is first clipped to `bound` and `norm` is
+    its norm before that clip (the aggregator reports it: adaptive clipping counts it);
+    otherwise `norm` is None. `key` is the client's; stochastic rounding draws from its
+    UPLOAD_STREAM sub-stream.
+  * `decode(payload) -> update`: the dense tree the server receives.
+  """
+  init: Callable[[PyTree], PyTree | None]
+  encode: Callable[..., tuple[PyTree, PyTree | None, jax.Array | None]]
+  decode: Callable[[PyTree], PyTree]
+  stateful: bool  # init returns a state the round must keep per client
+
+
+# Folded into a client's key for its upload's stochastic rounding (the client's local
+# training draws from other sub-streams of the same key).
+UPLOAD_STREAM = 3
+
+
+def upload_codec(wire_dtype: str = "float32", method: str = "none", block: int = 0,
+                 fraction: float = 0.1) -> UploadCodec:
+  """The codec of `federated.wire_dtype` and `federated.compression` (+ its block and
+  fraction). 'none' sends the wire-rounded update as is; 'int8'/'int4' `quantize` it;
+  'topk' sends `topk_compress` of update + residual and keeps the rest as the new state."""
+  comm.check_wire_dtype(wire_dtype)
+  check_compression(method, block, fraction)
+  error_feedback = method == "topk"
+
+  def init(trainable: PyTree) -> PyTree | None:
+    if not error_feedback:
+      return None
+    return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), trainable)
+
+  def encode(update: PyTree, state: PyTree | None, key: jax.Array,
+             bound: jax.Array | None = None) -> tuple[PyTree, PyTree | None, jax.Array | None]:
+    sent, norm = comm.on_wire(update, wire_dtype), None
+    if error_feedback and bound is not None:
+      # Clip the whole message (update + residual) before top-k, and keep the residual of
+      # the clipped message: top-k never lengthens a vector, so the server's clip then cuts
+      # nothing, and model + residuals = every clipped message exactly.
+      combined = jax.tree_util.tree_map(lambda u, r: u.astype(r.dtype) + r, sent, state)
+      sent, norm = mechanisms.clip_update(combined, bound)
+      state = optax.tree.zeros_like(state)
+    if error_feedback:
+      payload, state = topk_compress(sent, state, fraction)
+      return payload, state, norm
+    if method == "none":
+      return sent, state, norm
+    return quantize(sent, jax.random.fold_in(key, UPLOAD_STREAM), _BITS[method], block), state, norm
+
+  def decode(payload: PyTree) -> PyTree:
+    if error_feedback:
+      return topk_decompress(payload)
+    return payload if method == "none" else dequantize(payload)
+
+  return UploadCodec(init, encode, decode, error_feedback)
+
+
 def compress(tree: PyTree, key: jax.Array, method: str, block: int = 0, fraction: float = 1.0,
              residual: PyTree | None = None) -> tuple[PyTree, PyTree | None, int]:
-  """(decoded_tree, new_residual, num_bytes): `tree` as the server decodes it after `method`,
-  the client's error-feedback residual after this upload (passed through unchanged except
-  for "topk"; None stays None), and the payload's bytes (a Python int: shapes are static,
-  so it is known at trace time and is one client's under `vmap`). `key` drives stochastic
-  rounding only."""
-  check_compression(method, block, fraction)
-  if method == "none":
-    return tree, residual, compressed_bytes(tree)
-  if method == "topk":
-    payload, new_residual = topk_compress(tree, residual, fraction)
-    return topk_decompress(payload), new_residual, compressed_bytes(payload)
-  payload = quantize(tree, key, _BITS[method], block)
-  return dequantize(payload), residual, compressed_bytes(payload)
+  """(decoded_tree, new_residual, num_bytes): one upload through `upload_codec(method)` at
+  float32 (encode, then decode), the error-feedback residual after it ('topk'; otherwise
+  `residual` passes through), and the payload's bytes (a Python int: shapes are static)."""
+  codec = upload_codec(method=method, block=block, fraction=fraction)
+  state = residual if codec.stateful else None
+  if codec.stateful and state is None:
+    state = codec.init(tree)
+  payload, new_state, _ = codec.encode(tree, state, key)
+  return (codec.decode(payload), new_state if codec.stateful else residual,
+          compressed_bytes(payload))
 
 
 def encoded_bytes(tree: PyTree, method: str, block: int = 0, fraction: float = 1.0) -> int:
   """Bytes of one client's encoded upload of `tree` under `method` (shapes suffice, e.g. a
-  `jax.eval_shape` tree): what the communication accounting charges per upload."""
-  check_compression(method, block, fraction)
-  if method == "none":
-    return compressed_bytes(tree)
-  if method == "topk":
-    payload = jax.eval_shape(lambda t: topk_compress(t, None, fraction)[0], tree)
-  else:
-    payload = jax.eval_shape(lambda t: quantize(t, jax.random.PRNGKey(0), _BITS[method], block),
-                             tree)
+  `jax.eval_shape` tree): what the communication accounting charges per upload. The
+  payload is the codec's own (`upload_codec`), traced for its shapes only."""
+  codec = upload_codec(method=method, block=block, fraction=fraction)
+  payload = jax.eval_shape(
+      lambda t: codec.encode(t, codec.init(t), jax.random.PRNGKey(0))[0], tree)
   return compressed_bytes(payload)

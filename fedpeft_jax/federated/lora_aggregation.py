@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -489,16 +489,54 @@ class LoraRound:
     return trainable, unflatten(delta)
 
 
-def lora_round(rule: str, scaling: float, ranks: Sequence[int] = ()) -> LoraRound | None:
-  """The round's folding piece for `rule` (None for fedit and ffa, which fold nothing:
-  their aggregation is the engine's plain mean of the trainable leaves)."""
+class Folding(NamedTuple):
+  """The round's LoRA folding plug, shaped like `aggregation.Aggregator` so the round calls
+  it without a branch per rule:
+
+  * `init(trainable) -> folded`: round 0's `ServerState.folded` (and the zeros the round's
+    product sums start from); None where the rule folds nothing.
+  * `client_start(trainable, client_id) -> trainable`: the factors a client starts from.
+  * `contribute(sent, updates, coefficients, client_ids) -> sums`: a chunk's share of the
+    round's product sums (None where nothing folds).
+  * `finalize(sums, weight_sum, trainable, key) -> (trainable, delta)`: the tree the next
+    round starts from, and the delta added to `folded` (None where nothing folds).
+
+  fedit and ffa fold nothing (their aggregation is the plain mean of the trainable leaves):
+  their plug is the identity. fedex and flora are `LoraRound`'s methods.
+  """
+  init: Callable[[PyTree], dict | None]
+  client_start: Callable[[PyTree, jax.Array], PyTree]
+  contribute: Callable[..., dict | None]
+  finalize: Callable[..., tuple[PyTree, dict | None]]
+
+
+def _no_folded_state(rule: str) -> Callable[[PyTree], None]:
+  def init(trainable: PyTree) -> None:
+    if rule == "ffa" and any(p.endswith("_lora/lora_a") for p in flatten(trainable)):
+      raise ValueError("federated.lora_aggregation='ffa' (FFA-LoRA) keeps A frozen: build the "
+                       "trainable mask with peft.lora.freeze_a=True")
+    return None
+  return init
+
+
+def lora_round(rule: str, scaling: float, ranks: Sequence[int] = (),
+               num_clients: int = 0) -> Folding:
+  """The round's folding plug for `rule` (`Folding`); `ranks` (flora only) one per client
+  id, checked against `num_clients` when that is given."""
   check_rule(rule)
   if len(ranks) and rule != "flora":
     raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
                      "FedIT and FedEx-LoRA average factors of one shape")
+  if len(ranks) and num_clients and len(ranks) != num_clients:
+    raise ValueError(f"peft.lora.client_ranks: {len(ranks)} ranks, but federated.num_clients "
+                     f"is {num_clients}; give one rank per client")
   if rule not in FOLDING_AGGREGATIONS:
-    return None
-  return LoraRound(rule, float(scaling), tuple(int(r) for r in ranks))
+    return Folding(init=_no_folded_state(rule), client_start=lambda trainable, cid: trainable,
+                   contribute=lambda sent, updates, coefficients, ids: None,
+                   finalize=lambda sums, weight_sum, trainable, key: (trainable, None))
+  r = LoraRound(rule, float(scaling), tuple(int(x) for x in ranks))
+  return Folding(init=folded_zeros, client_start=r.client_start, contribute=r.products,
+                 finalize=r.finalize)
 
 
 def effective_weights(params: PyTree, scaling: Scaling) -> dict[str, jax.Array]:
@@ -516,6 +554,7 @@ def effective_weights(params: PyTree, scaling: Scaling) -> dict[str, jax.Array]:
 __all__ = [
   "FOLDING_AGGREGATIONS",
   "LORA_AGGREGATIONS",
+  "Folding",
   "LoraAggregate",
   "LoraRound",
   "aggregate",
