@@ -5,7 +5,7 @@ where JAX's CUDA plugin is not installed.
 
 The presets run at depth 1 (one ViT-B/16 block at 224 px: the study's per-layer shapes, 197
 tokens, head dim 64) to keep the suite fast; the full-depth plans are experiments/plan.py's
-(README, "Accelerators").
+(docs/accelerators.md).
 """
 
 from __future__ import annotations

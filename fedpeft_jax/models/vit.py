@@ -442,7 +442,7 @@ class ViT(nn.Module):
                from_features: bool = False) -> jax.Array:
     """Logits [batch, classes] float32 of NHWC `images` (or pooled features).
 
-    Split forward (for caching the frozen prefix; see README "Tuning only the last blocks"):
+    Split forward (for caching the frozen prefix; see docs/peft.md, "Tuning only the last blocks"):
     `stop_block=s` returns the tokens entering encoder block s ([batch, tokens, width],
     compute dtype; s == depth: after the last block, before encoder_norm).
     `start_block=s` takes such tokens instead of images and runs the rest of the model.
