@@ -93,7 +93,7 @@ CLIP_LADDER = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _LR_PEFT = (0.01, 0.03, 0.1)
 LR_GRID = {"full": (0.003, 0.01, 0.03), "scratch": (0.01, 0.03, 0.1), "head": (0.03, 0.1, 0.3),
            "bias": _LR_PEFT, "adapter": _LR_PEFT, "prompt": _LR_PEFT, "lora": _LR_PEFT}
-CLIP_GRID = (0.02, 0.05, 0.1)  # DP-FedAvg's bound C, tuned with the rate
+CLIP_GRID = (0.02, 0.05)  # DP-FedAvg's bound C, tuned with the rate (and walked)
 MAX_EXTENSIONS = 3
 
 _GRID = tuple((c, p, s) for c in (16, 64) for p in (1.0, 0.125) for s in ("iid", "dirichlet"))
@@ -114,7 +114,7 @@ PLAN = {
               "dp_methods": ("full", "bias"),
               "dp_settings": (("dp_fedavg", 5.0), ("paper_gaussian", 5.0)),
               "lr_grid": {**{m: v[1:2] for m, v in LR_GRID.items()}, "bias": LR_GRID["bias"][1:]},
-              "clip_grid": CLIP_GRID[1:2], "max_extensions": 0},
+              "clip_grid": CLIP_GRID[1:], "max_extensions": 0},
 }
 DP_CLIENTS, DP_PARTICIPATION = 64, 0.125
 ALPHA = repo_config(CONFIG).DIRICHLET_ALPHA

@@ -379,8 +379,8 @@ def test_equal_configs_share_a_cell_and_the_plan_counts():
   # 7 + 7 methods, 2 x 8 grid, 2 x 3 scarcity, 2 x 4 privacy
   assert len(designs) == 14 + 16 + 6 + 8
   # starting grids: 14 (target, method) pairs, 2 x (64 clients, 300 and 3000 images) x 3
-  # rates, DP 2 x 3 rates x 3 clips
-  assert len({t.cell for t in points}) == 14 * 3 + 2 * 3 * 3 + 2 * 9
+  # rates, DP 2 x 3 rates x 2 clips
+  assert len({t.cell for t in points}) == 14 * 3 + 2 * 3 * 3 + 2 * 6
   primary = {m.name for m in members if m.tier == "primary"}
   assert len(primary) == 11 * 6  # 11 primary cells on seeds 1-6
   assert all(m.seed <= 2 for m in members if m.tier == "supplementary")
@@ -415,9 +415,9 @@ def test_sweeps_walk_outwards_from_an_edge_winner():
   # 0.003 wins (0.03 is NaN; -0.01 < -0.003), then each lower rate wins: 3 steps down.
   assert [lr for lr, _ in tried("64 clients", "full")] == [1e-4, 3e-4, 0.001, 0.003, 0.01,
                                                            0.03]
-  # DP: the 3 x 3 grid's best (0.1, 0.02) adds (0.3, 0.02) and (0.1, 0.01); then the best
+  # DP: the 3 x 2 grid's best (0.1, 0.02) adds (0.3, 0.02) and (0.1, 0.01); then the best
   # (0.1, 0.01) adds its first untried neighbour, (0.03, 0.01): 3 extensions, the cap.
-  grid = {(lr, c) for lr in (0.01, 0.03, 0.1) for c in (0.02, 0.05, 0.1)}
+  grid = {(lr, c) for lr in (0.01, 0.03, 0.1) for c in (0.02, 0.05)}
   assert set(tried("DP", "bias")) - grid == {(0.3, 0.02), (0.1, 0.01), (0.03, 0.01)}
   assert cpu_study.MAX_EXTENSIONS == 3
   assert cpu_study.untried_neighbours((0.1, 0.01), tried("DP", "bias")) == [
