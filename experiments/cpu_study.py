@@ -774,6 +774,9 @@ def _comparison_row(c: Comparison, values: dict[GroupKey, dict[int, float]]) -> 
           j["verdict"] + (f" ({c.note})" if c.note else "")]
 
 
+SUPPLEMENTARY_TITLE = "### Supplementary comparisons (reported, no votes)"
+
+
 def verdict_section(comps: Sequence[Comparison], rows: Sequence[dict[str, Any]]) -> str:
   """The claims' verdicts (their primary comparisons) and the supplementary comparisons."""
   values = per_seed(rows)
@@ -791,7 +794,7 @@ def verdict_section(comps: Sequence[Comparison], rows: Sequence[dict[str, Any]])
       ["claim", "statement", "primary comparison (docs/study.md)", "verdict"], summary)
       + "\n\n### Primary comparisons (final test accuracy, percentage points, paired by seed)"
       "\n\n" + markdown_table(header, primary)
-      + "\n\n### Supplementary comparisons (reported, no votes)\n\n"
+      + "\n\n" + SUPPLEMENTARY_TITLE + "\n\n"
       + markdown_table(header, supplementary))
 
 
@@ -886,13 +889,12 @@ PUBLISHED = ("results.md", "results.csv", "tuning.csv", "accuracy_vs_mb.png",
              "grid_heatmap.png")
 README_BEGIN = "<!-- cpu_study results: begin (python -m experiments.cpu_study --publish) -->"
 README_END = "<!-- cpu_study results: end -->"
-FIRST_RUN_TABLE = "### " + ANALYSIS_TITLES["methods"]
 
 
 def readme_block(results_md: str) -> str:
-  """The part of results.md the README carries: the header and the verdicts, up to the first
-  table of runs (the rest stays in docs/cpu_study/results.md)."""
-  return results_md.split(FIRST_RUN_TABLE, 1)[0].rstrip() + "\n"
+  """The part of results.md the README carries: the header, the verdicts and the primary
+  comparisons, up to the supplementary ones (the rest stays in docs/cpu_study/results.md)."""
+  return results_md.split(SUPPLEMENTARY_TITLE, 1)[0].rstrip() + "\n"
 
 
 def publish(workdir: str, readme: str = os.path.join(REPO, "README.md"),
