@@ -260,6 +260,10 @@ def plan_tuning(scale: str, designs: Sequence[Design]) -> list[TuningPoint]:
   """The sweeps' starting grids: every (group, method) some design uses, over the method's
   rate grid (DP: rate x clip), on TUNING_SEED. `extend_tuning` walks on from them."""
   p = PLAN[scale]
+  for grid, ladder in [(v, LR_LADDER) for v in p["lr_grid"].values()] + [
+      (p["clip_grid"], CLIP_LADDER)]:
+    for value in grid:
+      _ladder_neighbours(value, ladder)  # raises before anything runs, not after the grid
   needed = list(dict.fromkeys((d.group, d.method) for d in designs))
   return [tuning_point(scale, group, method, lr, clip)
           for group, method in needed for lr in p["lr_grid"][method]
@@ -287,6 +291,15 @@ def untried_neighbours(best: tuple[float, float], tried: Iterable[tuple[float, f
   return [(a, c) for a, c in around
           if not any(math.isclose(a, x, rel_tol=1e-9) and math.isclose(c, y, rel_tol=1e-9)
                      for x, y in tried)]
+
+
+def at_edge(best: tuple[float, float], scored: Iterable[tuple[float, float]]) -> bool:
+  """Whether a winner is not known to be interior: a ladder neighbour has no score (untried,
+  or its run failed) or the winner is at a ladder's end (along the clip too when tuned)."""
+  lr, clip = best
+  ends = len(_ladder_neighbours(lr, LR_LADDER)) < 2 or (
+      bool(clip) and len(_ladder_neighbours(clip, CLIP_LADDER)) < 2)
+  return ends or bool(untried_neighbours(best, scored))
 
 
 def _best(points: Sequence[TuningPoint], scores: dict[str, float]) -> TuningPoint | None:
@@ -341,23 +354,30 @@ def choose(points: Sequence[TuningPoint], workdir: str, scale: str
   tuning.csv. A sweep with no finished, finite point chooses nothing."""
   p = PLAN[scale]
   scores = tuning_scores(points, workdir)
-  chosen = {key: best for key, tried in _sweeps(points).items()
+  sweeps = _sweeps(points)
+  chosen = {key: best for key, tried in sweeps.items()
             if (best := _best(tried, scores)) is not None}
   rows = []
   for t in points:
     if t.cell not in scores:
       continue
     winner = chosen.get((t.group, t.method)) is t
-    tried = [(u.lr, u.clip) for u in _sweeps(points)[(t.group, t.method)]]
+    scored = [(u.lr, u.clip) for u in sweeps[(t.group, t.method)] if u.cell in scores]
     on_grid = t.lr in p["lr_grid"][t.method] and (not t.clip or t.clip in p["clip_grid"])
     rows.append({"group": t.group, "method": t.method, "lr": t.lr, "clip": t.clip or "",
                  "score": scores[t.cell],
                  "final_val_accuracy": sweep_score(cell_dir(workdir, t.cell),
                                                    LAST)["final_val_accuracy"],
                  "chosen": winner, "beyond_grid": not on_grid,
-                 "edge": winner and bool(untried_neighbours((t.lr, t.clip), tried)),
+                 "edge": winner and at_edge((t.lr, t.clip), scored),
                  "cell": cell_name(t.cell)})
   return chosen, rows
+
+
+def dropped_designs(designs: Sequence[Design], chosen: dict[tuple[str, str], TuningPoint]
+                    ) -> list[Design]:
+  """The designs `plan_members` leaves out: their sweep chose nothing."""
+  return [d for d in designs if (d.group, d.method) not in chosen]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +403,8 @@ def plan_members(scale: str, designs: Sequence[Design],
                  supplementary_seeds: int) -> list[Member]:
   """Each design on its seeds with its group's chosen rate: a cell any primary comparison
   reads runs on seeds 1..`seeds`, the rest on 1..`supplementary_seeds`. Designs whose sweep
-  chose nothing (every point failed) are left out."""
+  chose nothing (no point finished with a finite score) are left out; results.md names
+  them (`dropped_designs`)."""
   primary_cells = set()
   tuned = []
   for d in designs:
@@ -996,6 +1017,11 @@ def main(argv: list[str]) -> None:
       f"{_seeds_text(supplementary_seeds)}. Seconds are summed over the runs' processes "
       f"({_WORKERS.value} in parallel; DP-FedAvg runs keep their time private and are not "
       f"counted); this invocation ran {runner.runs_done} runs in {time.time() - t0:.0f} s.")
+  dropped = dropped_designs(designs, chosen)
+  if dropped:
+    header += ("\n\nLeft out, their sweep having no finished run with a finite score: "
+               + "; ".join(f"{d.analysis} {d.target} {d.method} ({d.setting})"
+                           for d in dropped) + ".")
   md = write_results(rows, tuning_rows, workdir, header, scale)
   print(md)
   runner.exit_if_failed()

@@ -258,19 +258,34 @@ def test_jit_and_vmap_over_clients(method):
         assert (np.abs(got - x) <= step * (1 + 1e-5)).all()
 
 
-def test_compress_is_one_upload_through_the_codec():
-  """The public one-call `compress` is the codec's encode then decode (top-k's residual
-  starting at zeros when none is given)."""
-  tree = _odd_tree(np.random.default_rng(12))
+def test_compress_is_one_upload_on_a_float32_wire():
+  """The public one-call `compress`, against NumPy: 'none' returns the values, int8 lands
+  within one absmax step, top-k sends the largest ceil(0.3 n) of update + residual and feeds
+  back the rest; the residual passes through the stateless methods unchanged."""
+  rng = np.random.default_rng(12)
+  tree, residual = _odd_tree(rng), jax.tree.map(lambda x: 0.3 * x, _odd_tree(rng))
   key = jax.random.key(3)
   for method in C.COMPRESSIONS:
-    codec = C.upload_codec("float32", method, 4, 0.3)
-    payload, state, _ = codec.encode(tree, codec.init(tree), key)
-    dec, res, nbytes = C.compress(tree, key, method, 4, 0.3)
-    for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(codec.decode(payload))):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert nbytes == C.compressed_bytes(payload)
-    assert (res is None) == (method != "topk")
+    dec, res, _ = C.compress(tree, key, method, 0, 0.3, residual)
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      got, x = np.asarray(_at(dec, path), np.float64), np.asarray(x, np.float64)
+      if method == "none":
+        np.testing.assert_array_equal(got, x)
+      elif method == "int8":
+        assert (np.abs(got - x) <= _np_steps(x, 8, 0) * (1 + 1e-5)).all()
+      elif method == "topk":
+        acc = (x + np.asarray(_at(residual, path), np.float64)).reshape(-1)
+        keep = np.zeros(acc.size, bool)
+        keep[np.argsort(-np.abs(acc))[:math.ceil(0.3 * acc.size)]] = True
+        np.testing.assert_allclose(got.reshape(-1), np.where(keep, acc, 0.0), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_at(res, path)).reshape(-1),
+                                   np.where(keep, 0.0, acc), atol=1e-6)
+    if method != "topk":
+      assert res is residual
+  # Without a residual, top-k keeps the update's dtype (no float32 zeros are added).
+  half = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), tree)
+  dec, res, _ = C.compress(half, key, "topk", 0, 0.3)
+  assert {x.dtype for x in jax.tree.leaves((dec, res))} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_none_is_identity():

@@ -390,12 +390,13 @@ def _walk(surface):
   """The tuning phase on a made-up score surface {(group, method): f(lr, clip)}."""
   designs = [d for d in cpu_study.plan_designs("full") if (d.group, d.method) in surface]
   points = cpu_study.plan_tuning("full", designs)
-  while True:
+  for _ in range(20):  # the cap bounds a walk at 3 passes; 20 would mean it never stops
     scores = {t.cell: surface[(t.group, t.method)](t.lr, t.clip) for t in points}
     new = cpu_study.extend_tuning("full", points, scores)
     if not new:
       return points, scores
     points += new
+  raise AssertionError("the tuning walk did not stop")
 
 
 def test_sweeps_walk_outwards_from_an_edge_winner():
@@ -423,6 +424,14 @@ def test_sweeps_walk_outwards_from_an_edge_winner():
   assert cpu_study.untried_neighbours((0.1, 0.01), tried("DP", "bias")) == [
       (0.3, 0.01), (0.1, 0.005)]  # left at an edge: the tuning table flags it
   assert cpu_study.untried_neighbours((1.0, 0.0), [(0.3, 0.0)]) == []
+  # The tuning table's edge flag: an interior winner is not flagged; a winner at a ladder's
+  # end, beside an unscored (failed) neighbour, or left by the cap at an edge, is.
+  assert not cpu_study.at_edge((0.01, 0.0), [(0.003, 0.0), (0.01, 0.0), (0.03, 0.0)])
+  assert cpu_study.at_edge((1.0, 0.0), tried("far", "head"))
+  assert cpu_study.at_edge((0.01, 0.0), [(0.01, 0.0), (0.03, 0.0)])
+  assert cpu_study.at_edge((0.1, 0.01), tried("DP", "bias"))
+  assert not cpu_study.at_edge((0.1, 0.05), [(a, c) for a in (0.03, 0.1, 0.3)
+                                             for c in (0.02, 0.05, 0.1)])
   with pytest.raises(ValueError, match="not on the ladder"):
     cpu_study.untried_neighbours((0.02, 0.0), [])
 

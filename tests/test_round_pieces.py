@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fedpeft_jax.federated import aggregation, compression, engine, lora_aggregation
 from fedpeft_jax.federated.engine import RoundPieces, RoundSpec
@@ -87,10 +88,23 @@ def test_upload_round_trips_through_the_codec_and_reports_clip_norms():
           <= step[:, None] * (1 + 1e-6)).all()
   dp = aggregation.dp_fedavg(aggregation.ServerDP(noise_multiplier=1.0, expected_clients=2))
   p = pieces(codec=compression.upload_codec("float32", "topk", 0, 0.5), aggregator=dp)
-  zeros = {"w": jnp.zeros((2, 2, 3), jnp.float32)}
-  _, _, norms = engine.upload(p, updates, zeros, keys, jnp.float32(0.5))
-  np.testing.assert_allclose(norms, np.sqrt((np.asarray(updates["w"]) ** 2).reshape(2, -1)
-                                            .sum(1)), rtol=1e-6)
+  residual = {"w": jnp.stack([jnp.full((2, 3), -0.1), jnp.full((2, 3), 0.25)])}
+  received, new_residual, norms = engine.upload(p, updates, residual, keys, jnp.float32(0.5))
+  message = np.asarray(updates["w"] + residual["w"], np.float64).reshape(2, -1)
+  length = np.sqrt((message ** 2).sum(1))
+  np.testing.assert_allclose(norms, length, rtol=1e-6)  # update + residual, before the clip
+  clipped = message * np.minimum(1.0, 0.5 / length)[:, None]
+  sent = np.asarray(received["w"]).reshape(2, -1)
+  # What was sent and what is kept back add up to the clipped message; half of it is sent.
+  np.testing.assert_allclose(sent + np.asarray(new_residual["w"]).reshape(2, -1), clipped,
+                             atol=1e-6)
+  assert ((sent != 0).sum(1) == 3).all()
+
+
+def test_flora_ranks_must_cover_the_rounds_clients():
+  with pytest.raises(ValueError, match=r"2 ranks, but RoundSpec\.num_clients is 0"):
+    lora_aggregation.lora_round("flora", 1.0, (1, 2), num_clients=0)
+  assert lora_aggregation.lora_round("flora", 1.0, (1, 2), num_clients=2).init is not None
 
 
 def test_fedit_folding_plug_is_the_identity_and_fedex_folds_the_product_residual():

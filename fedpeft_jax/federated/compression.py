@@ -280,14 +280,12 @@ def upload_codec(wire_dtype: str = "float32", method: str = "none", block: int =
 
 def compress(tree: PyTree, key: jax.Array, method: str, block: int = 0, fraction: float = 1.0,
              residual: PyTree | None = None) -> tuple[PyTree, PyTree | None, int]:
-  """(decoded_tree, new_residual, num_bytes): one upload through `upload_codec(method)` at
-  float32 (encode, then decode), the error-feedback residual after it ('topk'; otherwise
-  `residual` passes through), and the payload's bytes (a Python int: shapes are static)."""
+  """(decoded_tree, new_residual, num_bytes): one upload of `tree` through
+  `upload_codec(method)` on a float32 wire (encode, then decode), the error-feedback residual
+  after it ('topk'; `residual` None means zeros; for the other methods `residual` passes
+  through unchanged), and the payload's bytes (a Python int: shapes are static)."""
   codec = upload_codec(method=method, block=block, fraction=fraction)
-  state = residual if codec.stateful else None
-  if codec.stateful and state is None:
-    state = codec.init(tree)
-  payload, new_state, _ = codec.encode(tree, state, key)
+  payload, new_state, _ = codec.encode(tree, residual if codec.stateful else None, key)
   return (codec.decode(payload), new_state if codec.stateful else residual,
           compressed_bytes(payload))
 

@@ -520,15 +520,15 @@ def _no_folded_state(rule: str) -> Callable[[PyTree], None]:
 
 
 def lora_round(rule: str, scaling: float, ranks: Sequence[int] = (),
-               num_clients: int = 0) -> Folding:
+               num_clients: int | None = None) -> Folding:
   """The round's folding plug for `rule` (`Folding`); `ranks` (flora only) one per client
-  id, checked against `num_clients` when that is given."""
+  id, checked against `num_clients` (the round's: `RoundSpec.num_clients`) unless None."""
   check_rule(rule)
   if len(ranks) and rule != "flora":
     raise ValueError("peft.lora.client_ranks needs federated.lora_aggregation='flora': "
                      "FedIT and FedEx-LoRA average factors of one shape")
-  if len(ranks) and num_clients and len(ranks) != num_clients:
-    raise ValueError(f"peft.lora.client_ranks: {len(ranks)} ranks, but federated.num_clients "
+  if len(ranks) and num_clients is not None and len(ranks) != num_clients:
+    raise ValueError(f"peft.lora.client_ranks: {len(ranks)} ranks, but RoundSpec.num_clients "
                      f"is {num_clients}; give one rank per client")
   if rule not in FOLDING_AGGREGATIONS:
     return Folding(init=_no_folded_state(rule), client_start=lambda trainable, cid: trainable,
