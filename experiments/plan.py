@@ -63,7 +63,7 @@ from fedpeft_jax.federated import (MEMORY_FRACTION, auto_clients_per_chunk,
                                    build_algorithm, cache_builder, layout_clients,
                                    make_evaluate)
 from fedpeft_jax.federated import personal as personal_lib
-from fedpeft_jax.federated.mesh import AXIS, make_mesh
+from fedpeft_jax.mesh import AXIS, make_mesh
 from fedpeft_jax.federated.sampling import plan_round, resolve_clients_per_round
 from fedpeft_jax.models.factory import attention_choice, build_model
 from fedpeft_jax.privacy import PrivacyPlan

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from fedpeft_jax import peft
 from fedpeft_jax.data import load_dataset, preprocess
-from fedpeft_jax.federated import make_evaluate, masked_cross_entropy
+from fedpeft_jax.scoring import make_evaluate, masked_cross_entropy
 from fedpeft_jax.files import atomic_write_bytes, atomic_write_json
 from fedpeft_jax.models import build_model
 

@@ -20,7 +20,7 @@ import fedpeft_jax.data as fdata
 from experiments import plan as plan_lib
 from fedpeft_jax.accelerators import aot, targets
 from fedpeft_jax.federated import MEMORY_FRACTION
-from fedpeft_jax.federated.mesh import make_mesh
+from fedpeft_jax.mesh import make_mesh
 from fedpeft_jax.models.vit import padded_attention
 from fedpeft_jax.config_files import repo_config
 

@@ -159,7 +159,7 @@ MULTI_DEVICE = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from fedpeft_jax.federated import client_state_bytes
-    from fedpeft_jax.federated.mesh import make_mesh, replicate
+    from fedpeft_jax.mesh import make_mesh, replicate
     from fedpeft_jax.runner.checkpointing import RunCheckpointer
     from tests.test_client_state import NUM_CLIENTS, build, plans, numpy_bookkeeping
 
@@ -236,7 +236,7 @@ TEN_THOUSAND = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from fedpeft_jax.federated import RoundSpec, build_algorithm, client_state_bytes, plan_round
-    from fedpeft_jax.federated.mesh import make_mesh, replicate
+    from fedpeft_jax.mesh import make_mesh, replicate
     from tests.test_federated import NUM_CLASSES, flat, setup
     N, PER_ROUND, ROUNDS = 10_001, 8, 3  # not a multiple of 4: the table is padded
     model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(2,) * N)

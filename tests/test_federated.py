@@ -22,7 +22,7 @@ from fedpeft_jax.federated import (MEMORY_FRACTION, ClientDP, ClientSpec, RoundP
                                    ServerDP, auto_clients_per_chunk, build_algorithm, comm_cost,
                                    compiled_round_bytes, layout_clients, make_client_update,
                                    make_server_optimizer, plan_round, to_wire)
-from fedpeft_jax.federated.evaluation import make_evaluate
+from fedpeft_jax.scoring import make_evaluate
 from fedpeft_jax.models import ViT, compute_dtype
 
 NUM_CLASSES = 4
@@ -400,7 +400,7 @@ MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from tests.test_federated import setup, flat, plan_round
     from fedpeft_jax.federated import RoundSpec, build_algorithm
-    from fedpeft_jax.federated.mesh import make_mesh, replicate
+    from fedpeft_jax.mesh import make_mesh, replicate
     results = []
     for devices, chunk in ((1, 1), (4, 1), (2, 2)):
       model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(5, 7, 3, 6, 4))

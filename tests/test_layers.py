@@ -55,3 +55,12 @@ def test_the_check_catches_a_runner_import(tmp_path):
   bad.write_text("def f():\n  from fedpeft_jax.runner import train\n")
   assert _bad(str(bad), ("fedpeft_jax.runner",)) == ["fedpeft_jax.runner",
                                                       "fedpeft_jax.runner.train"]
+
+
+@pytest.mark.parametrize("path", [os.path.join(ROOT, "fedpeft_jax", "pretrain.py")]
+                         + _files(os.path.join("fedpeft_jax", "scoring")),
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_central_training_and_scoring_never_import_the_federated_engine(path):
+  """Central pre-training takes its loss and evaluator from `fedpeft_jax.scoring`, which
+  stands apart from the federated package (importing any of it runs the engine's import)."""
+  assert _bad(path, ("fedpeft_jax.federated",)) == []

@@ -26,7 +26,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     from tests.test_federated import setup, flat, plan_round
     from fedpeft_jax.federated import RoundSpec, build_algorithm
-    from fedpeft_jax.federated.mesh import make_mesh, replicate
+    from fedpeft_jax.mesh import make_mesh, replicate
     model, params, trainable, frozen, data, _, cspec, ctx, stx = setup(sizes=(5, 7, 3, 6, 4))
     mesh = make_mesh()
     algo = build_algorithm(model, ctx, stx, cspec, RoundSpec(1, len(jax.devices())), 4, mesh=mesh)

@@ -17,7 +17,7 @@ import pytest
 
 from fedpeft_jax.federated import aggregation, compression, engine, lora_aggregation
 from fedpeft_jax.federated.engine import RoundPieces, RoundSpec
-from fedpeft_jax.federated.mesh import make_mesh
+from fedpeft_jax.mesh import make_mesh
 
 SIZES = np.array([5.0, 7.0, 3.0, 6.0], np.float32)
 TRAINABLE = {"w": np.zeros((2, 3), np.float32), "b": np.zeros((3,), np.float32)}

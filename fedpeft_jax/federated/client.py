@@ -17,10 +17,10 @@ import optax
 
 import fedpeft_jax.data as fdata
 from fedpeft_jax.choices import one_of
-from fedpeft_jax.federated import feature_cache
 from fedpeft_jax.peft.partition import merge
 from fedpeft_jax.privacy import mechanisms
 from fedpeft_jax.privacy.dp_specs import ClientDP
+from fedpeft_jax.scoring import InputSpec, images_input, masked_cross_entropy
 
 PyTree = Any
 
@@ -38,26 +38,15 @@ class ClientSpec:
   fedprox_mu: float = 0.0
   dp: ClientDP = ClientDP()
   # What ClientData.images holds: raw images (None) or a cached frozen prefix.
-  inputs: Optional[feature_cache.InputSpec] = None
+  inputs: Optional[InputSpec] = None
 
   @property
-  def input_spec(self) -> feature_cache.InputSpec:
-    return self.inputs or feature_cache.images_input(self.image_size)
+  def input_spec(self) -> InputSpec:
+    return self.inputs or images_input(self.image_size)
 
   def real_steps(self, size: Any) -> Any:
     """Local steps a client of `size` examples really runs (NumPy or JAX, any shape)."""
     return fdata.num_local_steps(size, self.batch_size, self.local_epochs, self.local_steps)
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                         num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
-  """Mean cross-entropy over the real (mask=True) examples of a padded batch."""
-  onehot = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    onehot = optax.smooth_labels(onehot, label_smoothing)
-  per_example = optax.softmax_cross_entropy(logits, onehot)
-  m = mask.astype(per_example.dtype)
-  return jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def make_client_update(model: nn.Module, client_tx: optax.GradientTransformation,

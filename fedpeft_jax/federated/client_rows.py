@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedpeft_jax.federated.mesh import AXIS, to_global
+from fedpeft_jax.mesh import AXIS, to_global
 
 PyTree = Any
 

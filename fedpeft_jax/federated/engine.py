@@ -36,7 +36,7 @@ from fedpeft_jax.federated import aggregation, client_rows, comm, compression, l
 from fedpeft_jax.federated import state as state_lib
 from fedpeft_jax.federated.client import ClientSpec, make_client_update
 from fedpeft_jax.federated.client_slots import layout_clients, layout_shape
-from fedpeft_jax.federated.mesh import AXIS, host_value, make_mesh, replicate, to_global
+from fedpeft_jax.mesh import AXIS, host_value, make_mesh, replicate, to_global
 from fedpeft_jax.federated.sampling import RoundPlan
 from fedpeft_jax.peft.spec import to_spec
 

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from fedpeft_jax import files
-from fedpeft_jax.federated.mesh import to_global
+from fedpeft_jax.mesh import to_global
 from fedpeft_jax.federated.state import ServerState
 
 SECRET_FILE = "dp_secret"  # the dp stream's raw key (uint32 little-endian), beside the steps
