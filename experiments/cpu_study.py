@@ -1016,7 +1016,8 @@ def main(argv: list[str]) -> None:
       f"cells a primary comparison reads on {_seeds_text(seeds)}, the others on "
       f"{_seeds_text(supplementary_seeds)}. Seconds are summed over the runs' processes "
       f"({_WORKERS.value} in parallel; DP-FedAvg runs keep their time private and are not "
-      f"counted); this invocation ran {runner.runs_done} runs in {time.time() - t0:.0f} s.")
+      f"counted)" + (f"; this invocation ran {runner.runs_done} runs in "
+                     f"{time.time() - t0:.0f} s." if runner.runs_done else "."))
   dropped = dropped_designs(designs, chosen)
   if dropped:
     header += ("\n\nLeft out, their sweep having no finished run with a finite score: "
