@@ -1,6 +1,6 @@
 """The study's analyses at CPU scale: learning rates chosen on validation, paired verdicts.
 
-  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~90 minutes
+  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~100 minutes
   python -m experiments.cpu_study --workdir=runs/cpu_study_quick --quick  # smoke test, < 3 min
 
 A ViT pre-trained on Fashion-MNIST classes 0-4 (cached in WORKDIR/pretrain) is fine-tuned
