@@ -52,8 +52,10 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["config", "workdir", "grid"])
 
 
-def _coerce(field: str, current: Any, text: str) -> Any:
-  """`text` as the type of the field's current value (a typo'd value fails here, not later)."""
+def coerce_override(field: str, current: Any, text: str) -> Any:
+  """`text` as the type of the field's current value (a typo'd value fails here, not later):
+  how a `--grid` value (and, in tests/test_docs.py, a documented `--config.field=value`) is
+  read."""
   try:
     if isinstance(current, bool):
       if text.lower() not in ("true", "false", "1", "0"):
@@ -88,7 +90,7 @@ def parse_grid(base: ml_collections.ConfigDict, specs: Sequence[str]
       node = node[part]
     if isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"--grid={spec}: {field!r} is a section, not a field", field="grid")
-    axes.append([(field, _coerce(field, node, v.strip())) for v in values.split(",")])
+    axes.append([(field, coerce_override(field, node, v.strip())) for v in values.split(",")])
   if len({a[0][0] for a in axes}) != len(axes):
     raise ConfigError("--grid: a field appears twice; give all its values in one --grid",
                       field="grid")

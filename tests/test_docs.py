@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from experiments.sweep import coerce_override
+
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LANGUAGES = {"python": {"", "no-run"}, "bash": {""}, "sh": {""}}
@@ -264,17 +266,11 @@ def inventory() -> dict[str, Any]:
   return json.loads(line.removeprefix("INVENTORY"))
 
 
-def _parse_value(current: Any, text: str) -> Any:
-  """An override's text as ml_collections would read it for a field holding `current`."""
-  if isinstance(current, bool):
-    assert text.lower() in ("true", "false", "1", "0"), f"{text!r} is not a bool"
-    return text.lower() in ("true", "1")
-  if isinstance(current, int):
-    return int(text)
-  if isinstance(current, float):
-    return float(text)
-  if isinstance(current, str):
-    return text
+def _parse_value(field: str, current: Any, text: str) -> Any:
+  """An override's text read for a field holding `current`: the sweep's reader for the
+  plain types (`experiments.sweep.coerce_override`), Python literals otherwise."""
+  if isinstance(current, (bool, int, float, str)):
+    return coerce_override(field, current, text)
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -306,7 +302,7 @@ def _check_config(where: str, module: str, spec: str, overrides: list[tuple[str,
     assert isinstance(node, ml_collections.ConfigDict) and parts[-1] in node, (
         f"{where}: --config.{field}: no such config field")
     try:
-      setattr(node, parts[-1], _parse_value(node[parts[-1]], text))
+      setattr(node, parts[-1], _parse_value(field, node[parts[-1]], text))
     except Exception as e:
       raise AssertionError(f"{where}: --config.{field}={text}: {type(e).__name__}: {e}") from e
   if module == "fedpeft_jax.pretrain":  # a pre-training config: its own fields, no rounds
