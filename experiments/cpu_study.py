@@ -337,14 +337,19 @@ def extend_tuning(scale: str, points: Sequence[TuningPoint], scores: dict[str, f
   return out
 
 
-def tuning_scores(points: Sequence[TuningPoint], workdir: str) -> dict[str, float]:
-  """Each finished point's validation score (`experiments.sweep.score`), by its cell arg."""
+def _sweep_scores(points: Sequence[TuningPoint], workdir: str) -> dict[str, dict[str, Any]]:
+  """Each finished point's `experiments.sweep.score` (score, final validation), by cell arg."""
   out = {}
   for t in points:
     run_dir = cell_dir(workdir, t.cell)
     if run_pool.read_summary(run_dir) is not None:
-      out[t.cell] = sweep_score(run_dir, LAST)["score"]
+      out[t.cell] = sweep_score(run_dir, LAST)
   return out
+
+
+def tuning_scores(points: Sequence[TuningPoint], workdir: str) -> dict[str, float]:
+  """Each finished point's validation score (`experiments.sweep.score`), by its cell arg."""
+  return {cell: s["score"] for cell, s in _sweep_scores(points, workdir).items()}
 
 
 def choose(points: Sequence[TuningPoint], workdir: str, scale: str
@@ -353,7 +358,8 @@ def choose(points: Sequence[TuningPoint], workdir: str, scale: str
   order among equals; a diverged run never wins), and one row per finished point for
   tuning.csv. A sweep with no finished, finite point chooses nothing."""
   p = PLAN[scale]
-  scores = tuning_scores(points, workdir)
+  read = _sweep_scores(points, workdir)
+  scores = {cell: s["score"] for cell, s in read.items()}
   sweeps = _sweeps(points)
   chosen = {key: best for key, tried in sweeps.items()
             if (best := _best(tried, scores)) is not None}
@@ -366,8 +372,7 @@ def choose(points: Sequence[TuningPoint], workdir: str, scale: str
     on_grid = t.lr in p["lr_grid"][t.method] and (not t.clip or t.clip in p["clip_grid"])
     rows.append({"group": t.group, "method": t.method, "lr": t.lr, "clip": t.clip or "",
                  "score": scores[t.cell],
-                 "final_val_accuracy": sweep_score(cell_dir(workdir, t.cell),
-                                                   LAST)["final_val_accuracy"],
+                 "final_val_accuracy": read[t.cell]["final_val_accuracy"],
                  "chosen": winner, "beyond_grid": not on_grid,
                  "edge": winner and at_edge((t.lr, t.clip), scored),
                  "cell": cell_name(t.cell)})

@@ -107,6 +107,16 @@ def test_flora_ranks_must_cover_the_rounds_clients():
   assert lora_aggregation.lora_round("flora", 1.0, (1, 2), num_clients=2).init is not None
 
 
+def test_ffa_plug_refuses_a_trainable_a():
+  """FFA-LoRA keeps A frozen: its plug refuses a trainable tree holding an A factor."""
+  b_only = {"blk": {"q_lora": {"lora_b": np.zeros((2, 3), np.float32)}}}
+  with_a = {"blk": {"q_lora": {"lora_a": np.zeros((4, 2), np.float32), **b_only["blk"]["q_lora"]}}}
+  plug = lora_aggregation.lora_round("ffa", 1.0)
+  assert plug.init(b_only) is None
+  with pytest.raises(ValueError, match="freeze_a=True"):
+    plug.init(with_a)
+
+
 def test_fedit_folding_plug_is_the_identity_and_fedex_folds_the_product_residual():
   """fedit's plug changes nothing; fedex's finalize returns, per target, the mean of the
   client products minus the product of the mean factors (Singhal et al.'s residual),

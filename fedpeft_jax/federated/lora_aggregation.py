@@ -512,7 +512,7 @@ class Folding(NamedTuple):
 
 def _no_folded_state(rule: str) -> Callable[[PyTree], None]:
   def init(trainable: PyTree) -> None:
-    if rule == "ffa" and any(p.endswith("_lora/lora_a") for p in flatten(trainable)):
+    if rule == "ffa" and any("a" in paths for paths in lora_targets(trainable).values()):
       raise ValueError("federated.lora_aggregation='ffa' (FFA-LoRA) keeps A frozen: build the "
                        "trainable mask with peft.lora.freeze_a=True")
     return None
