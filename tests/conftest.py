@@ -1,7 +1,22 @@
 """The suite runs on the CPU. Where JAX's CUDA plugin is installed (the deviceless GPU
 compile tests), JAX_PLATFORMS=cpu keeps the plugin from looking for a GPU at start-up while
-it still compiles for GPU topologies (fedpeft_jax.accelerators)."""
+it still compiles for GPU topologies (fedpeft_jax.accelerators).
+
+Compiling dominates most integration tests: many runs compile the same tiny round (a DP
+config run twice, a run and its resumed self, the CLI subprocesses). The suite therefore
+shares one persistent XLA compilation cache across its tests, its pytest-xdist workers,
+both tiers and the subprocesses they start (they inherit the environment), keyed as JAX
+keys it (the HLO, the compile options, the jaxlib version), so a hit returns what the
+compile would. It lives in the repository's .pytest_cache (`pytest --cache-clear` or
+deleting the folder empties it); a JAX_COMPILATION_CACHE_DIR already set wins. The DP tests
+also search it for their secret keys (tests/test_dp_runs.py)."""
 
 import os
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE_DIR = os.path.join(ROOT, ".pytest_cache", "xla_compilation_cache")
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
+# Every compile is cached, however quick (JAX's default skips those under a second).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
