@@ -75,6 +75,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.federated.fedprox_mu = 0.0  # > 0: FedProx proximal term.
   c.federated.server_optimizer = "fedavg"  # 'fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad'.
   c.federated.server_lr = 1.0
+  # 'constant' (the study's) or 'cosine': server_lr decays to 0 over the rounds.
+  c.federated.server_lr_schedule = "constant"
   c.federated.server_momentum = 0.9  # fedavgm.
   c.federated.server_b1 = 0.9  # fedadam / fedyogi / fedadagrad momentum (0 = none).
   c.federated.server_b2 = 0.99  # fedadam / fedyogi.

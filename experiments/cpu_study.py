@@ -66,9 +66,9 @@ _QUICK = flags.DEFINE_bool("quick", False, "A tiny model, three methods, two rou
 _WORKERS = flags.DEFINE_integer("workers", 2, "Cells run in this many processes (1: in this "
                                 "process).")
 _SEEDS = flags.DEFINE_integer("seeds", 0, "Seeds of the primary cells, 1..N (0 = the plan's: "
-                              "6; --quick: 2).")
+                              "5; --quick: 2).")
 _SUPPLEMENTARY_SEEDS = flags.DEFINE_integer(
-    "supplementary_seeds", 0, "Seeds of the other cells, 1..N (0 = the plan's: 2; --quick: 1).")
+    "supplementary_seeds", 0, "Seeds of the other cells, 1..N (0 = the plan's: 1; --quick: 1).")
 _PUBLISH = flags.DEFINE_bool(
     "publish", False, "Also copy the results into the repository: docs/cpu_study/ (results.md, "
     "results.csv, tuning.csv, the figures) and README.md's block between the cpu_study "
@@ -98,7 +98,7 @@ MAX_EXTENSIONS = 3
 
 _GRID = tuple((c, p, s) for c in (16, 64) for p in (1.0, 0.125) for s in ("iid", "dirichlet"))
 PLAN = {
-    "full": {"seeds": 6, "supplementary_seeds": 2,
+    "full": {"seeds": 5, "supplementary_seeds": 1,
              "methods": ("full", "head", "bias", "adapter", "prompt", "lora", "scratch"),
              "grid_methods": ("full", "bias"), "grid": _GRID,
              "scarcity_methods": ("full", "bias"), "scarcity_sizes": (300, 1500, 3000),

@@ -22,6 +22,7 @@ from fedpeft_jax.federated import (MEMORY_FRACTION, ClientDP, ClientSpec, RoundP
                                    ServerDP, auto_clients_per_chunk, build_algorithm, comm_cost,
                                    compiled_round_bytes, layout_clients, make_client_update,
                                    make_server_optimizer, plan_round, to_wire)
+from fedpeft_jax.runner.checkpointing import RunCheckpointer
 from fedpeft_jax.scoring import make_evaluate
 from fedpeft_jax.models import ViT, compute_dtype
 
@@ -56,7 +57,7 @@ def make_data(sizes: list[int], seed: int = 0) -> fdata.ClientData:
 
 
 def setup(method="bias", sizes=(6, 10, 4), batch=4, epochs=1, chunk=1, server="fedavg",
-          server_lr=1.0, client_tx=None, **round_kw):
+          server_lr=1.0, client_tx=None, schedule="constant", rounds=0, **round_kw):
   model, params = tiny_model(method)
   mask = peft.trainable_mask(params, model.peft)
   trainable, frozen = peft.split(params, mask)
@@ -65,7 +66,7 @@ def setup(method="bias", sizes=(6, 10, 4), batch=4, epochs=1, chunk=1, server="f
   cspec = ClientSpec(batch_size=batch, local_epochs=epochs, max_examples=max(sizes),
                      image_size=IMAGE, augment="none")
   rspec = RoundSpec(clients_per_chunk=chunk, num_devices=1, **round_kw)
-  server_tx = make_server_optimizer(server, server_lr)
+  server_tx = make_server_optimizer(server, server_lr, schedule=schedule, rounds=rounds)
   algo = build_algorithm(model, client_tx, server_tx, cspec, rspec, NUM_CLASSES)
   return model, params, trainable, frozen, data, algo, cspec, client_tx, server_tx
 
@@ -127,6 +128,41 @@ def test_chunk_layouts_agree(chunk):
     results.append(flat(state.trainable))
   for k in results[0]:
     np.testing.assert_allclose(results[0][k], results[1][k], atol=1e-5, err_msg=k)
+
+
+def test_cosine_server_schedule_scales_each_rounds_mean_update_and_resumes(tmp_path):
+  """Round t moves the model by eta_t = (1 + cos(pi t / R)) / 2 times the round's mean update
+  (the move of a constant-rate FedAvg round from the same state), and the schedule's count
+  survives a checkpoint: a resumed run equals the uninterrupted one bit for bit."""
+  rounds = 4
+  *_, trainable, frozen, data, cosine, _, _, _ = setup(schedule="cosine", rounds=rounds)
+  *_, constant, _, _, _ = setup()
+  plans = [plan_round(0, r, 3, 3) for r in range(rounds)]
+  state = cosine.init(trainable, seed=0)
+  states = [state]
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # apply donates its state
+  for t, plan in enumerate(plans):
+    reference, _ = constant.apply(copy(state).replace(
+        opt_state=constant.init(state.trainable, seed=0).opt_state), frozen, data, plan)
+    new, _ = cosine.apply(copy(state), frozen, data, plan)
+    eta = 0.5 * (1.0 + math.cos(math.pi * t / rounds))
+    for before, moved, mean in zip(*(jax.tree_util.tree_leaves(x.trainable)
+                                     for x in (state, new, reference))):
+      np.testing.assert_allclose(np.asarray(moved) - np.asarray(before),
+                                 eta * (np.asarray(mean) - np.asarray(before)),
+                                 rtol=1e-4, atol=1e-7, err_msg=f"round {t}")
+    state = new
+    states.append(state)
+  ckpt = RunCheckpointer(str(tmp_path / "ckpt"))
+  ckpt.save(2, states[2], {})
+  ckpt.wait()
+  restored, _ = RunCheckpointer(str(tmp_path / "ckpt")).restore_latest(
+      cosine.init(trainable, seed=0))
+  resumed = jax.device_put(restored)
+  for plan in plans[2:]:
+    resumed, _ = cosine.apply(resumed, frozen, data, plan)
+  for a, b in zip(jax.tree_util.tree_leaves(states[-1]), jax.tree_util.tree_leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_frozen_untouched_trainable_moves_over_rounds():

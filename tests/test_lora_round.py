@@ -394,6 +394,8 @@ def test_blank_client_ranks_mean_every_client_at_the_model_rank():
      "config.federated.server_optimizer"),
     ({"federated.lora_aggregation": "flora", "federated.server_lr": 0.5},
      "config.federated.server_lr"),
+    ({"federated.lora_aggregation": "fedex", "federated.server_lr_schedule": "cosine"},
+     "config.federated.server_lr_schedule"),
     ({"federated.lora_aggregation": "fedex", "privacy.mechanism": "dp_fedavg"},
      "config.privacy.mechanism"),
     ({"peft.lora.client_ranks": "1,2,2,1"}, "config.peft.lora.client_ranks"),  # with fedit

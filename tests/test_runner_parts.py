@@ -168,6 +168,8 @@ INVALID = [  # (name, mutation of the tiny config, field the error must name)
      "config.federated.client_optimizer"),
     ("server optimizer", _set("federated.server_optimizer", "fedsgd"),
      "config.federated.server_optimizer"),
+    ("server schedule", _set("federated.server_lr_schedule", "step"),
+     "config.federated.server_lr_schedule"),
     ("partition", _set("data.partition", "quantity"), "config.data.partition"),
     ("alpha", _many(_set("data.partition", "dirichlet"), _set("data.alpha", 0.0)),
      "config.data.alpha"),

@@ -9,6 +9,8 @@ update(g = -Delta), then optax.apply_updates.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ import optax
 import pytest
 
 from fedpeft_jax.federated.server import (FEDOPT_KINDS, SERVER_OPTIMIZERS, make_server_optimizer,
-                                          scale_by_fedopt)
+                                          scale_by_fedopt, server_learning_rate)
 
 ROUNDS = 5
 ETA, B1, B2, TAU = 0.1, 0.9, 0.99, 1e-3
@@ -58,9 +60,10 @@ def _run(tx: optax.GradientTransformation, params: dict, deltas: list[dict]) -> 
   return out
 
 
-def _fedopt_reference(kind: str, x: np.ndarray, deltas: list[np.ndarray], eta: float, b1: float,
+def _fedopt_reference(kind: str, x: np.ndarray, deltas: list[np.ndarray], eta, b1: float,
                       b2: float, tau: float, bias_correction: bool) -> list[np.ndarray]:
-  """Algorithm 2 of Reddi et al. on one array, in float64.
+  """Algorithm 2 of Reddi et al. on one array, in float64. `eta`: a number, or the round's
+  step as a function of t = 0, 1, ... (a schedule).
 
   bias_correction=False: m_{-1} = 0, v_{-1} = tau^2, x += eta m / (sqrt(v) + tau).
   True: Adam's correction (Kingma & Ba, Algorithm 1): zero-started moments divided by
@@ -85,7 +88,8 @@ def _fedopt_reference(kind: str, x: np.ndarray, deltas: list[np.ndarray], eta: f
       m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
     else:
       m_hat, v_hat = m, v
-    x = x + eta * m_hat / (np.sqrt(v_hat) + tau)
+    step = eta(t - 1) if callable(eta) else eta
+    x = x + step * m_hat / (np.sqrt(v_hat) + tau)
     xs.append(x.copy())
   return xs
 
@@ -192,6 +196,45 @@ def test_fedavg_and_fedavgm():
     want_avgm.append(jax.tree.unflatten(jax.tree.structure(params), x_avgm))
   _assert_rounds_close(got_avg, want_avg)
   _assert_rounds_close(got_avgm, want_avgm)
+
+
+def _cosine(eta: float, rounds: int):
+  """SGDR's cosine (Loshchilov & Hutter, 2017, eq. 5, one cycle, eta_min 0), written out."""
+  return lambda t: 0.5 * eta * (1.0 + math.cos(math.pi * t / rounds))
+
+
+def test_cosine_schedule_steps_every_server_optimizer_like_the_formula():
+  """Round t (from 0) steps by eta (1 + cos(pi t / R)) / 2: the first round the full eta,
+  the steps shrinking to ~0 at R; the constant schedule keeps eta."""
+  params, deltas = _params(), _deltas()
+  rounds = len(deltas)
+  eta = _cosine(0.7, rounds)
+  leaves, treedef = jax.tree.flatten(params)
+  x_avg, x_avgm = [np.array(x) for x in leaves], [np.array(x) for x in leaves]
+  buf = [np.zeros_like(x) for x in leaves]
+  want_avg, want_avgm = [], []
+  for t, d in enumerate(deltas):
+    dl = jax.tree.leaves(d)
+    x_avg = [x + eta(t) * di for x, di in zip(x_avg, dl)]
+    buf = [0.8 * b + di for b, di in zip(buf, dl)]
+    x_avgm = [x + eta(t) * b for x, b in zip(x_avgm, buf)]
+    want_avg.append(jax.tree.unflatten(treedef, x_avg))
+    want_avgm.append(jax.tree.unflatten(treedef, x_avgm))
+  cosine = {"schedule": "cosine", "rounds": rounds}
+  _assert_rounds_close(_run(make_server_optimizer("fedavg", 0.7, **cosine), params, deltas),
+                       want_avg)
+  _assert_rounds_close(_run(make_server_optimizer("fedavgm", 0.7, momentum=0.8, **cosine),
+                            params, deltas), want_avgm)
+  tx = make_server_optimizer("fedadam", ETA, b1=B1, b2=B2, eps=TAU, **cosine)
+  _assert_rounds_close(_run(tx, params, deltas), _reference(
+      "adam", params, deltas, eta=_cosine(ETA, rounds), b1=B1, b2=B2, tau=TAU,
+      bias_correction=False))
+  assert server_learning_rate(0.7) == 0.7
+  assert float(server_learning_rate(0.7, "cosine", 4)(4)) == pytest.approx(0.0, abs=1e-7)
+  with pytest.raises(ValueError, match="federated.server_lr_schedule: 'step'; allowed: "):
+    make_server_optimizer("fedavg", 1.0, schedule="step", rounds=4)
+  with pytest.raises(ValueError, match="federated.rounds must be >= 1"):
+    make_server_optimizer("fedavg", 1.0, schedule="cosine", rounds=0)
 
 
 @pytest.mark.parametrize("name", SERVER_OPTIMIZERS)

@@ -22,8 +22,9 @@ from fedpeft_jax.mesh import AXIS, host_value, make_mesh, replicate, split_rows,
 from fedpeft_jax.federated.personal import (PERSONAL_SCHEDULES, make_finetune,
                                             make_personal_update, split_personal)
 from fedpeft_jax.federated.sampling import RoundPlan, plan_round, resolve_clients_per_round
-from fedpeft_jax.federated.server import (FEDOPT_KINDS, SERVER_OPTIMIZERS, make_server_optimizer,
-                                          scale_by_fedopt)
+from fedpeft_jax.federated.server import (FEDOPT_KINDS, SERVER_LR_SCHEDULES, SERVER_OPTIMIZERS,
+                                          make_server_optimizer, scale_by_fedopt,
+                                          server_learning_rate)
 # Scoring lives apart from the engine (central pre-training uses it); re-exported here.
 from fedpeft_jax.scoring import InputSpec, make_evaluate, masked_cross_entropy, place_eval_set
 from fedpeft_jax.federated.state import ServerState, apply_server_update, init_server_state
@@ -39,6 +40,7 @@ __all__ = [
     "choose_input", "MEMORY_FRACTION", "auto_clients_per_chunk", "compiled_round_bytes",
     "device_bytes_limit", "layout_clients", "layout_shape", "AXIS", "host_value", "make_mesh", "replicate",
     "split_rows", "to_global", "RoundPlan", "plan_round", "resolve_clients_per_round",
-    "FEDOPT_KINDS", "SERVER_OPTIMIZERS", "make_server_optimizer", "scale_by_fedopt", "ServerState", "apply_server_update",
+    "FEDOPT_KINDS", "SERVER_OPTIMIZERS", "make_server_optimizer", "scale_by_fedopt",
+    "SERVER_LR_SCHEDULES", "server_learning_rate", "ServerState", "apply_server_update",
     "init_server_state", "client_rows",
 ]

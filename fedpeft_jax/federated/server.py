@@ -37,6 +37,38 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 def check_server_optimizer(name: str) -> str:
   """federated.server_optimizer: one of SERVER_OPTIMIZERS."""
   return one_of("federated.server_optimizer", name, SERVER_OPTIMIZERS)
+
+
+# How the server learning rate moves over a run: 'constant' (the study's and FedAvg's) or
+# 'cosine' (from server_lr down to 0 over the run's rounds; Loshchilov & Hutter's SGDR
+# without restarts).
+SERVER_LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_server_lr_schedule(name: str) -> str:
+  """federated.server_lr_schedule: one of SERVER_LR_SCHEDULES."""
+  return one_of("federated.server_lr_schedule", name, SERVER_LR_SCHEDULES)
+
+
+def server_learning_rate(learning_rate: float, schedule: str = "constant",
+                         rounds: int = 0) -> float | optax.Schedule:
+  """The server step size, a number or an optax schedule of the rounds applied so far.
+
+  'cosine' gives eta_t = server_lr * (1 + cos(pi t / rounds)) / 2 at the t-th applied
+  round (t = 0, 1, ...): the model takes its full step at first and ever smaller ones
+  towards the end, so a fixed budget of rounds ends at a settled model rather than in the
+  middle of FedAvg's round-to-round swings under non-IID data (with a constant rate the
+  global model keeps moving around its fixed point; Li et al., ICLR 2020, show that FedAvg
+  on non-IID data needs a decaying step to converge). The count is the optimizer's own, kept
+  in its state (checkpointed, so a resumed run continues the schedule exactly); a round in
+  which no client contributed leaves the state, and hence the schedule, where it was.
+  """
+  check_server_lr_schedule(schedule)
+  if schedule == "constant":
+    return learning_rate
+  if rounds < 1:
+    raise ValueError(f"federated.rounds must be >= 1 for a cosine server schedule, got {rounds}")
+  return optax.cosine_decay_schedule(learning_rate, decay_steps=rounds)
 # The second-moment rules of Algorithm 2, keyed by the optimizer they come from.
 FEDOPT_KINDS = ("adagrad", "adam", "yogi")
 # Server optimizer name -> FedOpt kind.
@@ -109,8 +141,12 @@ def scale_by_fedopt(kind: str, b1: float = 0.9, b2: float = 0.99, tau: float = 1
 
 def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.9,
                           b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
-                          bias_correction: bool = False) -> optax.GradientTransformation:
+                          bias_correction: bool = False, schedule: str = "constant",
+                          rounds: int = 0) -> optax.GradientTransformation:
   """The server optimizer `name`, with Reddi et al.'s defaults (b1 0.9, b2 0.99, tau 1e-3).
+
+  `schedule` and `rounds` set how the learning rate moves over the run
+  (`server_learning_rate`).
 
   eps is Reddi et al.'s tau. momentum is used by 'fedavgm' only; b1 by the three FedOpt
   optimizers (Algorithm 2 gives FedAdagrad momentum too; b1 = 0 removes it); b2 by
@@ -125,14 +161,15 @@ def make_server_optimizer(name: str, learning_rate: float = 1.0, momentum: float
   check_server_optimizer(name)
   if learning_rate <= 0:
     raise ValueError(f"federated.server_lr must be > 0, got {learning_rate}")
+  rate = server_learning_rate(learning_rate, schedule, rounds)
   if name == "fedavg":
-    return optax.sgd(learning_rate)
+    return optax.sgd(rate)
   if name == "fedavgm":
-    return optax.sgd(learning_rate, momentum=momentum)
+    return optax.sgd(rate, momentum=momentum)
   if name in _FEDOPT:
     kind = _FEDOPT[name]
     return optax.chain(
         scale_by_fedopt(kind, b1=b1, b2=b2, tau=eps,
                         bias_correction=bias_correction and kind != "adagrad"),
-        optax.scale_by_learning_rate(learning_rate))
+        optax.scale_by_learning_rate(rate))
   raise AssertionError(name)  # check_server_optimizer admits no other name

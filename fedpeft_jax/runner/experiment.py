@@ -161,7 +161,8 @@ def optimizers(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
                                     fed.client_nesterov, fed.client_weight_decay)
   server_tx = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
                                     fed.server_b1, fed.server_b2, fed.server_eps,
-                                    bias_correction=fed.server_bias_correction)
+                                    bias_correction=fed.server_bias_correction,
+                                    schedule=fed.server_lr_schedule, rounds=fed.rounds)
   return client_tx, server_tx
 
 

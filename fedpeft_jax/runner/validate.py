@@ -28,7 +28,7 @@ from fedpeft_jax.federated.lora_aggregation import (FOLDING_AGGREGATIONS, check_
                                                     check_rule, client_ranks)
 from fedpeft_jax.federated.personal import check_schedule, parse_patterns
 from fedpeft_jax.federated.sampling import check_client_sampling
-from fedpeft_jax.federated.server import check_server_optimizer
+from fedpeft_jax.federated.server import check_server_lr_schedule, check_server_optimizer
 from fedpeft_jax.models import REGISTRY, VARIANTS, parse_variant
 from fedpeft_jax.models.factory import check_model_dtype
 from fedpeft_jax.models.vit import check_attention, check_pool
@@ -359,6 +359,8 @@ def _validate_federated(config: Any) -> None:
   _num(config, f + "fedprox_mu", 0.0)
   as_config_error("federated", lambda: check_server_optimizer(_get(config, f + "server_optimizer")))
   _num(config, f + "server_lr", 0.0, low_open=True)
+  as_config_error("federated",
+                  lambda: check_server_lr_schedule(_get(config, f + "server_lr_schedule")))
   _num(config, f + "server_momentum", 0.0, 1.0, high_open=True)
   _num(config, f + "server_b1", 0.0, 1.0, high_open=True)
   _num(config, f + "server_b2", 0.0, 1.0, high_open=True)
@@ -427,6 +429,9 @@ def _validate_lora_aggregation(config: Any) -> None:
     lr = _get(config, "federated.server_lr")
     if lr != 1.0:
       _fail("federated.server_lr", f"is {lr}; it must be 1.0 {why}")
+    schedule = _get(config, "federated.server_lr_schedule")
+    if schedule != "constant":
+      _fail("federated.server_lr_schedule", f"is {schedule!r}; it must be 'constant' {why}")
     if _get(config, "peft.lora.freeze_a"):
       _fail("peft.lora.freeze_a", f"is True; {why[1:-1]} from both trained factors, so A must "
             "train: set freeze_a=False (or use lora_aggregation 'ffa')")
