@@ -61,12 +61,12 @@ class _Secrets:
 
 
 def _disk_bytes(workdir: str) -> bytes:
-  out = b""
+  chunks = []
   for root, _, names in os.walk(workdir):
     for name in names:
       with open(os.path.join(root, name), "rb") as f:
-        out += f.read()
-  return out
+        chunks.append(f.read())
+  return b"\n".join(chunks)
 
 
 def _modes(path: str) -> set[int]:
