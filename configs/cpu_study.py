@@ -22,7 +22,7 @@ The argument is comma-separated `key=value` pairs; the first two items may be ba
   epsilon            dp_fedavg: the calibration target; paper_gaussian: the nominal
                      epsilon of the study's sigma formula                          [5]
   clip               dp_fedavg: the bound C on a client's update norm (0 = DP_CLIP_NORM)  [0]
-  seed               seed 0 tunes (the sweeps), the study's runs use 1..6           [1]
+  seed               seed 0 tunes (the sweeps), the study's runs use 1..5           [1]
   scale              full | quick (a smoke-test model, for --quick and the tests)  [full]
 
 What is scaled down from the study (docs/study.md), and why: two CPU cores must run ~180 runs
@@ -33,9 +33,11 @@ What is scaled down from the study (docs/study.md), and why: two CPU cores must 
     tuning moves ~110x fewer bytes than full fine-tuning (ViT-B: ~480x), so the study's
     ">= 100x" filter is meaningful; depth 2 keeps the runs affordable.
   * federated: 20 rounds of 3 local epochs at full participation (the study: 50 x 10), batch
-    32; the server step decays by a cosine to 0 over the run (the study: constant). At participation p a run gets 20 / p rounds, so every cell sees the same expected
-    number of client updates (matched local steps) and trains to its plateau; evaluation
-    every 2 / p rounds (10 evaluations per run), the final number the mean of the last 3.
+    32; the server step decays by a cosine over the rounds that apply an update (the study:
+    constant). At participation p a run gets 20 / p rounds, so every cell sees the same
+    expected number of client updates (matched local steps) and trains to its plateau;
+    evaluation every 2 / p rounds (10 evaluations per run), the final number the mean of the
+    last 3.
   * validation: a quarter of the training count is held out on top (stratified, seeded:
     data.val_size); every learning rate and the DP clip are chosen on it, never on test.
   * data: the close target trains on 1,500 of its 30,000 training images (5%), so the
@@ -86,7 +88,10 @@ LOCAL_EPOCHS = 3
 # points between the last 3 evaluations and the 3 before, non-IID). A cosine decay of the
 # server step to 0 over the run settles every method within the same rounds (FedAvg on
 # non-IID data needs a decaying step to converge: Li et al., ICLR 2020), for every cell
-# alike; the clients' local SGD keeps the tuned constant rate.
+# alike; the clients' local SGD keeps the tuned constant rate. The schedule counts rounds
+# that apply an update (federated.server.server_learning_rate): where Poisson sampling
+# draws nobody (16 clients at 12.5%: 0.875^16, ~12% of rounds; 64 clients: ~0.02%) the
+# step does not advance, so those runs end at a few percent of the step, not at 0.
 SERVER_LR_SCHEDULE = "cosine"
 # Validation held out on top of the training count: this fraction of it (digits: of the pool).
 VAL_PER_TRAIN = 0.25

@@ -16,8 +16,8 @@ scale-down and why. In three phases:
    target (16 clients, also the 16-client grid cells), the far target, 64 clients (their grid
    cells and DP's no-DP reference), each scarcity size, DP (epsilon 5; reused at 10 and by
    paper_gaussian);
-2. the study: each cell runs on seeds 1..6 when a pre-registered primary comparison
-   (docs/study.md, "The CPU study") uses it, else on seeds 1..2 (supplementary);
+2. the study: each cell runs on seeds 1..5 when a pre-registered primary comparison
+   (docs/study.md, "The CPU study") uses it, else on seed 1 (supplementary);
 3. results: results.csv (a row per analysis, cell and seed; the final accuracy is the mean of
    the last 3 test evaluations), tuning.csv, results.md, accuracy_vs_mb.png,
    grid_heatmap.png.
@@ -955,6 +955,12 @@ def check_backbone(path: str, classes: str) -> None:
         f"config.data.classes to load_dataset). Delete {os.path.dirname(path)} and re-run.")
 
 
+def _schedule_text(schedule: str) -> str:
+  """How the server's learning rate moves over a run, for the results header."""
+  return {"constant": "constant",
+          "cosine": "decaying by a cosine over the rounds that apply an update"}[schedule]
+
+
 def _seeds_text(n: int) -> str:
   return "seed 1" if n == 1 else f"seeds 1-{n}"
 
@@ -1013,7 +1019,8 @@ def main(argv: list[str]) -> None:
       f"Fashion-MNIST classes {config.SOURCE_CLASSES} ({pt_summary['test_accuracy']:.3f} test "
       f"accuracy, {pt_summary['seconds']:.0f} s). {s['rounds']} rounds of "
       f"{config.LOCAL_EPOCHS} local epochs at full participation (x 1/p rounds at "
-      f"participation p); close target {s['close_train']} training images. Accuracy: the mean "
+      f"participation p), the server's step {_schedule_text(config.SERVER_LR_SCHEDULE)}; "
+      f"close target {s['close_train']} training images. Accuracy: the mean "
       f"of the last {LAST} test evaluations per run, then mean ± std over seeds (ddof 1); MB "
       f"= 10^6 bytes, up + down.\n\n"
       f"How the budget was spent: {len(points)} tuning runs (seed {TUNING_SEED}, "

@@ -6,10 +6,11 @@ Compiling dominates most integration tests: many runs compile the same tiny roun
 config run twice, a run and its resumed self, the CLI subprocesses). The suite therefore
 shares one persistent XLA compilation cache across its tests, its pytest-xdist workers,
 both tiers and the subprocesses they start (they inherit the environment), keyed as JAX
-keys it (the HLO, the compile options, the jaxlib version), so a hit returns what the
-compile would. It lives in the repository's .pytest_cache (`pytest --cache-clear` or
-deleting the folder empties it); a JAX_COMPILATION_CACHE_DIR already set wins. The DP tests
-also search it for their secret keys (tests/test_dp_runs.py)."""
+keys it (the HLO, the compile options, the devices' kind and topology, the jaxlib
+version), so a hit returns what the compile would. It lives in the repository's
+.pytest_cache/xla_compilation_cache (git ignores it; delete the folder to empty it), within
+the bound set below; a JAX_COMPILATION_CACHE_DIR already set wins. The DP tests also search
+it for their secret keys (tests/test_dp_runs.py)."""
 
 import os
 
@@ -20,3 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
 # Every compile is cached, however quick (JAX's default skips those under a second).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A bound turns on JAX's least-recently-used eviction, and with it a file lock around every
+# read and write: without one, entries are written in place, unlocked, and a worker could
+# read another's half-written entry. 1 GiB holds several runs of the whole suite.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))

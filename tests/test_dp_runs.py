@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+import time
 
 import jax
 import numpy as np
@@ -60,12 +61,15 @@ class _Secrets:
     monkeypatch.setattr(rng_lib, "secret_key_data", draw)
 
 
-def _disk_bytes(workdir: str) -> bytes:
+def _disk_bytes(workdir: str, since: float = 0.0) -> bytes:
+  """Every file under `workdir` (modified at or after `since`), joined."""
   chunks = []
   for root, _, names in os.walk(workdir):
     for name in names:
-      with open(os.path.join(root, name), "rb") as f:
-        chunks.append(f.read())
+      path = os.path.join(root, name)
+      if os.path.getmtime(path) >= since:
+        with open(path, "rb") as f:
+          chunks.append(f.read())
   return b"\n".join(chunks)
 
 
@@ -80,6 +84,7 @@ def _modes(path: str) -> set[int]:
 def test_two_dp_runs_differ_and_leave_no_key_on_disk(tmp_path, monkeypatch):
   secrets = _Secrets(monkeypatch)
   config = _dp_config()
+  start = time.time() - 1.0  # file times may be coarser than the clock
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   run(config, a, progress=False)
   run(config, b, progress=False)
@@ -94,9 +99,11 @@ def test_two_dp_runs_differ_and_leave_no_key_on_disk(tmp_path, monkeypatch):
     raw, text = _disk_bytes(workdir), _published(workdir)
     key = words.astype("<u4").tobytes()
     assert key[:8] not in raw and key[8:] not in raw
-    # Nor the compilation cache the suite shares (tests/conftest.py): a key closed over as a
-    # constant of a jitted function would be written there, outside any workdir.
-    cache = _disk_bytes(os.environ.get("JAX_COMPILATION_CACHE_DIR", "") or str(tmp_path / "none"))
+    # Nor the entries these runs wrote to the compilation cache the suite shares
+    # (tests/conftest.py): a key closed over as a constant of a jitted function would be
+    # written there, outside any workdir.
+    cache = _disk_bytes(os.environ.get("JAX_COMPILATION_CACHE_DIR", "") or str(tmp_path / "none"),
+                        since=start)
     assert key[:8] not in cache and key[8:] not in cache
     assert str(rng_lib.key_seed(words)) not in text
     assert all(str(int(w)) not in text for w in words if int(w) > 10 ** 6)

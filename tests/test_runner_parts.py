@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from fedpeft_jax.data import AUGMENTS, METHODS
-from fedpeft_jax.federated import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, WEIGHTINGS, WIRE_DTYPES
+from fedpeft_jax.federated import (CLIENT_OPTIMIZERS, SERVER_LR_SCHEDULES, SERVER_OPTIMIZERS,
+                                   WEIGHTINGS, WIRE_DTYPES)
 from fedpeft_jax.models import MODEL_DTYPES, POOLS
 from fedpeft_jax.runner import outputs
+from fedpeft_jax.runner.experiment import optimizers
 from fedpeft_jax.config_files import repo_config
 from fedpeft_jax.runner.validate import ConfigError, parse_clients_per_chunk, validate_config
 
@@ -133,6 +138,26 @@ def test_tiny_preset():
 
 
 # ---------------------------------------------------------------------------
+
+def test_the_runner_builds_the_configured_server_schedule():
+  """config.federated.server_lr_schedule and rounds reach the server optimizer: with 'cosine'
+  over 4 rounds the second round steps by 0.5 (1 + cos(pi / 4)) server_lr, with 'constant' by
+  server_lr; the state's leaves are arrays (checkpointed and replicated)."""
+  c = tiny.get_config("rounds=4")
+  c.federated.server_lr = 0.8
+  steps = []
+  for schedule in ("cosine", "constant"):
+    c.federated.server_lr_schedule = schedule
+    _, server_tx = optimizers(c)
+    params = {"w": jnp.zeros(3)}
+    state = server_tx.init(params)
+    for _ in range(2):
+      updates, state = server_tx.update({"w": -jnp.ones(3)}, state, params)  # Delta = 1
+    steps.append(float(updates["w"][0]))
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(state))
+  assert steps[0] == pytest.approx(0.8 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-6)
+  assert steps[1] == pytest.approx(0.8, rel=1e-6)
+
 # Invalid configs
 
 def _set(path: str, value: Any) -> Callable[[Any], None]:
@@ -239,6 +264,7 @@ def test_allowed_values_come_from_their_modules():
             ("data.augment", ("auto",) + tuple(AUGMENTS)), ("data.partition", METHODS),
             ("federated.client_optimizer", CLIENT_OPTIMIZERS),
             ("federated.server_optimizer", SERVER_OPTIMIZERS),
+            ("federated.server_lr_schedule", SERVER_LR_SCHEDULES),
             ("federated.weighting", WEIGHTINGS), ("federated.wire_dtype", WIRE_DTYPES)]
   for field, allowed in owners:
     for value in allowed:
