@@ -8,11 +8,14 @@ shares one persistent XLA compilation cache across its tests, its pytest-xdist w
 both tiers and the subprocesses they start (they inherit the environment), keyed as JAX
 keys it (the HLO, the compile options, the devices' kind and topology, the jaxlib
 version), so a hit returns what the compile would. It lives in the repository's
-.pytest_cache/xla_compilation_cache (git ignores it; delete the folder to empty it), within
-the bound set below; a JAX_COMPILATION_CACHE_DIR already set wins. The DP tests also search
-it for their secret keys (tests/test_dp_runs.py)."""
+.pytest_cache/xla_compilation_cache (git ignores it; delete the folder to empty it; a session
+empties it past the bound below); a JAX_COMPILATION_CACHE_DIR already set wins. JAX writes
+unbounded entries in place, without a lock: a process that read an entry while another wrote
+it would warn and compile for itself. The DP tests also search the cache for their secret keys
+(tests/test_dp_runs.py)."""
 
 import os
+import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE_DIR = os.path.join(ROOT, ".pytest_cache", "xla_compilation_cache")
@@ -21,7 +24,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
 # Every compile is cached, however quick (JAX's default skips those under a second).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# A bound turns on JAX's least-recently-used eviction, and with it a file lock around every
-# read and write: without one, entries are written in place, unlocked, and a worker could
-# read another's half-written entry. 1 GiB holds several runs of the whole suite.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
+# No bound is given to JAX: a bound turns on its least-recently-used eviction, which lists
+# and reads the whole folder on every write (minutes over a suite's thousands of entries).
+# Instead the folder is emptied at the start of a session that finds it over
+# XLA_CACHE_MAX_BYTES (in the process that starts the session, not in xdist's workers).
+XLA_CACHE_MAX_BYTES = 2 << 30
+
+
+def _folder_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+if (os.environ["JAX_COMPILATION_CACHE_DIR"] == XLA_CACHE_DIR
+    and "PYTEST_XDIST_WORKER" not in os.environ and os.path.isdir(XLA_CACHE_DIR)
+    and _folder_bytes(XLA_CACHE_DIR) > XLA_CACHE_MAX_BYTES):
+  shutil.rmtree(XLA_CACHE_DIR, ignore_errors=True)
