@@ -25,8 +25,8 @@ The argument is comma-separated `key=value` pairs; the first two items may be ba
   seed               seed 0 tunes (the sweeps), the study's runs use 1..5           [1]
   scale              full | quick (a smoke-test model, for --quick and the tests)  [full]
 
-What is scaled down from the study (docs/study.md), and why: two CPU cores must run ~180 runs
-(~86 of them sweeps) in about 100 minutes, so a run gets seconds.
+What is scaled down from the study (docs/study.md), and why: two CPU cores must run ~170 runs
+(~89 of them sweeps) in about 80 minutes, so a run gets seconds.
   * backbone: ViT hidden 128, depth 2, 4 heads, MLP 512, patch 4 at 16x16 (16 tokens),
     pre-trained 3 epochs on Fashion-MNIST classes 0-4 instead of ViT-B/16 on ImageNet-21k.
     Width sets the byte ratio (weights grow as width^2, biases as width): at 128 wide, bias

@@ -1,6 +1,6 @@
 """The study's analyses at CPU scale: learning rates chosen on validation, paired verdicts.
 
-  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~100 minutes
+  python -m experiments.cpu_study --workdir=runs/cpu_study                # ~80 minutes
   python -m experiments.cpu_study --workdir=runs/cpu_study_quick --quick  # smoke test, < 3 min
 
 A ViT pre-trained on Fashion-MNIST classes 0-4 (cached in WORKDIR/pretrain) is fine-tuned
@@ -347,9 +347,13 @@ def _sweep_scores(points: Sequence[TuningPoint], workdir: str) -> dict[str, dict
   return out
 
 
+def _scores_only(read: dict[str, dict[str, Any]]) -> dict[str, float]:
+  return {cell: s["score"] for cell, s in read.items()}
+
+
 def tuning_scores(points: Sequence[TuningPoint], workdir: str) -> dict[str, float]:
   """Each finished point's validation score (`experiments.sweep.score`), by its cell arg."""
-  return {cell: s["score"] for cell, s in _sweep_scores(points, workdir).items()}
+  return _scores_only(_sweep_scores(points, workdir))
 
 
 def choose(points: Sequence[TuningPoint], workdir: str, scale: str
@@ -359,7 +363,7 @@ def choose(points: Sequence[TuningPoint], workdir: str, scale: str
   tuning.csv. A sweep with no finished, finite point chooses nothing."""
   p = PLAN[scale]
   read = _sweep_scores(points, workdir)
-  scores = {cell: s["score"] for cell, s in read.items()}
+  scores = _scores_only(read)
   sweeps = _sweeps(points)
   chosen = {key: best for key, tried in sweeps.items()
             if (best := _best(tried, scores)) is not None}

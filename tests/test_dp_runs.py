@@ -102,8 +102,7 @@ def test_two_dp_runs_differ_and_leave_no_key_on_disk(tmp_path, monkeypatch):
     # Nor the entries these runs wrote to the compilation cache the suite shares
     # (tests/conftest.py): a key closed over as a constant of a jitted function would be
     # written there, outside any workdir.
-    cache = _disk_bytes(os.environ.get("JAX_COMPILATION_CACHE_DIR", "") or str(tmp_path / "none"),
-                        since=start)
+    cache = _disk_bytes(os.environ["JAX_COMPILATION_CACHE_DIR"], since=start)
     assert key[:8] not in cache and key[8:] not in cache
     assert str(rng_lib.key_seed(words)) not in text
     assert all(str(int(w)) not in text for w in words if int(w) > 10 ** 6)
